@@ -1,6 +1,7 @@
 #include "groups_command.hpp"
 
 #include <fstream>
+#include <memory>
 #include <vector>
 
 #include <fmt/format.h>
@@ -12,8 +13,18 @@
 
 namespace moefold::cli {
 
-void add_folding_flags(CLI::App& cmd, FoldingConfig& f) {
-  cmd.add_option("--world-size", f.world, "Number of ranks (W)")->required();
+namespace {
+struct GroupsOptions {
+  FoldingConfig folding;
+  std::optional<int> rank;
+  std::string svg_path;
+  bool json = false;
+};
+int run_groups(GroupsOptions const& o);
+}  // namespace
+
+void add_folding_flags(CLI::App& cmd, FoldingConfig& f, bool world_required) {
+  cmd.add_option("--world-size", f.world, "Number of ranks (W)")->required(world_required);
   cmd.add_option("--tensor-model-parallel-size,--tp", f.tp, "Attention tensor parallel size")
       ->capture_default_str();
   cmd.add_option("--context-parallel-size,--cp", f.cp, "Attention context parallel size")
@@ -31,14 +42,16 @@ void add_folding_flags(CLI::App& cmd, FoldingConfig& f) {
       ->capture_default_str();
 }
 
-CLI::App* add_groups_command(CLI::App& app, GroupsOptions& o) {
+Command add_groups_command(CLI::App& app) {
+  auto options = std::make_shared<GroupsOptions>();
+  GroupsOptions& o = *options;
   CLI::App* cmd = app.add_subcommand("groups", "Print the process groups of a folding");
   add_folding_flags(*cmd, o.folding);
   cmd->add_option_function<int>(
       "--rank", [&o](int r) { o.rank = r; }, "Show one rank's coordinates and groups");
   cmd->add_option("--svg", o.svg_path, "Write a picture of the folding to this SVG file");
   cmd->add_flag("--json", o.json, "Print the groups as JSON (config and groups only)");
-  return cmd;
+  return {cmd, [options] { return run_groups(*options); }};
 }
 
 namespace {
@@ -105,8 +118,6 @@ void print_rank(FoldedMapping const& fold, int rank) {
   }
 }
 
-}  // namespace
-
 int run_groups(GroupsOptions const& o) {
   FoldedMapping const fold = FoldedMapping::from(o.folding);
   if (o.rank && (*o.rank < 0 || *o.rank >= fold.world_size())) {
@@ -127,5 +138,7 @@ int run_groups(GroupsOptions const& o) {
   }
   return 0;
 }
+
+}  // namespace
 
 }  // namespace moefold::cli

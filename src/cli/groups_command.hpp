@@ -6,25 +6,17 @@
 
 #include <CLI/CLI.hpp>
 
+#include "command.hpp"
 #include "moefold/mesh/folded_mapping.hpp"
 
 namespace moefold::cli {
 
-struct GroupsOptions {
-  FoldingConfig folding;
-  bool world_given = false;
-  std::optional<int> rank;
-  std::string svg_path;
-  bool json = false;
-};
+/// Registers `moefold groups` and its flags (Megatron's names and short forms) on `app`.
+Command add_groups_command(CLI::App& app);
 
-/// Registers the sub-command and its flags (Megatron's names and short forms) on `app`.
-CLI::App* add_groups_command(CLI::App& app, GroupsOptions& options);
-
-/// Runs it; throws moefold::error on invalid input.
-int run_groups(GroupsOptions const& options);
-
-/// Adds the folding flags shared by sub-commands that take a folding.
-void add_folding_flags(CLI::App& cmd, FoldingConfig& folding);
+/// Adds the folding flags (--world-size, --tp, --cp, --pp, --ep, --etp, --order,
+/// --num-distributed-optimizer-instances) to a sub-command that takes a folding; `world_required`
+/// makes --world-size mandatory.
+void add_folding_flags(CLI::App& cmd, FoldingConfig& folding, bool world_required = true);
 
 }  // namespace moefold::cli

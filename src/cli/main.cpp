@@ -4,10 +4,12 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "command.hpp"
 #include "groups_command.hpp"
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
@@ -20,8 +22,10 @@ int main(int argc, char** argv) {
   CLI::App app{"moefold: process groups and tools for MoE Parallel Folding", "moefold"};
   app.set_version_flag("--version", MOEFOLD_VERSION_STRING);
   app.require_subcommand(1);
-  moefold::cli::GroupsOptions groups_options;
-  CLI::App* groups = moefold::cli::add_groups_command(app, groups_options);
+  // One line per sub-command.
+  std::vector<moefold::cli::Command> const commands{
+      moefold::cli::add_groups_command(app),
+  };
 
   try {
     app.parse(argc, argv);
@@ -31,7 +35,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (groups->parsed()) return moefold::cli::run_groups(groups_options);
+    for (auto const& c : commands)
+      if (c.app->parsed()) return c.run();
   } catch (moefold::error const& e) {
     fmt::print(stderr, "moefold: {}\n", first_line(e.what()));
     return 2;
