@@ -1,0 +1,197 @@
+// What is specific to the in-process world: a failing rank aborts the world, a missing rank
+// times out with a message naming it, mismatched collectives are detected, and sums are
+// bitwise reproducible because they run in rank order.
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "moefold/comm/inproc/run.hpp"
+#include "support/catch.hpp"
+
+using namespace moefold;
+using Catch::Matchers::Contains;
+using namespace std::chrono_literals;
+
+namespace {
+
+/// Runs `fn` on `n` ranks; returns the message of the error `run` rethrows ("" when none) and
+/// each rank's own error (message and category).
+struct Outcome {
+  std::string rethrown;
+  std::vector<std::string> messages;
+  std::vector<errc> categories;
+};
+
+template <class Fn>
+Outcome run_catching(int n, Fn fn, std::chrono::milliseconds timeout = 10s) {
+  Outcome o;
+  o.messages.resize(static_cast<std::size_t>(n));
+  o.categories.resize(static_cast<std::size_t>(n), errc::internal);
+  try {
+    inproc::run(
+        n,
+        [&](inproc::Communicator& c) {
+          try {
+            fn(c);
+          } catch (error const& e) {
+            o.messages[static_cast<std::size_t>(c.rank())] = e.what();
+            o.categories[static_cast<std::size_t>(c.rank())] = e.category();
+            throw;
+          } catch (std::exception const& e) {
+            o.messages[static_cast<std::size_t>(c.rank())] = e.what();
+            throw;
+          }
+        },
+        {.timeout = timeout});
+  } catch (std::exception const& e) {
+    o.rethrown = e.what();
+  }
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("a rank that throws aborts the world; run rethrows its error") {
+  auto const o = run_catching(6, [](inproc::Communicator& c) {
+    c.barrier();
+    if (c.rank() == 2) throw std::runtime_error("boom on purpose");
+    c.barrier();  // the others wait here for rank 2 …
+    c.barrier();
+  });
+  CHECK(o.rethrown == "boom on purpose");
+  for (int r : {0, 1, 3, 4, 5}) {
+    INFO("rank " << r);
+    CHECK(o.categories[static_cast<std::size_t>(r)] == errc::aborted);
+    CHECK_THAT(o.messages[static_cast<std::size_t>(r)],
+               Contains("because rank 2 failed: boom on purpose"));
+  }
+}
+
+TEST_CASE("a rank that never arrives makes the world fail within the timeout, naming it") {
+  auto const start = std::chrono::steady_clock::now();
+  auto const o = run_catching(
+      8,
+      [](inproc::Communicator& c) {
+        if (c.rank() == 3) return;  // never calls the barrier
+        c.barrier();
+      },
+      300ms);
+  auto const elapsed = std::chrono::steady_clock::now() - start;
+  CHECK_THAT(o.rethrown, Contains("barrier on group [0,1,2,3,4,5,6,7] timed out after 300 ms"));
+  CHECK_THAT(o.rethrown, Contains("world rank(s) 3 did not arrive"));
+  CHECK(elapsed < 60s);  // not a timing threshold: a hang would never get here
+  int timeouts = 0;
+  for (int r = 0; r < 8; ++r)
+    if (r != 3) {
+      auto const cat = o.categories[static_cast<std::size_t>(r)];
+      CHECK((cat == errc::timeout || cat == errc::aborted));
+      timeouts += cat == errc::timeout;
+    }
+  CHECK(timeouts >= 1);
+}
+
+TEST_CASE("a receive whose message never comes times out naming both ranks") {
+  auto const o = run_catching(
+      2,
+      [](inproc::Communicator& c) {
+        std::vector<float> x(3);
+        if (c.rank() == 1) c.recv(std::span<float>(x), 0, 5);
+      },
+      200ms);
+  CHECK_THAT(o.rethrown, Contains("world rank 1 waited for a message from world rank 0 (tag 5)"));
+}
+
+TEST_CASE("mismatched collectives fail on every rank with a message naming both calls") {
+  auto const o = run_catching(2, [](inproc::Communicator& c) {
+    std::vector<float> x(4, 1.0f);
+    if (c.rank() == 0) c.all_reduce(std::span<float>(x));
+    else c.broadcast(std::span<float>(x), 0);
+  });
+  CHECK_THAT(o.rethrown, Contains("mismatched collectives on group [0,1]"));
+  CHECK_THAT(o.rethrown, Contains("all_reduce<float>"));
+  CHECK_THAT(o.rethrown, Contains("broadcast<float>"));
+}
+
+TEST_CASE("all_to_all_v counts that do not match between peers are an error") {
+  auto const o = run_catching(2, [](inproc::Communicator& c) {
+    std::vector<std::int64_t> send_counts{1, 1}, recv_counts{1, c.rank() == 0 ? 2 : 1};
+    std::vector<float> send(2), recv(static_cast<std::size_t>(recv_counts[0] + recv_counts[1]));
+    c.all_to_all_v(std::span<float const>(send), std::span<std::int64_t const>(send_counts),
+                   std::span<float>(recv), std::span<std::int64_t const>(recv_counts));
+  });
+  CHECK_THAT(o.rethrown, Contains("world rank 1 sends 1 elements to world rank 0, which expects 2"));
+}
+
+TEST_CASE("a message of the wrong size is an error, not silent truncation") {
+  auto const o = run_catching(2, [](inproc::Communicator& c) {
+    std::vector<double> x(c.rank() == 0 ? 2 : 3);
+    if (c.rank() == 0) c.send(std::span<double const>(x), 1);
+    else c.recv(std::span<double>(x), 0);
+  });
+  CHECK_THAT(o.rethrown, Contains("expected 24 bytes from world rank 0 (tag 0) but the message has 16"));
+}
+
+TEST_CASE("collectives on a null communicator are rejected") {
+  inproc::Communicator null;
+  CHECK_FALSE(null.valid());
+  CHECK(null.size() == 0);
+  std::vector<float> x(1);
+  CHECK_THROWS_WITH(null.all_reduce(std::span<float>(x)), Contains("on a null communicator"));
+}
+
+TEST_CASE("sums run in rank order, so they are bitwise reproducible and equal the serial sum") {
+  // Values whose float sum depends on the order of addition.
+  auto contribution = [](int r, std::size_t i) {
+    float const big = (r % 2 == 0 ? 1.0f : -1.0f) * 1.0e8f;
+    return big + static_cast<float>(r) * 0.37f + static_cast<float>(i) * 1.1e-3f;
+  };
+  constexpr int kRanks = 7;
+  constexpr std::size_t kCount = 64;
+  std::vector<float> serial(kCount);
+  for (std::size_t i = 0; i < kCount; ++i) {
+    float acc = contribution(0, i);
+    for (int r = 1; r < kRanks; ++r) acc += contribution(r, i);
+    serial[i] = acc;
+  }
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    std::vector<std::vector<float>> results(kRanks);
+    inproc::run(kRanks, [&](inproc::Communicator& c) {
+      std::vector<float> x(kCount);
+      for (std::size_t i = 0; i < kCount; ++i) x[i] = contribution(c.rank(), i);
+      c.all_reduce(std::span<float>(x));
+      results[static_cast<std::size_t>(c.rank())] = x;
+    });
+    for (auto const& r : results) CHECK(r == serial);
+  }
+}
+
+TEST_CASE("traffic counters count payload bytes per collective kind, per communicator") {
+  std::vector<Traffic> traffic(4);
+  inproc::run(4, [&](inproc::Communicator& c) {
+    std::vector<double> x(10);
+    c.all_reduce(std::span<double>(x));
+    c.broadcast(std::span<double>(x), 1);
+    auto sub = c.split(c.rank() / 2, 0);
+    sub.barrier();
+    traffic[static_cast<std::size_t>(c.rank())] = c.traffic();
+  });
+  for (int r = 0; r < 4; ++r) {
+    auto const& t = traffic[static_cast<std::size_t>(r)];
+    CHECK(t[CollectiveKind::all_reduce].calls == 1);
+    CHECK(t[CollectiveKind::all_reduce].bytes_sent == 3 * 10 * sizeof(double));
+    CHECK(t[CollectiveKind::broadcast].bytes_sent == (r == 1 ? 3 * 80u : 0u));
+    CHECK(t[CollectiveKind::broadcast].bytes_received == (r == 1 ? 0u : 80u));
+    CHECK(t[CollectiveKind::split].calls == 1);
+    CHECK(t[CollectiveKind::barrier].calls == 0);  // the barrier ran on the split communicator
+  }
+}
+
+TEST_CASE("inproc::run rejects an empty world") {
+  CHECK_THROWS_WITH(inproc::run(0, [](inproc::Communicator&) {}),
+                    Contains("needs at least one rank (got 0)"));
+}
