@@ -92,6 +92,18 @@ endif()
 set(MOEFOLD_COMPONENT_TARGETS "")
 set(MOEFOLD_BUILT_COMPONENTS "")
 
+# MOEFOLD_SANITIZER: build moefold's own tests and tools with a sanitizer (thread, address or
+# undefined); the in-process world must be clean under ThreadSanitizer.
+set(MOEFOLD_SANITIZER "" CACHE STRING "Sanitizer for moefold's tests: thread, address, undefined or empty")
+if(MOEFOLD_SANITIZER)
+  if(NOT MOEFOLD_SANITIZER MATCHES "^(thread|address|undefined)$")
+    message(FATAL_ERROR "MOEFOLD_SANITIZER must be thread, address or undefined (got '${MOEFOLD_SANITIZER}')")
+  endif()
+  add_compile_options($<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${MOEFOLD_SANITIZER}>
+                      $<$<COMPILE_LANGUAGE:CXX>:-fno-omit-frame-pointer>)
+  add_link_options(-fsanitize=${MOEFOLD_SANITIZER})
+endif()
+
 # Warnings for moefold's own targets, never forced on consumers.
 function(moefold_warnings target)
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic>)

@@ -11,8 +11,10 @@
 
 #include "command.hpp"
 #include "groups_command.hpp"
+#include "plan_command.hpp"
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
+#include "schedule_command.hpp"
 
 namespace {
 std::string first_line(std::string const& s) { return s.substr(0, s.find('\n')); }
@@ -25,6 +27,8 @@ int main(int argc, char** argv) {
   // One line per sub-command.
   std::vector<moefold::cli::Command> const commands{
       moefold::cli::add_groups_command(app),
+      moefold::cli::add_plan_command(app),
+      moefold::cli::add_schedule_command(app),
   };
 
   try {

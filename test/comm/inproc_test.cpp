@@ -142,6 +142,9 @@ TEST_CASE("collectives on a null communicator are rejected") {
   CHECK(null.size() == 0);
   std::vector<float> x(1);
   CHECK_THROWS_WITH(null.all_reduce(std::span<float>(x)), Contains("on a null communicator"));
+  CHECK_THROWS_WITH(null.all_gather(std::span<float const>(x), std::span<float>(x)),
+                    Contains("all_gather_v on a null communicator"));
+  CHECK_THROWS_WITH(null.split(0, 0), Contains("split on a null communicator"));
 }
 
 TEST_CASE("sums run in rank order, so they are bitwise reproducible and equal the serial sum") {

@@ -73,6 +73,7 @@ class CollectiveApi {
   /// Blocks until every rank of the group has called it.
   /// Collective over the group: every rank must call it.
   void barrier() {
+    require_valid("barrier");
     self().raw_barrier();
     self().traffic_counters().add(CollectiveKind::barrier, 0, 0);
   }
@@ -82,6 +83,7 @@ class CollectiveApi {
   /// Collective over the group: every rank must call it with the same count.
   template <CommScalar T>
   void all_reduce(std::span<T> data, ReduceOp op = ReduceOp::sum) {
+    require_valid("all_reduce");
     self().raw_all_reduce(data.data(), data.size(), dtype_of<T>(), op);
     auto const b = others() * data.size_bytes();
     self().traffic_counters().add(CollectiveKind::all_reduce, b, b);
@@ -91,6 +93,7 @@ class CollectiveApi {
   /// Collective over the group: every rank must call it with the same root and count.
   template <CommScalar T>
   void broadcast(std::span<T> data, int root) {
+    require_valid("broadcast");
     check_peer(root, "broadcast root");
     self().raw_broadcast(data.data(), data.size(), dtype_of<T>(), root);
     bool const is_root = root == rank();
@@ -115,6 +118,7 @@ class CollectiveApi {
   template <CommScalar T>
   void all_gather_v(std::span<T const> send, std::span<T> recv,
                     std::span<std::int64_t const> counts) {
+    require_valid("all_gather_v");
     auto const c = checked_counts(counts, "all_gather_v", "counts");
     expect_size(c[my()], send.size(), "all_gather_v", "counts[rank] (this rank's send size)");
     expect_size(sum(c), recv.size(), "all_gather_v", "the sum of counts (recv size)");
@@ -140,6 +144,7 @@ class CollectiveApi {
   template <CommScalar T>
   void reduce_scatter_v(std::span<T const> send, std::span<T> recv,
                         std::span<std::int64_t const> counts, ReduceOp op = ReduceOp::sum) {
+    require_valid("reduce_scatter_v");
     auto const c = checked_counts(counts, "reduce_scatter_v", "counts");
     expect_size(sum(c), send.size(), "reduce_scatter_v", "the sum of counts (send size)");
     expect_size(c[my()], recv.size(), "reduce_scatter_v", "counts[rank] (this rank's recv size)");
@@ -156,6 +161,7 @@ class CollectiveApi {
   template <CommScalar T>
   void all_to_all_v(std::span<T const> send, std::span<std::int64_t const> send_counts,
                     std::span<T> recv, std::span<std::int64_t const> recv_counts) {
+    require_valid("all_to_all_v");
     auto const sc = checked_counts(send_counts, "all_to_all_v", "send_counts");
     auto const rc = checked_counts(recv_counts, "all_to_all_v", "recv_counts");
     expect_size(sum(sc), send.size(), "all_to_all_v", "the sum of send_counts (send size)");
@@ -183,6 +189,7 @@ class CollectiveApi {
   /// the next stage and receives from the previous one cannot deadlock. Returns when all are
   /// complete. Not collective: only the ranks named as peers take part.
   void exchange(std::span<P2POp const> ops) {
+    require_valid("exchange");
     std::uint64_t sent = 0, received = 0;
     for (auto const& op : ops) {
       check_peer(op.peer, op.kind == P2POp::Kind::send ? "send peer" : "recv peer");
@@ -198,6 +205,7 @@ class CollectiveApi {
   /// by (`key`, old rank); `kUndefinedColor` gives a null communicator.
   /// Collective over the group: every rank must call it.
   Backend split(int color, int key) {
+    require_valid("split");
     MOEFOLD_EXPECTS(color >= 0 || color == kUndefinedColor,
                     "split colour must be ≥ 0 or kUndefinedColor (got {})", color);
     Backend out = self().raw_split(color, key);
@@ -217,6 +225,10 @@ class CollectiveApi {
   std::size_t my() const { return static_cast<std::size_t>(rank()); }
   std::size_t others() const { return static_cast<std::size_t>(size() - 1); }
 
+  void require_valid(std::string_view call) const {
+    if (!self().valid())
+      throw error(errc::invalid_argument, fmt::format("{} on a null communicator", call));
+  }
   void check_peer(int peer, std::string_view what) const {
     MOEFOLD_EXPECTS(peer >= 0 && peer < size(), "{} {} is outside the group of size {}", what,
                     peer, size());

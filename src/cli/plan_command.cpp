@@ -1,0 +1,330 @@
+#include "plan_command.hpp"
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "groups_command.hpp"
+#include "moefold/core/error.hpp"
+#include "moefold/plan/planner.hpp"
+#include "plan_json.hpp"
+
+namespace moefold::cli {
+
+namespace {
+
+struct PlanOptions {
+  std::string model;
+  std::string cluster = "h100";
+  std::optional<int> gpus;
+  std::optional<long> global_batch_size;
+  std::optional<long> seq_length;
+  int top = 10;
+  bool json = false;
+  bool explain = false;
+  bool all_variants = false;
+  FoldingConfig folding;  // --explain
+  std::optional<int> vpp;
+  std::optional<int> micro_batch_size;
+  std::optional<std::string> recompute;
+  CLI::Option* world_size = nullptr;
+};
+
+int run_plan(PlanOptions const& o);
+
+}  // namespace
+
+Command add_plan_command(CLI::App& app) {
+  auto options = std::make_shared<PlanOptions>();
+  PlanOptions& o = *options;
+  CLI::App* cmd = app.add_subcommand(
+      "plan", "Rank the foldings of a model on N GPUs by predicted throughput (or --explain one)");
+  cmd->add_option("--model", o.model,
+                  "Model preset (mixtral-8x22b, llama3-8x70b, qwen2-57b-a14b, "
+                  "mixtral-8x22b-g8t8) or JSON file")
+      ->required();
+  cmd->add_option_function<int>(
+      "--gpus", [&o](int v) { o.gpus = v; }, "Number of GPUs");
+  cmd->add_option_function<long>(
+      "--global-batch-size", [&o](long v) { o.global_batch_size = v; },
+      "Sequences per training step");
+  cmd->add_option_function<long>(
+      "--seq-length", [&o](long v) { o.seq_length = v; },
+      "Tokens per sequence (default: the model's)");
+  cmd->add_option("--cluster", o.cluster, "Cluster preset (h100, h200) or JSON file")
+      ->capture_default_str();
+  cmd->add_option("--top", o.top, "How many configurations to list")->capture_default_str();
+  cmd->add_flag("--json", o.json, "Print JSON");
+  cmd->add_flag("--all-variants", o.all_variants,
+                "List every (VPP, micro-batch, recompute) variant, not only the best per mapping");
+  cmd->add_flag("--explain", o.explain,
+                "Print the cost breakdown of the folding given by the size flags");
+  add_folding_flags(*cmd, o.folding, /*world_required=*/false);
+  o.world_size = cmd->get_option("--world-size");
+  cmd->add_option_function<int>(
+      "--virtual-pipeline-model-parallel-size,--vpp", [&o](int v) { o.vpp = v; },
+      "--explain: virtual pipeline stages per rank (default: the best)");
+  cmd->add_option_function<int>(
+      "--micro-batch-size", [&o](int v) { o.micro_batch_size = v; },
+      "--explain: sequences per micro-batch (default: the best)");
+  cmd->add_option_function<std::string>(
+      "--recompute", [&o](std::string const& v) { o.recompute = v; },
+      "--explain: none or full (default: none when it fits)");
+  return {cmd, [options] { return run_plan(*options); }};
+}
+
+namespace {
+
+double gb(double bytes) { return bytes / 1e9; }
+
+nlohmann::ordered_json to_json(Estimate const& e) {
+  nlohmann::ordered_json j;
+  j["tp"] = e.config.tp;
+  j["cp"] = e.config.cp;
+  j["pp"] = e.config.pp;
+  j["vpp"] = e.config.vpp;
+  j["ep"] = e.config.ep;
+  j["etp"] = e.config.etp;
+  j["dp"] = e.dp;
+  j["edp"] = e.edp;
+  j["micro_batch_size"] = e.config.micro_batch_size;
+  j["mfu"] = e.mfu;
+  j["tokens_per_s_per_gpu"] = e.tokens_per_s_per_gpu;
+  j["memory_gb"] = gb(e.memory.total());
+  j["folded"] = e.folded;
+  j["recompute"] = std::string(name(e.config.recompute));
+  j["fits"] = e.fits;
+  j["step_time_s"] = e.step_time_s;
+  j["tflops_per_gpu"] = e.tflops_per_gpu;
+  auto const& t = e.time;
+  j["breakdown_s"] = {{"attention_gemm", t.attention_gemm}, {"core_attention", t.core_attention},
+                      {"expert_gemm", t.expert_gemm},       {"output_layer", t.output_layer},
+                      {"elementwise", t.elementwise},       {"recompute", t.recompute},
+                      {"overhead", t.overhead},             {"tp", t.tp},
+                      {"cp", t.cp},                         {"ep", t.ep},
+                      {"etp", t.etp},                       {"dp", t.dp},
+                      {"edp", t.edp},                       {"pp", t.pp},
+                      {"bubble", t.bubble},                 {"optimizer", t.optimizer}};
+  auto const& m = e.memory;
+  j["memory_breakdown_gb"] = {{"weights", gb(m.weights)},
+                              {"gradients", gb(m.gradients)},
+                              {"optimizer", gb(m.optimizer)},
+                              {"activations", gb(m.activations)},
+                              {"activations_without_recompute", gb(m.activations_without_recompute)},
+                              {"activations_with_recompute", gb(m.activations_with_recompute)},
+                              {"reserve", gb(m.reserve)}};
+  return j;
+}
+
+std::string folding_label(Estimate const& e) {
+  return fmt::format("TP{} CP{} PP{} VPP{} EP{} ETP{} (DP{} EDP{}) mbs {}", e.config.tp,
+                     e.config.cp, e.config.pp, e.config.vpp, e.config.ep, e.config.etp, e.dp,
+                     e.edp, e.config.micro_batch_size);
+}
+
+double compute_time(TimeBreakdown const& t) {
+  return t.attention_gemm + t.core_attention + t.expert_gemm + t.output_layer + t.elementwise +
+         t.recompute + t.overhead;
+}
+
+std::string where(GroupPlacement const& p) {
+  if (p.size <= 1) return "-";
+  if (p.intra_node()) return fmt::format("{} ranks in 1 node (NVLink)", p.size);
+  return fmt::format("{} ranks over {} nodes ({} per node, network)", p.size, p.nodes,
+                     p.ranks_per_node);
+}
+
+void print_header(PlanRequest const& r) {
+  fmt::print("model {} ({:.1f}B parameters, {:.1f}B active) on {} x {} ({} GB), global batch {} x "
+             "{} tokens\n",
+             r.model.name, r.model.total_params() / 1e9, r.model.active_params() / 1e9,
+             r.workload.gpus, r.cluster.name, r.cluster.hbm_gb, r.workload.global_batch_size,
+             r.workload.seq_length);
+  fmt::print("model FLOPs per step (Megatron v0.10 formula, TP1 vocabulary): {:.4g}\n",
+             megatron_flops_per_step(r.model, r.workload.global_batch_size,
+                                     r.workload.seq_length));
+}
+
+void print_breakdown(Estimate const& e, ClusterSpec const& cluster) {
+  auto const& t = e.time;
+  auto const& m = e.memory;
+  fmt::print("folding {}, recompute {}: {}\n", folding_label(e), name(e.config.recompute),
+             e.folded ? "folded (breaks ETP = TP and EP | DP·CP)" : "not folded");
+  fmt::print("  step {:.3f} s   MFU {:.1f}%   {:.1f} TFLOP/s/GPU   {:.0f} tokens/s/GPU   "
+             "{} micro-batches per step\n",
+             e.step_time_s, 100 * e.mfu, e.tflops_per_gpu, e.tokens_per_s_per_gpu,
+             e.microbatches);
+  auto row = [&](std::string_view what, double s, std::string_view note = "") {
+    fmt::print("    {:<22} {:>8.3f} s {:>6.1f}%  {}\n", what, s, 100 * s / e.step_time_s, note);
+  };
+  fmt::print("  compute (critical path, seconds per step):\n");
+  row("attention GEMMs", t.attention_gemm, "QKV, projection, shared expert, router");
+  row("core attention", t.core_attention, "flash attention, causal");
+  row("expert GEMMs", t.expert_gemm, "grouped GEMM of the local experts");
+  row("output layer + loss", t.output_layer, "last pipeline stage");
+  row("element-wise", t.elementwise, "norms, activations, permutations (HBM)");
+  row("recompute", t.recompute);
+  row("overheads", t.overhead, "launches, host syncs");
+  fmt::print("  communication (exposed; placement from the mesh algebra):\n");
+  auto const& p = e.placement;
+  row("tp  all-gather/RS", t.tp, fmt::format("raw {:.3f} s; {}", t.tp_raw, where(p.tp)));
+  row("cp  K/V ring", t.cp, fmt::format("raw {:.3f} s; {}", t.cp_raw, where(p.cp)));
+  row("ep  all-to-all", t.ep, where(p.ep));
+  row("etp all-gather/RS", t.etp, where(p.etp));
+  row("dp  grads over dp_cp", t.dp, fmt::format("raw {:.3f} s; {}", t.dp_raw, where(p.dp_cp)));
+  row("edp grads over edp", t.edp, fmt::format("raw {:.3f} s; {}", t.edp_raw, where(p.edp)));
+  row("pp  sends", t.pp, fmt::format("raw {:.3f} s; {}", t.pp_raw, where(p.pp)));
+  fmt::print("  schedule:\n");
+  row("pipeline bubble", t.bubble, fmt::format("(PP-1)/VPP = {:.2f} stage times",
+                                               (e.config.pp - 1) / double(e.config.vpp)));
+  row("optimizer step", t.optimizer);
+  fmt::print("  memory per GPU: {:.1f} GB of {} GB ({}): weights {:.1f}, gradients {:.1f}, "
+             "optimizer {:.1f}, activations {:.1f} (without recompute {:.1f}, with full "
+             "recompute {:.1f}), reserve {:.1f}\n",
+             gb(m.total()), cluster.hbm_gb, e.fits ? "fits" : "DOES NOT FIT", gb(m.weights),
+             gb(m.gradients), gb(m.optimizer), gb(m.activations),
+             gb(m.activations_without_recompute), gb(m.activations_with_recompute),
+             gb(m.reserve));
+}
+
+void print_row(int rank, Estimate const& e) {
+  auto const& t = e.time;
+  fmt::print("{:>4} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>4} {:>3} {:>4}  {:>5.1f} {:>7.0f} "
+             "{:>6.1f} {:>6}  {:>6.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} "
+             "{:>5.2f} {:>6.2f}\n",
+             rank, e.config.tp, e.config.cp, e.config.pp, e.config.vpp, e.config.ep, e.config.etp,
+             e.dp, e.edp, e.config.micro_batch_size, name(e.config.recompute), 100 * e.mfu,
+             e.tokens_per_s_per_gpu, gb(e.memory.total()), e.folded ? "yes" : "no",
+             compute_time(t), t.tp + t.cp, t.ep, t.etp, t.dp + t.edp, t.pp, t.bubble,
+             t.optimizer, e.step_time_s);
+}
+
+void print_table_header() {
+  fmt::print("{:>4} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>4} {:>3} {:>4}  {:>5} {:>7} "
+             "{:>6} {:>6}  {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}\n",
+             "rank", "TP", "CP", "PP", "VPP", "EP", "ETP", "DP", "EDP", "MBS", "RC", "MFU%",
+             "tok/s", "mem GB", "folded", "comp s", "tp+cp", "ep", "etp", "dp", "pp", "bub",
+             "opt", "step s");
+}
+
+int run_explain(PlanOptions const& o, PlanRequest r) {
+  FoldingConfig f = o.folding;
+  bool const world_given = o.world_size->count() > 0;
+  if (!world_given && !o.gpus)
+    throw invalid_config("--explain needs the number of GPUs: give --gpus or --world-size");
+  if (world_given && o.gpus && *o.gpus != f.world)
+    throw invalid_config(fmt::format("--gpus ({}) and --world-size ({}) disagree", *o.gpus,
+                                     f.world));
+  if (!world_given) f.world = *o.gpus;
+  r.workload.gpus = f.world;
+  FoldedMapping const fold = FoldedMapping::from(f);  // validates sizes and order
+  FoldingPlacement const placement = place(fold, r.cluster.gpus_per_node);
+
+  std::vector<int> vpps, mbss;
+  if (o.vpp) {
+    vpps = {*o.vpp};
+  } else {
+    for (int v = 1; v <= r.model.num_layers; ++v)
+      if (fold.pp() > 1 || v == 1) vpps.push_back(v);
+  }
+  if (o.micro_batch_size) {
+    mbss = {*o.micro_batch_size};
+  } else {
+    for (int b = 1; b <= r.max_micro_batch_size; ++b) mbss.push_back(b);
+  }
+  std::vector<Recompute> rcs;
+  if (o.recompute) {
+    if (*o.recompute == "none") {
+      rcs = {Recompute::none};
+    } else if (*o.recompute == "full") {
+      rcs = {Recompute::full};
+    } else {
+      throw invalid_config(
+          fmt::format("--recompute must be none or full (got '{}')", *o.recompute));
+    }
+  } else {
+    rcs = {Recompute::none, Recompute::full};
+  }
+  std::optional<Estimate> best;
+  std::optional<std::string> first_violation;
+  for (int vpp : vpps)
+    for (int mbs : mbss)
+      for (Recompute rc : rcs) {
+        ParallelConfig const c{.tp = fold.tp(), .cp = fold.cp(), .pp = fold.pp(), .vpp = vpp,
+                               .ep = fold.ep(), .etp = fold.etp(), .micro_batch_size = mbs,
+                               .recompute = rc};
+        if (auto why = detail::shape_violation(r.model, r.workload, c)) {
+          if (!first_violation) first_violation = why;
+          continue;
+        }
+        Estimate e = estimate(r.model, r.cluster, r.workload, c, placement, r.constants);
+        bool const better = !best || (e.fits && !best->fits) ||
+                            (e.fits == best->fits && detail::better(e, *best));
+        if (better) best = std::move(e);
+      }
+  if (!best) throw invalid_config(*first_violation);
+  if (o.json) {
+    fmt::print("{}\n", to_json(*best).dump());
+  } else {
+    print_header(r);
+    print_breakdown(*best, r.cluster);
+  }
+  return 0;
+}
+
+int run_plan(PlanOptions const& o) {
+  PlanRequest r{.model = load_model(o.model), .cluster = load_cluster(o.cluster)};
+  r.best_per_mapping = !o.all_variants;
+  if (!o.global_batch_size) throw invalid_config("--global-batch-size is required");
+  r.workload.global_batch_size = *o.global_batch_size;
+  r.workload.seq_length = o.seq_length.value_or(r.model.seq_length);
+  if (o.top < 1) throw invalid_config(fmt::format("--top must be at least 1 (got {})", o.top));
+  if (o.explain) return run_explain(o, r);
+  if (!o.gpus) throw invalid_config("--gpus is required");
+  r.workload.gpus = *o.gpus;
+
+  auto const start = std::chrono::steady_clock::now();
+  PlanResult const result = plan(r);
+  double const ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  std::size_t const shown = std::min<std::size_t>(result.ranked.size(), std::size_t(o.top));
+
+  if (o.json) {
+    nlohmann::ordered_json doc;
+    doc["configs"] = nlohmann::ordered_json::array();
+    for (std::size_t i = 0; i < shown; ++i) doc["configs"].push_back(to_json(result.ranked[i]));
+    doc["best_unfolded"] =
+        result.best_unfolded ? to_json(*result.best_unfolded) : nlohmann::ordered_json(nullptr);
+    fmt::print("{}\n", doc.dump());
+    return 0;
+  }
+  print_header(r);
+  fmt::print("{} foldings, {} configurations priced, {} fit in memory; enumeration took {:.0f} ms\n\n",
+             result.mappings, result.configurations, result.fitting, ms);
+  if (result.ranked.empty()) {
+    fmt::print("no configuration fits in {} GB per GPU\n", r.cluster.hbm_gb);
+    return 0;
+  }
+  print_table_header();
+  for (std::size_t i = 0; i < shown; ++i) print_row(int(i) + 1, result.ranked[i]);
+  if (result.best_unfolded) {
+    fmt::print("\nbest non-folded (ETP = TP and EP | DP·CP):\n");
+    print_row(0, *result.best_unfolded);
+    fmt::print("folding gain: {:.2f}x\n",
+               result.best_unfolded->step_time_s / result.ranked.front().step_time_s);
+  } else {
+    fmt::print("\nno non-folded configuration fits\n");
+  }
+  fmt::print("\n#1 in detail:\n");
+  print_breakdown(result.ranked.front(), r.cluster);
+  return 0;
+}
+
+}  // namespace
+
+}  // namespace moefold::cli
