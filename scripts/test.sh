@@ -17,8 +17,18 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   fi
 fi
 
-cd "$MOEFOLD_BUILD"
 status=0
-ctest --output-on-failure -j "$MOEFOLD_JOBS" "$@" || status=$?
+(cd "$MOEFOLD_BUILD" && ctest --output-on-failure -j "$MOEFOLD_JOBS" "$@") || status=$?
+
+# The in-process world under ThreadSanitizer (CPU-only subset; MOEFOLD_SKIP_TSAN=1 skips it).
+if [ "${MOEFOLD_SKIP_TSAN:-0}" != 1 ] && [ $# -eq 0 ]; then
+  tsan_build="$MOEFOLD_BUILD-tsan"
+  MOEFOLD_BUILD="$tsan_build" moefold_configure -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DMOEFOLD_SANITIZER=thread -DMOEFOLD_ENABLE_CUDA=OFF -DMOEFOLD_ENABLE_MPI=OFF \
+      -DMOEFOLD_ENABLE_NCCL=OFF -DMOEFOLD_BUILD_BENCHMARKS=OFF >/dev/null
+  cmake --build "$tsan_build" -j "$MOEFOLD_JOBS" --target test_comm_inproc
+  (cd "$tsan_build" && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -j "$MOEFOLD_JOBS" \
+      -R '^test_comm_inproc') || status=$?
+fi
 echo "moefold: scripts/test.sh took $(( $(date +%s) - start )) s"
 exit $status
