@@ -102,29 +102,38 @@ nlohmann::ordered_json to_json(Estimate const& e) {
   j["step_time_s"] = e.step_time_s;
   j["tflops_per_gpu"] = e.tflops_per_gpu;
   auto const& t = e.time;
-  j["breakdown_s"] = {{"attention_gemm", t.attention_gemm}, {"core_attention", t.core_attention},
-                      {"expert_gemm", t.expert_gemm},       {"output_layer", t.output_layer},
-                      {"elementwise", t.elementwise},       {"recompute", t.recompute},
-                      {"overhead", t.overhead},             {"tp", t.tp},
-                      {"cp", t.cp},                         {"ep", t.ep},
-                      {"etp", t.etp},                       {"dp", t.dp},
-                      {"edp", t.edp},                       {"pp", t.pp},
-                      {"bubble", t.bubble},                 {"optimizer", t.optimizer}};
+  j["breakdown_s"] = {{"attention_gemm", t.attention_gemm},
+                      {"core_attention", t.core_attention},
+                      {"expert_gemm", t.expert_gemm},
+                      {"output_layer", t.output_layer},
+                      {"elementwise", t.elementwise},
+                      {"recompute", t.recompute},
+                      {"overhead", t.overhead},
+                      {"tp", t.tp},
+                      {"cp", t.cp},
+                      {"ep", t.ep},
+                      {"etp", t.etp},
+                      {"dp", t.dp},
+                      {"edp", t.edp},
+                      {"pp", t.pp},
+                      {"bubble", t.bubble},
+                      {"optimizer", t.optimizer}};
   auto const& m = e.memory;
-  j["memory_breakdown_gb"] = {{"weights", gb(m.weights)},
-                              {"gradients", gb(m.gradients)},
-                              {"optimizer", gb(m.optimizer)},
-                              {"activations", gb(m.activations)},
-                              {"activations_without_recompute", gb(m.activations_without_recompute)},
-                              {"activations_with_recompute", gb(m.activations_with_recompute)},
-                              {"reserve", gb(m.reserve)}};
+  j["memory_breakdown_gb"] = {
+      {"weights", gb(m.weights)},
+      {"gradients", gb(m.gradients)},
+      {"optimizer", gb(m.optimizer)},
+      {"activations", gb(m.activations)},
+      {"activations_without_recompute", gb(m.activations_without_recompute)},
+      {"activations_with_recompute", gb(m.activations_with_recompute)},
+      {"reserve", gb(m.reserve)}};
   return j;
 }
 
 std::string folding_label(Estimate const& e) {
   return fmt::format("TP{} CP{} PP{} VPP{} EP{} ETP{} (DP{} EDP{}) mbs {}", e.config.tp,
-                     e.config.cp, e.config.pp, e.config.vpp, e.config.ep, e.config.etp, e.dp,
-                     e.edp, e.config.micro_batch_size);
+                     e.config.cp, e.config.pp, e.config.vpp, e.config.ep, e.config.etp, e.dp, e.edp,
+                     e.config.micro_batch_size);
 }
 
 double compute_time(TimeBreakdown const& t) {
@@ -140,14 +149,13 @@ std::string where(GroupPlacement const& p) {
 }
 
 void print_header(PlanRequest const& r) {
-  fmt::print("model {} ({:.1f}B parameters, {:.1f}B active) on {} x {} ({} GB), global batch {} x "
-             "{} tokens\n",
-             r.model.name, r.model.total_params() / 1e9, r.model.active_params() / 1e9,
-             r.workload.gpus, r.cluster.name, r.cluster.hbm_gb, r.workload.global_batch_size,
-             r.workload.seq_length);
+  fmt::print(
+      "model {} ({:.1f}B parameters, {:.1f}B active) on {} x {} ({} GB), global batch {} x "
+      "{} tokens\n",
+      r.model.name, r.model.total_params() / 1e9, r.model.active_params() / 1e9, r.workload.gpus,
+      r.cluster.name, r.cluster.hbm_gb, r.workload.global_batch_size, r.workload.seq_length);
   fmt::print("model FLOPs per step (Megatron v0.10 formula, TP1 vocabulary): {:.4g}\n",
-             megatron_flops_per_step(r.model, r.workload.global_batch_size,
-                                     r.workload.seq_length));
+             megatron_flops_per_step(r.model, r.workload.global_batch_size, r.workload.seq_length));
 }
 
 void print_breakdown(Estimate const& e, ClusterSpec const& cluster) {
@@ -155,10 +163,10 @@ void print_breakdown(Estimate const& e, ClusterSpec const& cluster) {
   auto const& m = e.memory;
   fmt::print("folding {}, recompute {}: {}\n", folding_label(e), name(e.config.recompute),
              e.folded ? "folded (breaks ETP = TP and EP | DP·CP)" : "not folded");
-  fmt::print("  step {:.3f} s   MFU {:.1f}%   {:.1f} TFLOP/s/GPU   {:.0f} tokens/s/GPU   "
-             "{} micro-batches per step\n",
-             e.step_time_s, 100 * e.mfu, e.tflops_per_gpu, e.tokens_per_s_per_gpu,
-             e.microbatches);
+  fmt::print(
+      "  step {:.3f} s   MFU {:.1f}%   {:.1f} TFLOP/s/GPU   {:.0f} tokens/s/GPU   "
+      "{} micro-batches per step\n",
+      e.step_time_s, 100 * e.mfu, e.tflops_per_gpu, e.tokens_per_s_per_gpu, e.microbatches);
   auto row = [&](std::string_view what, double s, std::string_view note = "") {
     fmt::print("    {:<22} {:>8.3f} s {:>6.1f}%  {}\n", what, s, 100 * s / e.step_time_s, note);
   };
@@ -180,36 +188,36 @@ void print_breakdown(Estimate const& e, ClusterSpec const& cluster) {
   row("edp grads over edp", t.edp, fmt::format("raw {:.3f} s; {}", t.edp_raw, where(p.edp)));
   row("pp  sends", t.pp, fmt::format("raw {:.3f} s; {}", t.pp_raw, where(p.pp)));
   fmt::print("  schedule:\n");
-  row("pipeline bubble", t.bubble, fmt::format("(PP-1)/VPP = {:.2f} stage times",
-                                               (e.config.pp - 1) / double(e.config.vpp)));
+  row("pipeline bubble", t.bubble,
+      fmt::format("(PP-1)/VPP = {:.2f} stage times", (e.config.pp - 1) / double(e.config.vpp)));
   row("optimizer step", t.optimizer);
-  fmt::print("  memory per GPU: {:.1f} GB of {} GB ({}): weights {:.1f}, gradients {:.1f}, "
-             "optimizer {:.1f}, activations {:.1f} (without recompute {:.1f}, with full "
-             "recompute {:.1f}), reserve {:.1f}\n",
-             gb(m.total()), cluster.hbm_gb, e.fits ? "fits" : "DOES NOT FIT", gb(m.weights),
-             gb(m.gradients), gb(m.optimizer), gb(m.activations),
-             gb(m.activations_without_recompute), gb(m.activations_with_recompute),
-             gb(m.reserve));
+  fmt::print(
+      "  memory per GPU: {:.1f} GB of {} GB ({}): weights {:.1f}, gradients {:.1f}, "
+      "optimizer {:.1f}, activations {:.1f} (without recompute {:.1f}, with full "
+      "recompute {:.1f}), reserve {:.1f}\n",
+      gb(m.total()), cluster.hbm_gb, e.fits ? "fits" : "DOES NOT FIT", gb(m.weights),
+      gb(m.gradients), gb(m.optimizer), gb(m.activations), gb(m.activations_without_recompute),
+      gb(m.activations_with_recompute), gb(m.reserve));
 }
 
 void print_row(int rank, Estimate const& e) {
   auto const& t = e.time;
-  fmt::print("{:>4} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>4} {:>3} {:>4}  {:>5.1f} {:>7.0f} "
-             "{:>6.1f} {:>6}  {:>6.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} "
-             "{:>5.2f} {:>6.2f}\n",
-             rank, e.config.tp, e.config.cp, e.config.pp, e.config.vpp, e.config.ep, e.config.etp,
-             e.dp, e.edp, e.config.micro_batch_size, name(e.config.recompute), 100 * e.mfu,
-             e.tokens_per_s_per_gpu, gb(e.memory.total()), e.folded ? "yes" : "no",
-             compute_time(t), t.tp + t.cp, t.ep, t.etp, t.dp + t.edp, t.pp, t.bubble,
-             t.optimizer, e.step_time_s);
+  fmt::print(
+      "{:>4} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>4} {:>3} {:>4}  {:>5.1f} {:>7.0f} "
+      "{:>6.1f} {:>6}  {:>6.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} {:>5.2f} "
+      "{:>5.2f} {:>6.2f}\n",
+      rank, e.config.tp, e.config.cp, e.config.pp, e.config.vpp, e.config.ep, e.config.etp, e.dp,
+      e.edp, e.config.micro_batch_size, name(e.config.recompute), 100 * e.mfu,
+      e.tokens_per_s_per_gpu, gb(e.memory.total()), e.folded ? "yes" : "no", compute_time(t),
+      t.tp + t.cp, t.ep, t.etp, t.dp + t.edp, t.pp, t.bubble, t.optimizer, e.step_time_s);
 }
 
 void print_table_header() {
-  fmt::print("{:>4} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>4} {:>3} {:>4}  {:>5} {:>7} "
-             "{:>6} {:>6}  {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}\n",
-             "rank", "TP", "CP", "PP", "VPP", "EP", "ETP", "DP", "EDP", "MBS", "RC", "MFU%",
-             "tok/s", "mem GB", "folded", "comp s", "tp+cp", "ep", "etp", "dp", "pp", "bub",
-             "opt", "step s");
+  fmt::print(
+      "{:>4} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>4} {:>3} {:>4}  {:>5} {:>7} "
+      "{:>6} {:>6}  {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}\n",
+      "rank", "TP", "CP", "PP", "VPP", "EP", "ETP", "DP", "EDP", "MBS", "RC", "MFU%", "tok/s",
+      "mem GB", "folded", "comp s", "tp+cp", "ep", "etp", "dp", "pp", "bub", "opt", "step s");
 }
 
 int run_explain(PlanOptions const& o, PlanRequest r) {
@@ -218,8 +226,8 @@ int run_explain(PlanOptions const& o, PlanRequest r) {
   if (!world_given && !o.gpus)
     throw invalid_config("--explain needs the number of GPUs: give --gpus or --world-size");
   if (world_given && o.gpus && *o.gpus != f.world)
-    throw invalid_config(fmt::format("--gpus ({}) and --world-size ({}) disagree", *o.gpus,
-                                     f.world));
+    throw invalid_config(
+        fmt::format("--gpus ({}) and --world-size ({}) disagree", *o.gpus, f.world));
   if (!world_given) f.world = *o.gpus;
   r.workload.gpus = f.world;
   FoldedMapping const fold = FoldedMapping::from(f);  // validates sizes and order
@@ -255,16 +263,21 @@ int run_explain(PlanOptions const& o, PlanRequest r) {
   for (int vpp : vpps)
     for (int mbs : mbss)
       for (Recompute rc : rcs) {
-        ParallelConfig const c{.tp = fold.tp(), .cp = fold.cp(), .pp = fold.pp(), .vpp = vpp,
-                               .ep = fold.ep(), .etp = fold.etp(), .micro_batch_size = mbs,
+        ParallelConfig const c{.tp = fold.tp(),
+                               .cp = fold.cp(),
+                               .pp = fold.pp(),
+                               .vpp = vpp,
+                               .ep = fold.ep(),
+                               .etp = fold.etp(),
+                               .micro_batch_size = mbs,
                                .recompute = rc};
         if (auto why = detail::shape_violation(r.model, r.workload, c)) {
           if (!first_violation) first_violation = why;
           continue;
         }
         Estimate e = estimate(r.model, r.cluster, r.workload, c, placement, r.constants);
-        bool const better = !best || (e.fits && !best->fits) ||
-                            (e.fits == best->fits && detail::better(e, *best));
+        bool const better =
+            !best || (e.fits && !best->fits) || (e.fits == best->fits && detail::better(e, *best));
         if (better) best = std::move(e);
       }
   if (!best) throw invalid_config(*first_violation);
@@ -304,8 +317,9 @@ int run_plan(PlanOptions const& o) {
     return 0;
   }
   print_header(r);
-  fmt::print("{} foldings, {} configurations priced, {} fit in memory; enumeration took {:.0f} ms\n\n",
-             result.mappings, result.configurations, result.fitting, ms);
+  fmt::print(
+      "{} foldings, {} configurations priced, {} fit in memory; enumeration took {:.0f} ms\n\n",
+      result.mappings, result.configurations, result.fitting, ms);
   if (result.ranked.empty()) {
     fmt::print("no configuration fits in {} GB per GPU\n", r.cluster.hbm_gb);
     return 0;

@@ -1,8 +1,9 @@
 #include "plan_json.hpp"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
-#include <set>
+#include <initializer_list>
 #include <string_view>
 
 #include <fmt/format.h>
@@ -32,16 +33,22 @@ nlohmann::json read_object(std::string const& path, std::string_view what) {
   return doc;
 }
 
-/// Reads the keys of `doc`: each known key's value into its field; unknown keys and missing
-/// required keys are errors naming the key.
+/// Reads the keys of `doc` into fields; unknown keys and missing required keys are errors
+/// naming the key.
 class Reader {
  public:
-  Reader(nlohmann::json const& doc, std::string path, std::string_view what)
-      : doc_(doc), path_(std::move(path)), what_(what) {}
+  /// Rejects any key of `doc` not in `allowed` (a typo should not pass as a missing key).
+  Reader(nlohmann::json const& doc, std::string path, std::string_view what,
+         std::initializer_list<std::string_view> allowed)
+      : doc_(doc), path_(std::move(path)), what_(what) {
+    for (auto const& [key, value] : doc_.items())
+      if (std::find(allowed.begin(), allowed.end(), key) == allowed.end())
+        throw invalid_config(
+            fmt::format("{} file '{}' has an unknown key \"{}\"", what_, path_, key));
+  }
 
   template <class T>
   void get(char const* key, T& field, bool required) {
-    known_.insert(key);
     auto it = doc_.find(key);
     if (it == doc_.end()) {
       if (required)
@@ -52,22 +59,15 @@ class Reader {
     try {
       field = it->template get<T>();
     } catch (nlohmann::json::exception const&) {
-      throw invalid_config(fmt::format("{} file '{}': \"{}\" has the wrong type ({})", what_,
-                                       path_, key, it->dump()));
+      throw invalid_config(fmt::format("{} file '{}': \"{}\" has the wrong type ({})", what_, path_,
+                                       key, it->dump()));
     }
-  }
-  void reject_unknown() const {
-    for (auto const& [key, value] : doc_.items())
-      if (!known_.contains(key))
-        throw invalid_config(fmt::format("{} file '{}' has an unknown key \"{}\"", what_, path_,
-                                         key));
   }
 
  private:
   nlohmann::json const& doc_;
   std::string path_;
   std::string_view what_;
-  std::set<std::string> known_;
 };
 
 }  // namespace
@@ -77,7 +77,11 @@ ModelSpec load_model(std::string const& name_or_file) {
   auto const doc = read_object(name_or_file, "model");
   ModelSpec m;
   m.name = std::filesystem::path(name_or_file).stem().string();
-  Reader r(doc, name_or_file, "model");
+  Reader r(doc, name_or_file, "model",
+           {"name", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+            "kv_channels", "moe_ffn_hidden_size", "num_experts", "moe_router_topk",
+            "moe_shared_expert_intermediate_size", "vocab_size", "seq_length", "swiglu",
+            "untie_embeddings_and_output_weights"});
   r.get("name", m.name, false);
   r.get("num_layers", m.num_layers, true);
   r.get("hidden_size", m.hidden_size, true);
@@ -93,7 +97,6 @@ ModelSpec load_model(std::string const& name_or_file) {
   r.get("seq_length", m.seq_length, false);
   r.get("swiglu", m.swiglu, false);
   r.get("untie_embeddings_and_output_weights", m.untie_embeddings, false);
-  r.reject_unknown();
   m.validate();
   return m;
 }
@@ -103,7 +106,9 @@ ClusterSpec load_cluster(std::string const& name_or_file) {
   auto const doc = read_object(name_or_file, "cluster");
   ClusterSpec c = h100_cluster();
   c.name = std::filesystem::path(name_or_file).stem().string();
-  Reader r(doc, name_or_file, "cluster");
+  Reader r(doc, name_or_file, "cluster",
+           {"name", "gpus_per_node", "peak_tflops", "hbm_gb", "hbm_tb_per_s", "nvlink_gb_per_s",
+            "nvlink_latency_us", "network_gb_per_s", "network_latency_us"});
   r.get("name", c.name, false);
   r.get("gpus_per_node", c.gpus_per_node, true);
   r.get("peak_tflops", c.peak_tflops, true);
@@ -113,7 +118,6 @@ ClusterSpec load_cluster(std::string const& name_or_file) {
   r.get("nvlink_latency_us", c.nvlink_latency_us, false);
   r.get("network_gb_per_s", c.network_gb_per_s, true);
   r.get("network_latency_us", c.network_latency_us, false);
-  r.reject_unknown();
   c.validate();
   return c;
 }

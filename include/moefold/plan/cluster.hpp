@@ -18,14 +18,14 @@ inline namespace v0 {
 /// A homogeneous GPU cluster: nodes of `gpus_per_node` GPUs joined by NVLink inside a node and by
 /// one network port per GPU between nodes. Bandwidths are per GPU and per direction.
 struct ClusterSpec {
-  std::string name = "custom";     ///< a label for reports
-  int gpus_per_node = 8;           ///< size of the NVLink domain
-  double peak_tflops = 989.5;      ///< peak dense BF16 TFLOP/s per GPU (the MFU denominator)
-  double hbm_gb = 80.0;            ///< HBM capacity per GPU, in 10⁹ bytes
-  double hbm_tb_per_s = 3.35;      ///< HBM bandwidth per GPU, in 10¹² bytes/s
-  double nvlink_gb_per_s = 450.0;  ///< NVLink bandwidth per GPU per direction, in 10⁹ bytes/s
-  double nvlink_latency_us = 8.0;  ///< latency of one collective step inside a node
-  double network_gb_per_s = 50.0;  ///< inter-node bandwidth per GPU per direction (400 Gb/s = 50)
+  std::string name = "custom";       ///< a label for reports
+  int gpus_per_node = 8;             ///< size of the NVLink domain
+  double peak_tflops = 989.5;        ///< peak dense BF16 TFLOP/s per GPU (the MFU denominator)
+  double hbm_gb = 80.0;              ///< HBM capacity per GPU, in 10⁹ bytes
+  double hbm_tb_per_s = 3.35;        ///< HBM bandwidth per GPU, in 10¹² bytes/s
+  double nvlink_gb_per_s = 450.0;    ///< NVLink bandwidth per GPU per direction, in 10⁹ bytes/s
+  double nvlink_latency_us = 8.0;    ///< latency of one collective step inside a node
+  double network_gb_per_s = 50.0;    ///< inter-node bandwidth per GPU per direction (400 Gb/s = 50)
   double network_latency_us = 20.0;  ///< latency of one collective step across nodes
 
   /// Throws `invalid_config` naming the first field that is not positive.

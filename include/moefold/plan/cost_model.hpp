@@ -54,32 +54,32 @@ struct CostConstants {
   /// GEMM efficiency falls as e / (1 + d0/M + d0/N + d0/K) for an M×N×K GEMM: skinny shapes
   /// (few tokens per expert, ETP-narrowed experts) lose throughput.
   double gemm_half_dim = 256.0;
-  double attention_efficiency = 0.55;   ///< flash attention (forward + backward) / peak, long rows
-  double attention_half_length = 512;   ///< attention efficiency falls as q / (q + this)
-  double hbm_efficiency = 0.8;          ///< achieved / peak HBM bandwidth (element-wise kernels)
+  double attention_efficiency = 0.55;  ///< flash attention (forward + backward) / peak, long rows
+  double attention_half_length = 512;  ///< attention efficiency falls as q / (q + this)
+  double hbm_efficiency = 0.8;         ///< achieved / peak HBM bandwidth (element-wise kernels)
   // Communication.
   double nvlink_efficiency = 0.8;       ///< ring all-gather/reduce-scatter bus bandwidth / link
   double all_to_all_efficiency = 0.35;  ///< all-to-all bandwidth inside a node / NVLink
   double network_efficiency = 0.85;     ///< achieved / peak bandwidth of the network port
   double tp_overlap = 0.8;              ///< share of the TP traffic hidden behind GEMMs
   // Overheads.
-  double layer_overhead_us = 200.0;     ///< per layer and micro-batch (forward + backward)
+  double layer_overhead_us = 200.0;  ///< per layer and micro-batch (forward + backward)
   /// Per ring step of context-parallel attention (forward and backward): the extra attention
   /// and output-correction kernel launches and the stream synchronisation of each step.
   double cp_step_overhead_us = 300.0;
   // Memory.
-  double memory_reserve_gb = 8.0;       ///< CUDA context, NCCL buffers, workspaces
+  double memory_reserve_gb = 8.0;         ///< CUDA context, NCCL buffers, workspaces
   double activation_fragmentation = 1.0;  ///< allocator overhead on activations
 };
 
 /// The parallel configuration the cost model prices.
 struct ParallelConfig {
-  int tp = 1;    ///< attention tensor parallel
-  int cp = 1;    ///< attention context parallel
-  int pp = 1;    ///< pipeline stages
-  int vpp = 1;   ///< virtual stages per pipeline rank (1: not interleaved)
-  int ep = 1;    ///< expert parallel
-  int etp = 1;   ///< expert tensor parallel
+  int tp = 1;                ///< attention tensor parallel
+  int cp = 1;                ///< attention context parallel
+  int pp = 1;                ///< pipeline stages
+  int vpp = 1;               ///< virtual stages per pipeline rank (1: not interleaved)
+  int ep = 1;                ///< expert parallel
+  int etp = 1;               ///< expert tensor parallel
   int micro_batch_size = 1;  ///< sequences per micro-batch
   Recompute recompute = Recompute::none;
 };
@@ -93,13 +93,13 @@ struct Workload {
 
 /// Memory per GPU (the busiest pipeline stage), in bytes.
 struct MemoryEstimate {
-  double weights = 0;       ///< BF16 parameters
-  double gradients = 0;     ///< FP32 main gradients
-  double optimizer = 0;     ///< FP32 master weights and Adam moments, sharded over dp_cp / edp
-  double activations = 0;   ///< with the configuration's recompute mode
+  double weights = 0;      ///< BF16 parameters
+  double gradients = 0;    ///< FP32 main gradients
+  double optimizer = 0;    ///< FP32 master weights and Adam moments, sharded over dp_cp / edp
+  double activations = 0;  ///< with the configuration's recompute mode
   double activations_without_recompute = 0;
   double activations_with_recompute = 0;
-  double reserve = 0;       ///< CUDA context, NCCL, workspaces
+  double reserve = 0;  ///< CUDA context, NCCL, workspaces
   double total() const noexcept { return weights + gradients + optimizer + activations + reserve; }
 };
 
@@ -113,9 +113,9 @@ struct TimeBreakdown {
   double recompute = 0;       ///< forward recomputation, communication included (full recompute)
   double overhead = 0;        ///< launches and host synchronisation per layer
   double tp = 0, cp = 0, ep = 0, etp = 0, pp = 0;  ///< exposed communication per group
-  double dp = 0, edp = 0;     ///< exposed gradient reduction / parameter gather
-  double bubble = 0;          ///< pipeline bubble
-  double optimizer = 0;       ///< optimizer step
+  double dp = 0, edp = 0;  ///< exposed gradient reduction / parameter gather
+  double bubble = 0;       ///< pipeline bubble
+  double optimizer = 0;    ///< optimizer step
   /// Raw (before overlap) time of each communication, per step.
   double tp_raw = 0, cp_raw = 0, dp_raw = 0, edp_raw = 0, pp_raw = 0;
 };
@@ -123,11 +123,11 @@ struct TimeBreakdown {
 /// The cost model's answer for one configuration.
 struct Estimate {
   ParallelConfig config;
-  int dp = 1;    ///< attention data parallel
-  int edp = 1;   ///< expert data parallel
-  bool folded = false;  ///< breaks the pre-folding rule (ETP = TP and EP | DP·CP)
-  bool fits = true;     ///< total memory ≤ HBM
-  long microbatches = 1;     ///< per pipeline and step
+  int dp = 1;                 ///< attention data parallel
+  int edp = 1;                ///< expert data parallel
+  bool folded = false;        ///< breaks the pre-folding rule (ETP = TP and EP | DP·CP)
+  bool fits = true;           ///< total memory ≤ HBM
+  long microbatches = 1;      ///< per pipeline and step
   double flops_per_step = 0;  ///< Megatron v0.10 model FLOPs
   double step_time_s = 0;
   double tokens_per_s_per_gpu = 0;
@@ -157,8 +157,8 @@ inline std::optional<std::string> shape_violation(ModelSpec const& model, Worklo
     return fmt::format("num_attention_heads ({}) is not divisible by TP ({})",
                        model.num_attention_heads, c.tp);
   if (model.num_query_groups % c.tp != 0)
-    return fmt::format("num_query_groups ({}) is not divisible by TP ({})",
-                       model.num_query_groups, c.tp);
+    return fmt::format("num_query_groups ({}) is not divisible by TP ({})", model.num_query_groups,
+                       c.tp);
   if (model.num_experts % c.ep != 0)
     return fmt::format("num_experts ({}) is not divisible by EP ({})", model.num_experts, c.ep);
   if (model.moe_ffn_hidden_size % c.etp != 0)
@@ -172,8 +172,7 @@ inline std::optional<std::string> shape_violation(ModelSpec const& model, Worklo
   if ((model.num_layers / c.pp) % c.vpp != 0)
     return fmt::format("layers per pipeline stage ({}) are not divisible by VPP ({})",
                        model.num_layers / c.pp, c.vpp);
-  if (c.vpp > 1 && c.pp == 1)
-    return fmt::format("interleaving (VPP={}) requires PP > 1", c.vpp);
+  if (c.vpp > 1 && c.pp == 1) return fmt::format("interleaving (VPP={}) requires PP > 1", c.vpp);
   long const seq_split = long{c.tp} * c.cp * (c.cp > 1 ? 2 : 1);
   if (w.seq_length % seq_split != 0)
     return fmt::format("seq_length ({}) is not divisible by TP·CP{} = {}", w.seq_length,
@@ -205,8 +204,7 @@ struct Links {
   double ring_bandwidth(GroupPlacement const& p) const noexcept {
     double const nvl = 1e9 * cluster.nvlink_gb_per_s * k.nvlink_efficiency;
     if (p.intra_node()) return nvl;
-    return std::min(nvl, 1e9 * cluster.network_gb_per_s * k.network_efficiency *
-                             p.ranks_per_node);
+    return std::min(nvl, 1e9 * cluster.network_gb_per_s * k.network_efficiency * p.ranks_per_node);
   }
   /// All-gather or reduce-scatter of a `full_bytes` buffer (the gathered size) over `p`.
   double ring(double full_bytes, GroupPlacement const& p) const noexcept {
@@ -218,8 +216,8 @@ struct Links {
   double all_to_all(double bytes, GroupPlacement const& p) const noexcept {
     if (p.size <= 1) return 0;
     double const n = p.size, local = p.ranks_per_node;
-    double const intra = bytes * (local - 1) / n /
-                         (1e9 * cluster.nvlink_gb_per_s * k.all_to_all_efficiency);
+    double const intra =
+        bytes * (local - 1) / n / (1e9 * cluster.nvlink_gb_per_s * k.all_to_all_efficiency);
     double const inter =
         bytes * (n - local) / n / (1e9 * cluster.network_gb_per_s * k.network_efficiency);
     return std::max(intra, inter) + latency(p);
@@ -227,9 +225,8 @@ struct Links {
   /// A point-to-point send of `bytes` between neighbours of `p` (network when `p` spans nodes).
   double send(double bytes, GroupPlacement const& p) const noexcept {
     if (p.size <= 1) return 0;
-    double const bw = p.intra_node()
-                          ? 1e9 * cluster.nvlink_gb_per_s * k.nvlink_efficiency
-                          : 1e9 * cluster.network_gb_per_s * k.network_efficiency;
+    double const bw = p.intra_node() ? 1e9 * cluster.nvlink_gb_per_s * k.nvlink_efficiency
+                                     : 1e9 * cluster.network_gb_per_s * k.network_efficiency;
     return bytes / bw + latency(p);
   }
 };
@@ -307,12 +304,12 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   double const attn_eff = k.attention_efficiency * chunk / (chunk + k.attention_half_length);
   double const core_f = 4 * b * (s * s / 2) * (a / tp) * d / cp / (peak * attn_eff);
   double const elem_bytes_f =
-      2 * (t_loc * h * 10                          // two norms, two residual adds
-           + t_attn * (a + 2 * g) * d / tp * 2     // rotary embedding on q, k
-           + copies * h * 2 + t_loc * h * 2        // permute and unpermute
-           + copies * (f1 + 1) * F                 // activation function
+      2 * (t_loc * h * 10                       // two norms, two residual adds
+           + t_attn * (a + 2 * g) * d / tp * 2  // rotary embedding on q, k
+           + copies * h * 2 + t_loc * h * 2     // permute and unpermute
+           + copies * (f1 + 1) * F              // activation function
            + (c.ep > 1 && local_experts > 1 ? 4 * copies * etp * h : 0)  // chunk sort, unsort
-           + t_attn * (f1 + 1) * Fs / tp);         // shared expert activation
+           + t_attn * (f1 + 1) * Fs / tp);                               // shared expert activation
   double const elem_f = elem_bytes_f / hbm;
 
   // ---- Communication per layer and micro-batch (forward + backward), raw.
@@ -349,9 +346,9 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   double const bubble = (c.pp - 1) / double(c.vpp) * stage_time;
 
   // ---- Parameters per rank (the stage holding the embedding or output layer).
-  double const dense_per_layer = (model.attention_params_per_layer() +
-                                  model.shared_expert_params_per_layer()) / tp +
-                                 model.replicated_params_per_layer();
+  double const dense_per_layer =
+      (model.attention_params_per_layer() + model.shared_expert_params_per_layer()) / tp +
+      model.replicated_params_per_layer();
   double const embedding = V * h / tp;
   double const dense_params =
       layers * dense_per_layer + embedding * (c.pp == 1 && model.untie_embeddings ? 2 : 1);
@@ -409,7 +406,7 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   mem.gradients = 4 * (dense_params + expert_params);
   mem.optimizer = 12 * (dense_params / (e.dp * cp) + expert_params / e.edp);
   // Activations of one layer and micro-batch.
-  double const attn_act = t_loc * 4 * h                              // norm input, QKV input
+  double const attn_act = t_loc * 4 * h  // norm input, QKV input
                           + t_attn * (2 * (a + 2 * g) * d + 2 * a * d + 4 * a) / tp  // q,k,v,o,lse
                           + (Fs > 0 ? t_loc * 2 * h + t_attn * 2 * (f1 + 1) * Fs / tp : 0.0);
   double const moe_act = t_loc * (4 * h + 8 * E)      // norm and router inputs, logits, probs
@@ -433,7 +430,8 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
       k.activation_fragmentation * (in_flight * layer_input + layer_act + logits);
   // The last stage holds fewer micro-batches but the logits.
   if (c.pp > 1) {
-    double const last_in_flight = c.vpp == 1 ? layers : (double(c.vpp - 1) * c.pp + 1) * chunk_layers;
+    double const last_in_flight =
+        c.vpp == 1 ? layers : (double(c.vpp - 1) * c.pp + 1) * chunk_layers;
     double const last_logits = t_attn * V / tp * 6;
     mem.activations_without_recompute =
         std::max(mem.activations_without_recompute,

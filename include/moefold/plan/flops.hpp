@@ -30,8 +30,7 @@ inline double megatron_flops_per_step(ModelSpec const& model, long global_batch_
   double const V = double(padded_vocab_size(model.vocab_size, tp));
   double const bracket = (1.0 + g / a + s / h) * (a * d / h) +
                          double(model.moe_ffn_hidden_size) / h * model.moe_router_topk * m +
-                         double(model.shared_expert_ffn_hidden_size) / h * m +
-                         V / (2.0 * L * h);
+                         double(model.shared_expert_ffn_hidden_size) / h * m + V / (2.0 * L * h);
   return 12.0 * B * s * L * h * h * bracket;
 }
 

@@ -18,19 +18,19 @@ inline namespace v0 {
 /// expert), RMSNorm, SwiGLU (or a plain two-GEMM MLP), untied input embedding and output layer.
 struct ModelSpec {
   std::string name = "custom";
-  int num_layers = 1;                 ///< L
-  int hidden_size = 1;                ///< h
-  int num_attention_heads = 1;        ///< a
-  int num_query_groups = 1;           ///< g (KV groups; = a without GQA)
-  int kv_channels = 0;                ///< d_head; 0 means h / a
-  int moe_ffn_hidden_size = 1;        ///< F, width of one routed expert
-  int num_experts = 1;                ///< E
-  int moe_router_topk = 1;            ///< k
+  int num_layers = 1;                     ///< L
+  int hidden_size = 1;                    ///< h
+  int num_attention_heads = 1;            ///< a
+  int num_query_groups = 1;               ///< g (KV groups; = a without GQA)
+  int kv_channels = 0;                    ///< d_head; 0 means h / a
+  int moe_ffn_hidden_size = 1;            ///< F, width of one routed expert
+  int num_experts = 1;                    ///< E
+  int moe_router_topk = 1;                ///< k
   int shared_expert_ffn_hidden_size = 0;  ///< total shared-expert width (0: none)
-  int vocab_size = 1;                 ///< V before Megatron's padding
-  int seq_length = 4096;              ///< default sequence length
-  bool swiglu = true;                 ///< gated linear unit: fc1 is 2·F wide
-  bool untie_embeddings = true;       ///< separate output-layer weights
+  int vocab_size = 1;                     ///< V before Megatron's padding
+  int seq_length = 4096;                  ///< default sequence length
+  bool swiglu = true;                     ///< gated linear unit: fc1 is 2·F wide
+  bool untie_embeddings = true;           ///< separate output-layer weights
 
   /// d_head.
   int head_dim() const noexcept {
@@ -76,8 +76,8 @@ struct ModelSpec {
   void validate() const {
     auto positive = [&](long v, std::string_view what) {
       if (v < 1)
-        throw invalid_config(fmt::format("model '{}': {} must be at least 1 (got {})", name,
-                                         what, v));
+        throw invalid_config(
+            fmt::format("model '{}': {} must be at least 1 (got {})", name, what, v));
     };
     positive(num_layers, "num_layers");
     positive(hidden_size, "hidden_size");
@@ -89,9 +89,10 @@ struct ModelSpec {
     positive(vocab_size, "vocab_size");
     positive(seq_length, "seq_length");
     if (shared_expert_ffn_hidden_size < 0)
-      throw invalid_config(fmt::format("model '{}': shared_expert_ffn_hidden_size must not be "
-                                       "negative (got {})",
-                                       name, shared_expert_ffn_hidden_size));
+      throw invalid_config(
+          fmt::format("model '{}': shared_expert_ffn_hidden_size must not be "
+                      "negative (got {})",
+                      name, shared_expert_ffn_hidden_size));
     if (kv_channels == 0 && hidden_size % num_attention_heads != 0)
       throw invalid_config(fmt::format(
           "model '{}': hidden_size ({}) is not divisible by num_attention_heads ({}); give "

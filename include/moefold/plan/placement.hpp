@@ -59,15 +59,27 @@ inline GroupPlacement place(FoldedMapping const& fold, Group g, int gpus_per_nod
   return out;
 }
 
+/// The placements of the attention-side groups (tp, cp, dp_cp, pp) of `fold`.
+inline void place_attention(FoldingPlacement& out, FoldedMapping const& fold, int gpus_per_node) {
+  out.tp = place(fold, Group::tp, gpus_per_node);
+  out.cp = place(fold, Group::cp, gpus_per_node);
+  out.dp_cp = place(fold, Group::dp_cp, gpus_per_node);
+  out.pp = place(fold, Group::pp, gpus_per_node);
+}
+
+/// The placements of the MoE-side groups (ep, etp, edp) of `fold`.
+inline void place_moe(FoldingPlacement& out, FoldedMapping const& fold, int gpus_per_node) {
+  out.ep = place(fold, Group::ep, gpus_per_node);
+  out.etp = place(fold, Group::etp, gpus_per_node);
+  out.edp = place(fold, Group::edp, gpus_per_node);
+}
+
 /// The placements of all priced group kinds of `fold`.
 inline FoldingPlacement place(FoldedMapping const& fold, int gpus_per_node) {
-  return {.tp = place(fold, Group::tp, gpus_per_node),
-          .cp = place(fold, Group::cp, gpus_per_node),
-          .dp_cp = place(fold, Group::dp_cp, gpus_per_node),
-          .ep = place(fold, Group::ep, gpus_per_node),
-          .etp = place(fold, Group::etp, gpus_per_node),
-          .edp = place(fold, Group::edp, gpus_per_node),
-          .pp = place(fold, Group::pp, gpus_per_node)};
+  FoldingPlacement out;
+  place_attention(out, fold, gpus_per_node);
+  place_moe(out, fold, gpus_per_node);
+  return out;
 }
 
 }  // namespace v0

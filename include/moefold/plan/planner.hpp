@@ -20,9 +20,9 @@ inline namespace v0 {
 
 /// What to plan: a model on a cluster for a workload.
 struct PlanRequest {
-  ModelSpec model;
-  ClusterSpec cluster;
-  Workload workload;
+  ModelSpec model{};
+  ClusterSpec cluster{};
+  Workload workload{};
   CostConstants constants{};
   int max_micro_batch_size = 8;  ///< largest micro-batch size tried
   /// Keep only the best (VPP, micro-batch size, recompute) of each parallel mapping
@@ -32,11 +32,11 @@ struct PlanRequest {
 
 /// The planner's answer.
 struct PlanResult {
-  std::vector<Estimate> ranked;         ///< configurations that fit, best first
+  std::vector<Estimate> ranked;           ///< configurations that fit, best first
   std::optional<Estimate> best_unfolded;  ///< the best that obeys the pre-folding rule
-  long mappings = 0;        ///< valid (TP, CP, PP, EP, ETP) foldings enumerated
-  long configurations = 0;  ///< configurations priced (all knobs)
-  long fitting = 0;         ///< of which fit in memory
+  long mappings = 0;                      ///< valid (TP, CP, PP, EP, ETP) foldings enumerated
+  long configurations = 0;                ///< configurations priced (all knobs)
+  long fitting = 0;                       ///< of which fit in memory
 };
 
 /// The parallel mapping of a configuration, without the schedule knobs.
@@ -81,8 +81,14 @@ long price_variants(PlanRequest const& r, Mapping const& m, FoldingPlacement con
     if (vpp > 1 && m.pp == 1) break;
     for (int mbs = 1; mbs <= r.max_micro_batch_size; ++mbs) {
       for (Recompute rc : {Recompute::none, Recompute::full}) {
-        ParallelConfig const c{.tp = m.tp, .cp = m.cp, .pp = m.pp, .vpp = vpp, .ep = m.ep,
-                               .etp = m.etp, .micro_batch_size = mbs, .recompute = rc};
+        ParallelConfig const c{.tp = m.tp,
+                               .cp = m.cp,
+                               .pp = m.pp,
+                               .vpp = vpp,
+                               .ep = m.ep,
+                               .etp = m.etp,
+                               .micro_batch_size = mbs,
+                               .recompute = rc};
         if (shape_violation(r.model, r.workload, c)) break;
         ++priced;
         Estimate e = estimate(r.model, r.cluster, r.workload, c, place, r.constants);
@@ -102,14 +108,14 @@ inline void validate(PlanRequest const& r) {
   if (r.workload.gpus < 1)
     throw invalid_config(fmt::format("--gpus must be at least 1 (got {})", r.workload.gpus));
   if (r.workload.global_batch_size < 1)
-    throw invalid_config(fmt::format("global batch size must be at least 1 (got {})",
-                                     r.workload.global_batch_size));
+    throw invalid_config(
+        fmt::format("global batch size must be at least 1 (got {})", r.workload.global_batch_size));
   if (r.workload.seq_length < 1)
     throw invalid_config(
         fmt::format("sequence length must be at least 1 (got {})", r.workload.seq_length));
   if (r.max_micro_batch_size < 1)
-    throw invalid_config(fmt::format("max micro-batch size must be at least 1 (got {})",
-                                     r.max_micro_batch_size));
+    throw invalid_config(
+        fmt::format("max micro-batch size must be at least 1 (got {})", r.max_micro_batch_size));
 }
 
 }  // namespace detail
@@ -119,10 +125,9 @@ inline void validate(PlanRequest const& r) {
 /// the workload's GPUs.
 inline std::optional<Estimate> best_for_mapping(PlanRequest const& r, Mapping const& m) {
   detail::validate(r);
-  FoldedMapping const fold = folding_of(r.workload, {.tp = m.tp, .cp = m.cp, .pp = m.pp,
-                                                      .ep = m.ep, .etp = m.etp});
-  check_shape(r.model, r.workload,
-              {.tp = m.tp, .cp = m.cp, .pp = m.pp, .ep = m.ep, .etp = m.etp});
+  FoldedMapping const fold =
+      folding_of(r.workload, {.tp = m.tp, .cp = m.cp, .pp = m.pp, .ep = m.ep, .etp = m.etp});
+  check_shape(r.model, r.workload, {.tp = m.tp, .cp = m.cp, .pp = m.pp, .ep = m.ep, .etp = m.etp});
   std::optional<Estimate> best;
   detail::price_variants(r, m, place(fold, r.cluster.gpus_per_node), [&](Estimate&& e) {
     if (!best || detail::better(e, *best)) best = std::move(e);
@@ -140,6 +145,8 @@ inline PlanResult plan(PlanRequest const& r) {
     for (int cp : detail::divisors(W / tp)) {
       for (int pp : detail::divisors(W / (long{tp} * cp))) {
         if (r.model.num_layers % pp != 0) continue;
+        // The attention-side groups depend on TP, CP and PP only: place them once.
+        std::optional<FoldingPlacement> attention;
         for (int ep : detail::divisors(r.model.num_experts)) {
           if ((W / pp) % ep != 0) continue;
           for (int etp : detail::divisors(W / (long{pp} * ep))) {
@@ -153,18 +160,23 @@ inline PlanResult plan(PlanRequest const& r) {
               continue;
             }
             ++out.mappings;
+            if (!attention) {
+              attention.emplace();
+              place_attention(*attention, *fold, r.cluster.gpus_per_node);
+            }
+            FoldingPlacement placement = *attention;
+            place_moe(placement, *fold, r.cluster.gpus_per_node);
             std::optional<Estimate> best;
-            out.configurations += detail::price_variants(
-                r, m, place(*fold, r.cluster.gpus_per_node), [&](Estimate&& e) {
-                  ++out.fitting;
-                  if (!e.folded && (!out.best_unfolded || detail::better(e, *out.best_unfolded)))
-                    out.best_unfolded = e;
-                  if (!r.best_per_mapping) {
-                    out.ranked.push_back(std::move(e));
-                  } else if (!best || detail::better(e, *best)) {
-                    best = std::move(e);
-                  }
-                });
+            out.configurations += detail::price_variants(r, m, placement, [&](Estimate&& e) {
+              ++out.fitting;
+              if (!e.folded && (!out.best_unfolded || detail::better(e, *out.best_unfolded)))
+                out.best_unfolded = e;
+              if (!r.best_per_mapping) {
+                out.ranked.push_back(std::move(e));
+              } else if (!best || detail::better(e, *best)) {
+                best = std::move(e);
+              }
+            });
             if (best) out.ranked.push_back(std::move(*best));
           }
         }
