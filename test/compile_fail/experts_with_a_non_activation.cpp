@@ -1,0 +1,7 @@
+// Must not compile: `float` is not an expert activation policy (ExpertActivation).
+#include "moefold/moe/grouped_gemm_experts.hpp"
+
+int main() {
+  moefold::GroupedGemmExperts<float> experts({}, 0);
+  return 0;
+}
