@@ -1,0 +1,182 @@
+// Every block of nn/ gives, under every folding TP ∈ {1,2,4} × CP ∈ {1,2,4} × DP ∈ {1,2} (up to
+// 16 ranks), the output, input gradient and (reduced) parameter gradients of the same block run
+// on one rank over the whole global batch (DESIGN §3, fp32, ‖a−b‖ ≤ 1e-5·‖b‖).
+
+#include <set>
+
+#include "moefold/nn/decoder_layer.hpp"
+#include "unit/nn/nn_support.hpp"
+
+using namespace moefold;
+using namespace moefold::test;
+
+namespace {
+
+constexpr std::uint64_t kSeed = 1234;
+
+AttentionConfig attention_config() {
+  // GQA: 8 query heads in 4 groups, head dim 8 (Q width 64 ≠ H = 32), splits over TP = 4.
+  return {.name = "layers.0.self_attention",
+          .hidden = 32,
+          .heads = 8,
+          .kv_groups = 4,
+          .head_dim = 8,
+          .seed = kSeed,
+          .init_scale = 0.3};
+}
+
+DenseMlpConfig mlp_config() {
+  return {.name = "layers.0.mlp", .hidden = 32, .ffn = 64, .seed = kSeed, .init_scale = 0.3};
+}
+
+/// Column-parallel H→F followed by row-parallel F→H: both linear layers and their SP
+/// collectives, nothing else.
+struct LinearPair {
+  ColumnParallelLinear<float, Comm> column;
+  RowParallelLinear<float, Comm> row;
+  explicit LinearPair(Groups& g)
+      : column({.name = "fc1.weight", .in = 32, .out = 48, .seed = kSeed, .scale = 0.3}, g.tp()),
+        row({.name = "fc2.weight", .in = 48, .out = 32, .seed = kSeed, .scale = 0.3}, g.tp()) {}
+  std::vector<float> forward(std::span<float const> x) {
+    auto const h = column.forward(x);
+    return row.forward(std::span<float const>(h));
+  }
+  std::vector<float> backward(std::span<float const> dy) {
+    auto const dh = row.backward(dy);
+    return column.backward(std::span<float const>(dh));
+  }
+  ParamList<float> parameters() { return {&column.weight(), &row.weight()}; }
+};
+
+auto const local_forward = [](auto& block, std::span<float const> x, std::int64_t) {
+  return block.forward(x);
+};
+auto const sequence_forward = [](auto& block, std::span<float const> x, std::int64_t batch) {
+  return block.forward(x, batch);
+};
+
+}  // namespace
+
+TEST_CASE("sequence shards cover every token of the global batch exactly once",
+          "[nn][sequence_shard]") {
+  for (auto const f : all_foldings()) {
+    INFO("folding " << f.str());
+    std::int64_t const seq = 32, batch = 4;
+    std::vector<std::int64_t> global(static_cast<std::size_t>(seq * batch));
+    for (std::size_t i = 0; i < global.size(); ++i) global[i] = static_cast<std::int64_t>(i);
+    std::vector<std::int64_t> rebuilt(global.size(), -1);
+    std::multiset<std::int64_t> seen;
+    for (int d = 0; d < f.dp; ++d)
+      for (int c = 0; c < f.cp; ++c)
+        for (int t = 0; t < f.tp; ++t) {
+          SequenceShard const s{.seq = seq,
+                                .batch = batch / f.dp,
+                                .tp = f.tp,
+                                .tp_rank = t,
+                                .cp = f.cp,
+                                .cp_rank = c,
+                                .dp = f.dp,
+                                .dp_rank = d};
+          auto const local = s.extract(std::span<std::int64_t const>(global), 1);
+          s.insert(std::span<std::int64_t const>(local), std::span<std::int64_t>(rebuilt), 1);
+          seen.insert(local.begin(), local.end());
+          // Row j of the local shard is at the position the shard names.
+          auto const pos = s.positions();
+          for (std::size_t j = 0; j < pos.size(); ++j)
+            CHECK(local[j * static_cast<std::size_t>(s.batch)] == pos[j] * batch + d * s.batch);
+        }
+    CHECK(rebuilt == global);
+    CHECK(seen.size() == global.size());
+    CHECK(std::set<std::int64_t>(seen.begin(), seen.end()).size() == global.size());
+  }
+}
+
+TEST_CASE("CP rank c holds chunks c and 2·CP−1−c, split contiguously over TP",
+          "[nn][sequence_shard]") {
+  // S = 16, CP = 2, TP = 2: chunks of 4 (the drawing of sequence_shard.hpp).
+  auto positions = [](int c, int t) {
+    return SequenceShard{.seq = 16, .batch = 1, .tp = 2, .tp_rank = t, .cp = 2, .cp_rank = c}
+        .positions();
+  };
+  using P = std::vector<std::int64_t>;
+  CHECK(positions(0, 0) == P{0, 1, 2, 3});
+  CHECK(positions(0, 1) == P{12, 13, 14, 15});
+  CHECK(positions(1, 0) == P{4, 5, 6, 7});
+  CHECK(positions(1, 1) == P{8, 9, 10, 11});
+}
+
+TEST_CASE("column- and row-parallel linear layers with SP equal the single-rank layers",
+          "[nn][linear]") {
+  check_equivalence<float>(
+      {}, all_foldings(), [](Groups& g) { return LinearPair(g); }, local_forward);
+}
+
+TEST_CASE("RMSNorm equals the single-rank norm, its weight gradient summed over tp",
+          "[nn][rms_norm]") {
+  check_equivalence<float>(
+      {}, all_foldings(),
+      [](Groups&) {
+        return RMSNorm<float>({.name = "norm.weight",
+                               .hidden = 32,
+                               .seed = kSeed,
+                               .dist = InitDist::uniform,
+                               .scale = 1.0});
+      },
+      local_forward);
+}
+
+TEST_CASE("causal GQA attention with RoPE, TP+SP and CP equals the single-rank attention",
+          "[nn][attention]") {
+  check_equivalence<float>(
+      {}, all_foldings(),
+      [](Groups& g) { return Attention<float, Comm>(attention_config(), g.tp(), g.cp()); },
+      sequence_forward);
+}
+
+TEST_CASE("the dense SwiGLU MLP with TP+SP equals the single-rank MLP", "[nn][mlp]") {
+  check_equivalence<float>(
+      {}, all_foldings(), [](Groups& g) { return DenseMlp<float, Comm>(mlp_config(), g); },
+      local_forward);
+}
+
+TEST_CASE("a decoder layer (attention + dense MLP) equals the single-rank layer",
+          "[nn][decoder_layer]") {
+  check_equivalence<float>(
+      {}, all_foldings(),
+      [](Groups& g) {
+        return DecoderLayer<float, Comm>(
+            {.name = "layers.0", .attention = attention_config(), .mlp = mlp_config()}, g);
+      },
+      sequence_forward);
+}
+
+TEST_CASE("the CP exchange all-gathers K and V and reduce-scatters their gradients over cp",
+          "[nn][attention][context_parallel]") {
+  // Per rank: 2 tensors · (CP−1) · (S/CP)·B·(G/TP)·d elements each way (context_parallel.hpp).
+  for (Folding const f : {Folding{1, 2, 1}, Folding{2, 2, 1}, Folding{1, 4, 2}}) {
+    INFO("folding " << f.str());
+    std::int64_t const seq = 32, batch = 4 / f.dp, width = 32;
+    auto const x = random_tensor<float>(static_cast<std::size_t>(seq * 4 * width), "x");
+    expect_clean<InprocHarness>(f.world(), [&](Comm& world, RankChecks& checks) {
+      Groups groups(mapping_of(f), world);
+      auto const shard = SequenceShard::of(groups, seq, batch);
+      Attention<float, Comm> attn(attention_config(), groups.tp(), groups.cp());
+      auto const xl = shard.extract(std::span<float const>(x), width);
+      groups.cp().reset_traffic();
+      auto const y = attn.forward(std::span<float const>(xl), batch);
+      auto const dx = attn.backward(std::span<float const>(y));
+      auto const expected = static_cast<std::uint64_t>(2 * (f.cp - 1) * (seq / f.cp) * batch *
+                                                       (4 / f.tp) * 8 * sizeof(float));
+      auto const& t = groups.cp().traffic();
+      checks.equal(t[CollectiveKind::all_gather].bytes_received, expected, "K/V all-gather bytes");
+      checks.equal(t[CollectiveKind::reduce_scatter].bytes_sent, expected,
+                   "dK/dV reduce-scatter bytes");
+      checks.equal(t.total_received() + t.total_sent(), 4 * expected, "all cp traffic");
+    });
+  }
+  // The causal minimum over all CP ranks is 3/4 of what the all-gather moves.
+  for (std::int64_t cp : {2, 3, 4, 8}) {
+    auto const c = cp_exchange_chunks(cp);
+    CHECK(4 * c.minimum == 3 * c.moved);
+  }
+}

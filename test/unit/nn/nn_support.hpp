@@ -1,0 +1,156 @@
+#pragma once
+// Shared pieces of the nn/ tests: the foldings, deterministic data, the tolerance of DESIGN §3,
+// the test's own gradient reduction (dense over dp_cp, tp_replicated also over tp), and the
+// equivalence check of a block against its single-rank run over the whole global batch.
+
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "comm/backends.hpp"
+#include "moefold/comm/process_groups.hpp"
+#include "moefold/core/init.hpp"
+#include "moefold/nn/parameter.hpp"
+#include "moefold/nn/sequence_shard.hpp"
+
+namespace moefold::test {
+
+using Comm = inproc::Communicator;
+using Groups = ProcessGroups<Comm>;
+
+struct Folding {
+  int tp = 1, cp = 1, dp = 1;
+  int world() const { return tp * cp * dp; }
+  std::string str() const { return fmt::format("TP{}·CP{}·DP{}", tp, cp, dp); }
+};
+
+/// TP ∈ {1,2,4} × CP ∈ {1,2,4} × DP ∈ {1,2}, up to 16 ranks (17 foldings).
+inline std::vector<Folding> all_foldings() {
+  std::vector<Folding> out;
+  for (int dp : {1, 2})
+    for (int cp : {1, 2, 4})
+      for (int tp : {1, 2, 4})
+        if (tp * cp * dp <= 16) out.push_back({tp, cp, dp});
+  return out;
+}
+
+inline FoldedMapping mapping_of(Folding f) {
+  return FoldedMapping::from({.world = f.world(), .tp = f.tp, .cp = f.cp, .pp = 1, .ep = 1});
+}
+
+/// A deterministic tensor: uniform in [-scale, scale), a function of (name, index).
+template <class T>
+std::vector<T> random_tensor(std::size_t n, std::string_view name, double scale = 1.0) {
+  std::vector<T> v(n);
+  init_block(std::span<T>(v), 7, name, static_cast<std::int64_t>(n), 0, 1, 0,
+             static_cast<std::int64_t>(n), InitDist::uniform, scale);
+  return v;
+}
+
+/// ‖a − b‖₂ / ‖b‖₂ (‖a − b‖₂ when b is zero).
+template <class A, class B>
+double rel_error(A const& a, B const& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    double const d = double(a[i]) - double(b[i]);
+    num += d * d;
+    den += double(b[i]) * double(b[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+/// Records a failure unless ‖a − b‖₂ ≤ tol·‖b‖₂ (DESIGN §3: 1e-5 in fp32).
+template <class A, class B>
+void expect_close(RankChecks& checks, A const& a, B const& b, std::string const& what,
+                  double tol = 1e-5) {
+  if (a.size() != b.size()) {
+    checks.check(false, fmt::format("{}: {} elements, expected {}", what, a.size(), b.size()));
+    return;
+  }
+  double const e = rel_error(a, b);
+  checks.check(e <= tol, fmt::format("{}: relative error {:.3e} > {:.1e}", what, e, tol));
+}
+
+/// The test's stand-in for train/'s gradient reduction: SUM over dp_cp for every parameter,
+/// and also over tp for the tp_replicated ones (norm weights).
+template <class T>
+void reduce_gradients(ParamList<T> const& params, Groups& groups) {
+  for (auto* p : params) {
+    groups.dp_cp().all_reduce(std::span<T>(p->grad));
+    if (p->cls == ParamClass::tp_replicated) groups.tp().all_reduce(std::span<T>(p->grad));
+  }
+}
+
+/// What a single-rank run of a block gives for the whole global batch.
+template <class T>
+struct Reference {
+  std::vector<T> y, dx;
+  std::map<std::string, std::vector<T>> grads;  // global tensors
+};
+
+/// Shapes of a block test: global batch [S, B, width_in] → [S, B, width_out].
+struct BlockShape {
+  std::int64_t seq = 32;
+  std::int64_t global_batch = 4;
+  std::int64_t width_in = 32;
+  std::int64_t width_out = 32;
+};
+
+/// Runs `make(groups)` → block; `forward(block, x, batch)` → y; `block.backward(dy)` → dx on
+/// the single rank (the reference) and on every folding of `foldings`, and checks that output,
+/// input gradient and reduced parameter gradients equal the reference's slices.
+template <class T, class Make, class Forward>
+void check_equivalence(BlockShape shape, std::vector<Folding> const& foldings, Make make,
+                       Forward forward, double tol = 1e-5) {
+  auto const x = random_tensor<T>(
+      static_cast<std::size_t>(shape.seq * shape.global_batch * shape.width_in), "x");
+  auto const g = random_tensor<T>(
+      static_cast<std::size_t>(shape.seq * shape.global_batch * shape.width_out), "dy");
+  Reference<T> ref;
+  expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks&) {
+    Groups groups(mapping_of({}), world);
+    auto block = make(groups);
+    ref.y = forward(block, std::span<T const>(x), shape.global_batch);
+    ref.dx = block.backward(std::span<T const>(g));
+    for (auto* p : block.parameters()) ref.grads[p->name] = p->grad;
+  });
+  for (auto const f : foldings) {
+    INFO("folding " << f.str());
+    expect_clean<InprocHarness>(f.world(), [&](Comm& world, RankChecks& checks) {
+      Groups groups(mapping_of(f), world);
+      auto const shard = SequenceShard::of(groups, shape.seq, shape.global_batch / f.dp);
+      auto block = make(groups);
+      auto const xl = shard.extract(std::span<T const>(x), shape.width_in);
+      auto const y = forward(block, std::span<T const>(xl), shard.batch);
+      expect_close(checks, y, shard.extract(std::span<T const>(ref.y), shape.width_out), "output",
+                   tol);
+      auto const gl = shard.extract(std::span<T const>(g), shape.width_out);
+      auto const dx = block.backward(std::span<T const>(gl));
+      expect_close(checks, dx, shard.extract(std::span<T const>(ref.dx), shape.width_in),
+                   "input gradient", tol);
+      auto const params = block.parameters();
+      reduce_gradients(params, groups);
+      for (auto* p : params)
+        expect_close(checks, p->grad, p->local_of(std::span<T const>(ref.grads.at(p->name))),
+                     "gradient of " + p->name, tol);
+    });
+  }
+}
+
+/// The message of the moefold::error that `fn` throws, or "no error".
+template <class Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (std::exception const& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+}  // namespace moefold::test
