@@ -1,0 +1,191 @@
+#pragma once
+/// \file
+/// `AllGatherTokenDispatcher` (policy tag `AllGatherDispatcher<Drop>`): Megatron's
+/// `MoEAllGatherTokenDispatcher` (spec §2.5) — all-gather tokens, routing and probabilities over
+/// `tp_ep`, select the local experts' entries, and reduce-scatter the weighted outputs back.
+/// Every rank of `tp_ep` must hold the same number of tokens.
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moefold/moe/all_to_all_dispatcher.hpp"
+
+namespace moefold {
+inline namespace v0 {
+
+/// The all-gather token dispatcher over the expert groups of one rank.
+template <DropPolicy Drop, Communicator Comm, class Real = float>
+class AllGatherTokenDispatcher {
+ public:
+  using real_type = Real;
+
+  AllGatherTokenDispatcher(DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
+      : AllGatherTokenDispatcher(cfg, drop, groups.ep(), groups.etp(), groups.tp_ep()) {}
+  AllGatherTokenDispatcher(DispatcherConfig cfg, Drop drop, Comm const& ep, Comm const& etp,
+                           Comm tp_ep)
+      : cfg_(cfg),
+        drop_(drop),
+        tp_ep_(std::move(tp_ep)),
+        my_ep_(ep.rank()),
+        ep_size_(ep.size()),
+        etp_size_(etp.size()) {
+    l_ = detail::check_expert_groups(cfg_, ep, etp, tp_ep_);
+  }
+
+  DispatchMetadata const& metadata() const noexcept { return meta_; }
+
+  /// Applies the drop policy locally, all-gathers the routing map over `tp_ep` and selects the
+  /// local experts' entries. Collective over `tp_ep`; throws when ranks hold different T.
+  DispatchMetadata const& plan(Routing<Real> const& routing) {
+    routing.check_shape("AllGatherDispatcher::plan");
+    MOEFOLD_EXPECTS(routing.num_experts == cfg_.num_experts,
+                    "AllGatherDispatcher::plan: routing over {} experts, configured for {}",
+                    routing.num_experts, cfg_.num_experts);
+    routing_ = routing;
+    auto const cap = apply_capacity(drop_, routing_, cfg_.moe_router_topk);
+    auto const W = static_cast<std::size_t>(tp_ep_.size());
+    auto const E = static_cast<std::size_t>(cfg_.num_experts);
+    auto const L = static_cast<std::size_t>(l_);
+    std::vector<std::int64_t> ts(W);
+    std::int64_t const mine = routing_.num_tokens;
+    tp_ep_.all_gather(std::span<std::int64_t const>(&mine, 1), std::span<std::int64_t>(ts));
+    for (auto t : ts)
+      MOEFOLD_EXPECTS(t == mine,
+                      "AllGatherDispatcher needs the same token count on every tp_ep rank (this "
+                      "rank has {}, another {})",
+                      mine, t);
+    std::vector<std::uint8_t> local(routing_.map.size()), all(routing_.map.size() * W);
+    for (std::size_t i = 0; i < local.size(); ++i)
+      local[i] = static_cast<std::uint8_t>(routing_.map[i]);
+    tp_ep_.all_gather(std::span<std::uint8_t const>(local), std::span<std::uint8_t>(all));
+    gathered_tokens_ = mine * static_cast<std::int64_t>(W);
+
+    meta_ = DispatchMetadata{};
+    meta_.ep_size = ep_size_;
+    meta_.etp_size = etp_size_;
+    meta_.num_local_experts = l_;
+    meta_.num_tokens = mine;
+    meta_.num_out = detail::total(routing_.tokens_per_expert());
+    meta_.capacity = cap ? *cap : -1;
+    meta_.padded = Drop::drops && drop_.pad_to_capacity;
+    meta_.tokens_per_local_expert.assign(L, 0);
+    std::vector<std::int64_t> src;
+    entry_.clear();
+    routed_.clear();
+    for (std::size_t l = 0; l < L; ++l) {
+      auto const e = static_cast<std::size_t>(my_ep_) * L + l;
+      for (std::int64_t u = 0; u < gathered_tokens_; ++u) {
+        auto const at = static_cast<std::size_t>(u) * E + e;
+        if (all[at] == static_cast<std::uint8_t>(Route::none)) continue;
+        src.push_back(u);
+        entry_.push_back(static_cast<std::int64_t>(at));
+        routed_.push_back(all[at] == static_cast<std::uint8_t>(Route::routed));
+        ++meta_.tokens_per_local_expert[l];
+      }
+    }
+    expand_ = RowMap(std::move(src), gathered_tokens_);
+    return meta_;
+  }
+
+  /// All-gathers `hidden [T, H]` and `probs [T, E]` over `tp_ep` and gathers the local experts'
+  /// rows. Collective over `tp_ep`.
+  DispatchOutput<Real> dispatch(std::span<Real const> hidden, std::span<Real const> probs) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(hidden.size() == static_cast<std::size_t>(routing_.num_tokens * h) &&
+                        probs.size() == routing_.probs.size(),
+                    "AllGatherDispatcher::dispatch: hidden {} and probs {} elements for T = {}",
+                    hidden.size(), probs.size(), routing_.num_tokens);
+    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
+    tp_ep_.all_gather(hidden, std::span<Real>(all));
+    std::vector<Real> all_p(probs.size() * static_cast<std::size_t>(tp_ep_.size()));
+    tp_ep_.all_gather(probs, std::span<Real>(all_p));
+    DispatchOutput<Real> out;
+    out.expert_input.resize(static_cast<std::size_t>(expand_.rows() * h));
+    permute<Real>(expand_, all, out.expert_input, h);
+    out.expert_probs.resize(entry_.size());
+    for (std::size_t i = 0; i < entry_.size(); ++i)
+      out.expert_probs[i] = routed_[i] ? all_p[static_cast<std::size_t>(entry_[i])] : Real(0);
+    expert_probs_ = out.expert_probs;
+    out.tokens_per_local_expert = meta_.tokens_per_local_expert;
+    return out;
+  }
+
+  /// Weighted scatter of the expert rows into the gathered tokens, then reduce-scatter over
+  /// `tp_ep`: `[T, H]`. Collective over `tp_ep`.
+  std::vector<Real> combine(std::span<Real const> expert_output) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(expert_output.size() == static_cast<std::size_t>(expand_.rows() * h),
+                    "AllGatherDispatcher::combine: expert output has {} elements, expected N·H",
+                    expert_output.size());
+    saved_output_.assign(expert_output.begin(), expert_output.end());
+    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
+    unpermute<Real>(expand_, expert_output, all, h, expert_probs_);
+    std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
+    tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out), ReduceOp::sum);
+    return out;
+  }
+
+  CombineGrad<Real> combine_backward(std::span<Real const> d_output) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(d_output.size() == static_cast<std::size_t>(routing_.num_tokens * h),
+                    "AllGatherDispatcher::combine_backward: gradient has {} elements, expected T·H",
+                    d_output.size());
+    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
+    tp_ep_.all_gather(d_output, std::span<Real>(all));
+    CombineGrad<Real> out;
+    out.d_expert_output.resize(static_cast<std::size_t>(expand_.rows() * h));
+    permute<Real>(expand_, all, out.d_expert_output, h, expert_probs_);
+    out.d_expert_probs.resize(static_cast<std::size_t>(expand_.rows()));
+    row_dots<Real>(expand_, all, saved_output_, out.d_expert_probs, h);
+    return out;
+  }
+
+  DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
+                                       std::span<Real const> d_expert_probs) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(d_expert_input.size() == static_cast<std::size_t>(expand_.rows() * h) &&
+                        d_expert_probs.size() == static_cast<std::size_t>(expand_.rows()),
+                    "AllGatherDispatcher::dispatch_backward: gradients of {} and {} elements for "
+                    "N = {} rows",
+                    d_expert_input.size(), d_expert_probs.size(), expand_.rows());
+    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
+    unpermute<Real>(expand_, d_expert_input, all, h);
+    std::vector<Real> all_p(routing_.probs.size() * static_cast<std::size_t>(tp_ep_.size()),
+                            Real(0));
+    for (std::size_t i = 0; i < entry_.size(); ++i)
+      if (routed_[i]) all_p[static_cast<std::size_t>(entry_[i])] += d_expert_probs[i];
+    DispatchGrad<Real> out;
+    out.d_hidden.resize(static_cast<std::size_t>(routing_.num_tokens * h));
+    tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out.d_hidden), ReduceOp::sum);
+    out.d_probs.resize(routing_.probs.size());
+    tp_ep_.reduce_scatter(std::span<Real const>(all_p), std::span<Real>(out.d_probs),
+                          ReduceOp::sum);
+    return out;
+  }
+
+ private:
+  DispatcherConfig cfg_;
+  Drop drop_;
+  Comm tp_ep_;
+  int my_ep_ = 0, ep_size_ = 1, etp_size_ = 1;
+  int l_ = 1;
+  DispatchMetadata meta_;
+  Routing<Real> routing_;
+  std::int64_t gathered_tokens_ = 0;
+  RowMap expand_;                    // expert rows → gathered tokens
+  std::vector<std::int64_t> entry_;  // gathered routing entry of each expert row
+  std::vector<bool> routed_;         // false for padding rows
+  std::vector<Real> expert_probs_, saved_output_;
+};
+
+/// Policy tag: `AllGatherDispatcher<Drop>::dispatcher<Comm, Real>` is the dispatcher type.
+template <DropPolicy Drop = Dropless>
+struct AllGatherDispatcher {
+  using drop_policy = Drop;
+  template <Communicator Comm, class Real = float>
+  using dispatcher = AllGatherTokenDispatcher<Drop, Comm, Real>;
+};
+
+}  // namespace v0
+}  // namespace moefold

@@ -1,0 +1,368 @@
+#pragma once
+/// \file
+/// `AllToAllTokenDispatcher` (policy tag `AllToAllDispatcher<Drop>`): Megatron's
+/// `MoEAlltoAllTokenDispatcher` (spec §2.4) — token counts all-gathered over `tp_ep`, AllToAll-V
+/// over `ep`, AllGather-V over `etp` when ETP > 1, chunk sort by local expert; combine in
+/// reverse (ReduceScatter-V over `etp`, AllToAll-V back, unpermute). With `dedup`, a token
+/// crosses to each destination EP rank once and is expanded there. See docs/dispatcher.md.
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moefold/comm/process_groups.hpp"
+#include "moefold/moe/capacity.hpp"
+#include "moefold/moe/permutation.hpp"
+#include "moefold/moe/token_dispatcher.hpp"
+
+namespace moefold {
+inline namespace v0 {
+
+namespace detail {
+inline std::vector<std::int64_t> scaled(std::span<std::int64_t const> v, std::int64_t w) {
+  std::vector<std::int64_t> o(v.begin(), v.end());
+  for (auto& x : o) x *= w;
+  return o;
+}
+inline std::int64_t total(std::span<std::int64_t const> v) {
+  return std::accumulate(v.begin(), v.end(), std::int64_t{0});
+}
+/// Checks the expert groups' shapes shared by both dispatchers; returns L.
+template <class Comm>
+int check_expert_groups(DispatcherConfig const& cfg, Comm const& ep, Comm const& etp,
+                        Comm const& tp_ep) {
+  if (cfg.num_experts < 1 || cfg.moe_router_topk < 1 || cfg.moe_router_topk > cfg.num_experts)
+    throw invalid_config(fmt::format("dispatcher: need 1 ≤ moe_router_topk ({}) ≤ num_experts ({})",
+                                     cfg.moe_router_topk, cfg.num_experts));
+  if (cfg.hidden_size < 1)
+    throw invalid_config(fmt::format("dispatcher: hidden_size {} < 1", cfg.hidden_size));
+  if (cfg.num_experts % ep.size() != 0)
+    throw invalid_config(fmt::format("num_experts ({}) must be divisible by the EP size ({})",
+                                     cfg.num_experts, ep.size()));
+  if (tp_ep.size() != ep.size() * etp.size() || tp_ep.rank() != etp.rank() + etp.size() * ep.rank())
+    throw invalid_config(fmt::format(
+        "dispatcher: tp_ep (rank {} of {}) is not the ETP-fastest product of etp (rank {} of {}) "
+        "and ep (rank {} of {})",
+        tp_ep.rank(), tp_ep.size(), etp.rank(), etp.size(), ep.rank(), ep.size()));
+  return cfg.num_experts / ep.size();
+}
+}  // namespace detail
+
+/// The all-to-all token dispatcher over the expert groups of one rank.
+template <DropPolicy Drop, Communicator Comm, class Real = float>
+class AllToAllTokenDispatcher {
+ public:
+  using real_type = Real;
+
+  /// Uses `groups.ep()`, `.etp()` and `.tp_ep()`. Throws `invalid_config` when E is not
+  /// divisible by EP or the configuration is inconsistent.
+  AllToAllTokenDispatcher(DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
+      : AllToAllTokenDispatcher(cfg, drop, groups.ep(), groups.etp(), groups.tp_ep()) {}
+  AllToAllTokenDispatcher(DispatcherConfig cfg, Drop drop, Comm ep, Comm etp, Comm tp_ep)
+      : cfg_(cfg), drop_(drop), ep_(std::move(ep)), etp_(std::move(etp)), tp_ep_(std::move(tp_ep)) {
+    l_ = detail::check_expert_groups(cfg_, ep_, etp_, tp_ep_);
+  }
+
+  DispatchMetadata const& metadata() const noexcept { return meta_; }
+
+  /// Applies the drop policy to this rank's routing (capacity on local tokens) and computes the
+  /// splits. Collective over `tp_ep` (count all-gather), except in drop-and-pad mode.
+  DispatchMetadata const& plan(Routing<Real> const& routing) {
+    routing.check_shape("AllToAllDispatcher::plan");
+    MOEFOLD_EXPECTS(routing.num_experts == cfg_.num_experts,
+                    "AllToAllDispatcher::plan: routing over {} experts, configured for {}",
+                    routing.num_experts, cfg_.num_experts);
+    routing_ = routing;
+    auto const cap = apply_capacity(drop_, routing_, cfg_.moe_router_topk);
+    int const ep = ep_.size(), etp = etp_.size(), me_ep = ep_.rank(), me_etp = etp_.rank();
+    auto const L = static_cast<std::size_t>(l_);
+    auto const E = static_cast<std::size_t>(cfg_.num_experts);
+    meta_ = DispatchMetadata{};
+    meta_.ep_size = ep;
+    meta_.etp_size = etp;
+    meta_.num_local_experts = l_;
+    meta_.num_tokens = routing_.num_tokens;
+    meta_.capacity = cap ? *cap : -1;
+    meta_.padded = Drop::drops && drop_.pad_to_capacity;
+    meta_.dedup = cfg_.dedup && !meta_.padded;
+
+    auto const order = ExpertMajorOrder::of(routing_);
+    meta_.num_out = detail::total(order.tokens_per_expert);
+    auto const& n = order.tokens_per_expert;
+    auto const sources = static_cast<std::size_t>(ep * etp);
+    std::vector<std::int64_t> distinct(static_cast<std::size_t>(ep), 0);  // dedup rows per dest
+
+    if (meta_.dedup) {
+      // Rows: (destination EP rank j, token t) with t ascending within j.
+      std::vector<std::int64_t> tokens;
+      send_entry_.clear();
+      for (int j = 0; j < ep; ++j)
+        for (std::int64_t t = 0; t < routing_.num_tokens; ++t) {
+          auto const base = static_cast<std::size_t>(t) * E + static_cast<std::size_t>(j) * L;
+          bool any = false;
+          for (std::size_t l = 0; l < L; ++l) any = any || routing_.map[base + l] != Route::none;
+          if (!any) continue;
+          tokens.push_back(t);
+          ++distinct[static_cast<std::size_t>(j)];
+          for (std::size_t l = 0; l < L; ++l)
+            send_entry_.push_back(
+                routing_.map[base + l] != Route::none ? static_cast<std::int64_t>(base + l) : -1);
+        }
+      send_map_ = RowMap(std::move(tokens), routing_.num_tokens);
+      meta_.input_splits = distinct;
+    } else {
+      send_map_ = order.tokens;
+      send_entry_ = order.entry;
+      meta_.input_splits.assign(static_cast<std::size_t>(ep), 0);
+      for (std::size_t e = 0; e < E; ++e) meta_.input_splits[e / L] += n[e];
+    }
+
+    // NG[t][j][l] and the rows received from each source (t, j).
+    auto& ng = meta_.num_global_tokens_per_local_expert;
+    ng.assign(sources * L, 0);
+    std::vector<std::int64_t> rows_from(sources, 0);  // [t][j]
+    if (meta_.padded) {
+      std::fill(ng.begin(), ng.end(), meta_.capacity);
+      std::fill(rows_from.begin(), rows_from.end(), meta_.capacity * l_);
+    } else {
+      // One all-gather over tp_ep: [distinct rows per destination (dedup) | n [E]].
+      std::size_t const width = (meta_.dedup ? static_cast<std::size_t>(ep) : 0) + E;
+      std::vector<std::int64_t> mine;
+      if (meta_.dedup) mine = distinct;
+      mine.insert(mine.end(), n.begin(), n.end());
+      std::vector<std::int64_t> all(width * sources);
+      tp_ep_.all_gather(std::span<std::int64_t const>(mine), std::span<std::int64_t>(all));
+      for (int t = 0; t < etp; ++t)
+        for (int j = 0; j < ep; ++j) {
+          auto const src = static_cast<std::size_t>(t + etp * j);  // tp_ep rank of (t, j)
+          auto const* row = all.data() + src * width;
+          auto const tj = static_cast<std::size_t>(t * ep + j);
+          for (std::size_t l = 0; l < L; ++l)
+            ng[tj * L + l] = row[(meta_.dedup ? static_cast<std::size_t>(ep) : 0) +
+                                 static_cast<std::size_t>(me_ep) * L + l];
+          rows_from[tj] =
+              meta_.dedup ? row[me_ep]
+                          : std::accumulate(ng.begin() + static_cast<std::ptrdiff_t>(tj * L),
+                                            ng.begin() + static_cast<std::ptrdiff_t>((tj + 1) * L),
+                                            std::int64_t{0});
+        }
+    }
+    meta_.output_splits.assign(static_cast<std::size_t>(ep), 0);
+    meta_.output_splits_tp.assign(static_cast<std::size_t>(etp), 0);
+    meta_.tokens_per_local_expert.assign(L, 0);
+    for (int t = 0; t < etp; ++t)
+      for (int j = 0; j < ep; ++j) {
+        auto const tj = static_cast<std::size_t>(t * ep + j);
+        if (t == me_etp) meta_.output_splits[static_cast<std::size_t>(j)] = rows_from[tj];
+        meta_.output_splits_tp[static_cast<std::size_t>(t)] += rows_from[tj];
+        for (std::size_t l = 0; l < L; ++l) meta_.tokens_per_local_expert[l] += ng[tj * L + l];
+      }
+    gathered_rows_ = detail::total(meta_.output_splits_tp);
+    if (!meta_.dedup) {
+      // Chunk sort (t, j, l) → (l, t, j): Megatron's sort_in over the NG chunks.
+      auto src = sort_chunks(ng, transpose_order(static_cast<std::int64_t>(sources), l_));
+      expand_ = RowMap(std::move(src), gathered_rows_);
+    }
+    return meta_;
+  }
+
+  /// Moves this rank's tokens `hidden [T, H]` with probabilities `probs [T, E]` (read at the
+  /// planned entries) to the experts. Collective over `ep` and `etp`.
+  DispatchOutput<Real> dispatch(std::span<Real const> hidden, std::span<Real const> probs) {
+    auto const h = cfg_.hidden_size;
+    auto const T = routing_.num_tokens;
+    MOEFOLD_EXPECTS(hidden.size() == static_cast<std::size_t>(T * h),
+                    "AllToAllDispatcher::dispatch: hidden has {} elements, planned T·H = {}·{}",
+                    hidden.size(), T, h);
+    MOEFOLD_EXPECTS(probs.size() == routing_.probs.size(),
+                    "AllToAllDispatcher::dispatch: probs has {} elements, expected T·E = {}",
+                    probs.size(), routing_.probs.size());
+    auto const w = probs_width();
+    std::vector<Real> send(static_cast<std::size_t>(send_map_.rows() * h));
+    permute<Real>(send_map_, hidden, send, h);
+    std::vector<Real> send_p(send_entry_.size());
+    std::vector<std::uint8_t> send_f(meta_.dedup ? send_entry_.size() : 0);
+    for (std::size_t i = 0; i < send_entry_.size(); ++i) {
+      auto const e = send_entry_[i];
+      bool const routed = e >= 0 && routing_.map[static_cast<std::size_t>(e)] == Route::routed;
+      send_p[i] = routed ? probs[static_cast<std::size_t>(e)] : Real(0);
+      if (meta_.dedup) send_f[i] = e >= 0 ? 1 : 0;
+    }
+
+    // Token all-to-all over ep (payload bytes recorded as the communicator counts them).
+    auto const before = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent;
+    auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
+    meta_.ep_token_bytes_sent = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent - before;
+    auto recv_p = all_to_all<Real>(send_p, meta_.input_splits, meta_.output_splits, w);
+    std::vector<std::uint8_t> recv_f;
+    if (meta_.dedup)
+      recv_f = all_to_all<std::uint8_t>(send_f, meta_.input_splits, meta_.output_splits, w);
+
+    // Every ETP rank of my EP rank gets the same rows.
+    auto gathered = all_gather_etp<Real>(std::move(recv), h);
+    gathered_p_ = all_gather_etp<Real>(std::move(recv_p), w);
+    if (meta_.dedup) {
+      auto flags = all_gather_etp<std::uint8_t>(std::move(recv_f), w);
+      // Expand each gathered row to its local experts: (l, then gathered row) order.
+      std::vector<std::int64_t> src;
+      slot_.clear();
+      auto const L = static_cast<std::size_t>(l_);
+      for (std::size_t l = 0; l < L; ++l)
+        for (std::int64_t r = 0; r < gathered_rows_; ++r)
+          if (flags[static_cast<std::size_t>(r) * L + l]) {
+            src.push_back(r);
+            slot_.push_back(r * l_ + static_cast<std::int64_t>(l));
+          }
+      MOEFOLD_EXPECTS(static_cast<std::int64_t>(src.size()) == meta_.num_expert_rows(),
+                      "AllToAllDispatcher: received {} expert rows, planned {}", src.size(),
+                      meta_.num_expert_rows());
+      expand_ = RowMap(std::move(src), gathered_rows_);
+    } else {
+      slot_.assign(expand_.row_targets().begin(), expand_.row_targets().end());
+    }
+
+    DispatchOutput<Real> out;
+    out.expert_input.resize(static_cast<std::size_t>(expand_.rows() * h));
+    permute<Real>(expand_, gathered, out.expert_input, h);
+    out.expert_probs.resize(slot_.size());
+    for (std::size_t i = 0; i < slot_.size(); ++i)
+      out.expert_probs[i] = gathered_p_[static_cast<std::size_t>(slot_[i])];
+    expert_probs_ = out.expert_probs;
+    out.tokens_per_local_expert = meta_.tokens_per_local_expert;
+    return out;
+  }
+
+  /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
+  /// rows to their source ranks and sums each token's rows: `[T, H]`. Collective over `etp`
+  /// and `ep`.
+  std::vector<Real> combine(std::span<Real const> expert_output) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(expert_output.size() == static_cast<std::size_t>(expand_.rows() * h),
+                    "AllToAllDispatcher::combine: expert output has {} elements, expected N·H = "
+                    "{}·{}",
+                    expert_output.size(), expand_.rows(), h);
+    saved_output_.assign(expert_output.begin(), expert_output.end());
+    std::vector<Real> g(static_cast<std::size_t>(gathered_rows_ * h));
+    unpermute<Real>(expand_, expert_output, g, h, expert_probs_);
+    auto mine = reduce_scatter_etp<Real>(std::move(g), h);
+    auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
+    std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
+    unpermute<Real>(send_map_, back, out, h);
+    return out;
+  }
+
+  /// Backward of `combine`: from `d_output [T, H]`, the gradients of the expert output and of
+  /// the expert probabilities (this ETP rank's share: sum over `etp` is the full gradient).
+  CombineGrad<Real> combine_backward(std::span<Real const> d_output) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(d_output.size() == static_cast<std::size_t>(routing_.num_tokens * h),
+                    "AllToAllDispatcher::combine_backward: gradient has {} elements, expected T·H",
+                    d_output.size());
+    std::vector<Real> send(static_cast<std::size_t>(send_map_.rows() * h));
+    permute<Real>(send_map_, d_output, send, h);
+    auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
+    auto g = all_gather_etp<Real>(std::move(recv), h);
+    CombineGrad<Real> out;
+    out.d_expert_output.resize(static_cast<std::size_t>(expand_.rows() * h));
+    permute<Real>(expand_, g, out.d_expert_output, h, expert_probs_);
+    out.d_expert_probs.resize(static_cast<std::size_t>(expand_.rows()));
+    row_dots<Real>(expand_, g, saved_output_, out.d_expert_probs, h);
+    return out;
+  }
+
+  /// Backward of `dispatch`: sums expert-input gradients (and ETP partials), returns them to
+  /// the source ranks: `d_hidden [T, H]` and `d_probs [T, E]`. Collective over `etp` and `ep`.
+  DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
+                                       std::span<Real const> d_expert_probs) {
+    auto const h = cfg_.hidden_size;
+    MOEFOLD_EXPECTS(d_expert_input.size() == static_cast<std::size_t>(expand_.rows() * h) &&
+                        d_expert_probs.size() == static_cast<std::size_t>(expand_.rows()),
+                    "AllToAllDispatcher::dispatch_backward: gradients of {} and {} elements for "
+                    "N = {} rows of H = {}",
+                    d_expert_input.size(), d_expert_probs.size(), expand_.rows(), h);
+    auto const w = probs_width();
+    std::vector<Real> g(static_cast<std::size_t>(gathered_rows_ * h));
+    unpermute<Real>(expand_, d_expert_input, g, h);
+    std::vector<Real> gp(static_cast<std::size_t>(gathered_rows_ * w), Real(0));
+    for (std::size_t i = 0; i < slot_.size(); ++i)
+      gp[static_cast<std::size_t>(slot_[i])] += d_expert_probs[i];
+    auto mine = reduce_scatter_etp<Real>(std::move(g), h);
+    auto mine_p = reduce_scatter_etp<Real>(std::move(gp), w);
+    auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
+    auto back_p = all_to_all<Real>(mine_p, meta_.output_splits, meta_.input_splits, w);
+    DispatchGrad<Real> out;
+    out.d_hidden.resize(static_cast<std::size_t>(routing_.num_tokens * h));
+    unpermute<Real>(send_map_, back, out.d_hidden, h);
+    out.d_probs.assign(routing_.probs.size(), Real(0));
+    for (std::size_t i = 0; i < send_entry_.size(); ++i) {
+      auto const e = send_entry_[i];
+      if (e >= 0 && routing_.map[static_cast<std::size_t>(e)] == Route::routed)
+        out.d_probs[static_cast<std::size_t>(e)] = back_p[i];
+    }
+    return out;
+  }
+
+ private:
+  /// Probabilities per moved row: one (Megatron), or L (dedup: one per local expert).
+  std::int64_t probs_width() const { return meta_.dedup ? l_ : 1; }
+
+  template <class U>
+  std::vector<U> all_to_all(std::span<U const> send, std::span<std::int64_t const> send_rows,
+                            std::span<std::int64_t const> recv_rows, std::int64_t width) {
+    auto const sc = detail::scaled(send_rows, width), rc = detail::scaled(recv_rows, width);
+    std::vector<U> recv(static_cast<std::size_t>(detail::total(rc)));
+    ep_.all_to_all_v(send, std::span<std::int64_t const>(sc), std::span<U>(recv),
+                     std::span<std::int64_t const>(rc));
+    return recv;
+  }
+  template <class U>
+  std::vector<U> all_to_all(std::vector<U> const& send, std::span<std::int64_t const> s,
+                            std::span<std::int64_t const> r, std::int64_t width) {
+    return all_to_all<U>(std::span<U const>(send), s, r, width);
+  }
+  /// AllGather-V over etp of each ETP rank's received rows (identity when ETP = 1).
+  template <class U>
+  std::vector<U> all_gather_etp(std::vector<U> mine, std::int64_t width) {
+    if (etp_.size() == 1) return mine;
+    auto const c = detail::scaled(meta_.output_splits_tp, width);
+    std::vector<U> out(static_cast<std::size_t>(detail::total(c)));
+    etp_.all_gather_v(std::span<U const>(mine), std::span<U>(out),
+                      std::span<std::int64_t const>(c));
+    return out;
+  }
+  /// ReduceScatter-V (sum) over etp back to each ETP rank's rows (identity when ETP = 1).
+  template <class U>
+  std::vector<U> reduce_scatter_etp(std::vector<U> all, std::int64_t width) {
+    if (etp_.size() == 1) return all;
+    auto const c = detail::scaled(meta_.output_splits_tp, width);
+    std::vector<U> out(static_cast<std::size_t>(c[static_cast<std::size_t>(etp_.rank())]));
+    etp_.reduce_scatter_v(std::span<U const>(all), std::span<U>(out),
+                          std::span<std::int64_t const>(c), ReduceOp::sum);
+    return out;
+  }
+
+  DispatcherConfig cfg_;
+  Drop drop_;
+  Comm ep_, etp_, tp_ep_;
+  int l_ = 1;
+  DispatchMetadata meta_;
+  Routing<Real> routing_;                 // after the drop policy
+  RowMap send_map_;                       // sent rows → tokens
+  std::vector<std::int64_t> send_entry_;  // routing entry per sent row (× L with dedup; -1: none)
+  std::int64_t gathered_rows_ = 0;        // R: rows after the ETP all-gather
+  RowMap expand_;                         // expert rows → gathered rows
+  std::vector<std::int64_t> slot_;        // expert row → probability slot of the gathered rows
+  std::vector<Real> gathered_p_, expert_probs_, saved_output_;
+};
+
+/// Policy tag: `AllToAllDispatcher<Drop>::dispatcher<Comm, Real>` is the dispatcher type.
+template <DropPolicy Drop = Dropless>
+struct AllToAllDispatcher {
+  using drop_policy = Drop;
+  template <Communicator Comm, class Real = float>
+  using dispatcher = AllToAllTokenDispatcher<Drop, Comm, Real>;
+};
+
+}  // namespace v0
+}  // namespace moefold

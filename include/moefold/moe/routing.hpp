@@ -1,0 +1,91 @@
+#pragma once
+/// \file
+/// `Routing`: which experts each local token goes to and with what probability — the router's
+/// output and the dispatcher's input, in Megatron's dense layout (spec §2.1 step 3).
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moefold/core/error.hpp"
+
+namespace moefold {
+inline namespace v0 {
+
+/// Entry kinds of `Routing::map`.
+enum class Route : std::uint8_t {
+  none = 0,     ///< the token does not go to the expert
+  routed = 1,   ///< chosen by the router (and kept)
+  padding = 2,  ///< filler up to capacity (pad-to-capacity): moved, weighted by 0
+};
+
+/// The routing of `num_tokens` local tokens over `num_experts` experts: a dense map `[T, E]`
+/// and probabilities `[T, E]` (zero where the map is `none`), both row-major.
+template <class Real>
+struct Routing {
+  std::int64_t num_tokens = 0;
+  std::int64_t num_experts = 0;
+  std::vector<Route> map;   ///< [T, E]
+  std::vector<Real> probs;  ///< [T, E]
+
+  /// An empty routing (every entry `none`) of the given shape.
+  static Routing empty(std::int64_t tokens, std::int64_t experts) {
+    MOEFOLD_EXPECTS(tokens >= 0 && experts >= 1,
+                    "Routing: needs tokens ≥ 0 and experts ≥ 1 (got {} tokens, {} experts)", tokens,
+                    experts);
+    Routing r;
+    r.num_tokens = tokens;
+    r.num_experts = experts;
+    r.map.assign(static_cast<std::size_t>(tokens * experts), Route::none);
+    r.probs.assign(static_cast<std::size_t>(tokens * experts), Real(0));
+    return r;
+  }
+
+  /// The routing that sends token t to experts `expert_ids[t·K + k]` with probabilities
+  /// `probs[t·K + k]`. Throws when an id is outside [0, E), repeats within a token, or a prob is
+  /// not finite, naming the token.
+  static Routing from_top_k(std::int64_t tokens, std::int64_t experts, int k,
+                            std::span<int const> expert_ids, std::span<Real const> top_probs) {
+    Routing r = empty(tokens, experts);
+    auto const n = static_cast<std::size_t>(tokens * k);
+    MOEFOLD_EXPECTS(expert_ids.size() == n && top_probs.size() == n,
+                    "Routing::from_top_k: {} tokens × top-{} need {} ids and probs (got {} and {})",
+                    tokens, k, n, expert_ids.size(), top_probs.size());
+    for (std::int64_t t = 0; t < tokens; ++t)
+      for (int j = 0; j < k; ++j) {
+        auto const i = static_cast<std::size_t>(t * k + j);
+        int const e = expert_ids[i];
+        MOEFOLD_EXPECTS(e >= 0 && e < experts,
+                        "Routing: expert id {} of token {} is out of range [0, {})", e, t, experts);
+        MOEFOLD_EXPECTS(std::isfinite(static_cast<double>(top_probs[i])),
+                        "Routing: probability of token {} for expert {} is not finite", t, e);
+        auto const at = static_cast<std::size_t>(t * experts + e);
+        MOEFOLD_EXPECTS(r.map[at] == Route::none, "Routing: token {} chooses expert {} twice", t,
+                        e);
+        r.map[at] = Route::routed;
+        r.probs[at] = top_probs[i];
+      }
+    return r;
+  }
+
+  /// Throws unless map and probs have `num_tokens · num_experts` entries.
+  void check_shape(std::string_view who) const {
+    auto const n = static_cast<std::size_t>(num_tokens * num_experts);
+    MOEFOLD_EXPECTS(num_tokens >= 0 && num_experts >= 1 && map.size() == n && probs.size() == n,
+                    "{}: routing of {} tokens × {} experts needs {} map and prob entries (got {} "
+                    "and {})",
+                    who, num_tokens, num_experts, n, map.size(), probs.size());
+  }
+
+  /// Entries per expert whose map is not `none` (what the dispatcher moves), `[E]`.
+  std::vector<std::int64_t> tokens_per_expert() const {
+    std::vector<std::int64_t> n(static_cast<std::size_t>(num_experts), 0);
+    for (std::size_t i = 0; i < map.size(); ++i)
+      if (map[i] != Route::none) ++n[i % static_cast<std::size_t>(num_experts)];
+    return n;
+  }
+};
+
+}  // namespace v0
+}  // namespace moefold
