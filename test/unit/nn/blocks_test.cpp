@@ -4,6 +4,7 @@
 
 #include <set>
 
+#include "moefold/moe/moe_layer.hpp"
 #include "moefold/nn/decoder_layer.hpp"
 #include "unit/nn/nn_support.hpp"
 
@@ -146,6 +147,29 @@ TEST_CASE("a decoder layer (attention + dense MLP) equals the single-rank layer"
       [](Groups& g) {
         return DecoderLayer<float, Comm>(
             {.name = "layers.0", .attention = attention_config(), .mlp = mlp_config()}, g);
+      },
+      sequence_forward);
+}
+
+TEST_CASE("a folded decoder layer with the MoE block equals the single-rank layer",
+          "[nn][decoder_layer][moe]") {
+  // Attention TP·CP·DP and MoE ETP·EP·EDP over the same ranks, e.g. TP2·CP2·DP2 with EP8·ETP1.
+  std::vector<Folding> const foldings{{.tp = 2, .cp = 2, .dp = 2, .ep = 8, .etp = 1},
+                                      {.tp = 2, .cp = 1, .dp = 1, .ep = 2, .etp = 1},
+                                      {.tp = 1, .cp = 2, .dp = 2, .ep = 4, .etp = 1},
+                                      {.tp = 2, .cp = 2, .dp = 1, .ep = 2, .etp = 2},
+                                      {.tp = 4, .cp = 1, .dp = 2, .ep = 4, .etp = 2},
+                                      {.tp = 2, .cp = 4, .dp = 2, .ep = 8, .etp = 2}};
+  using Moe = DefaultMoELayer<float, Comm>;
+  MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 32, .moe_ffn_hidden_size = 16,
+                     .moe_shared_expert_intermediate_size = 32, .seed = kSeed, .init_std = 0.3};
+  moe.router.num_experts = 8;
+  moe.router.moe_router_topk = 2;
+  check_equivalence<float>(
+      {}, foldings,
+      [&](Groups& g) {
+        return DecoderLayer<float, Comm, Moe>(
+            {.name = "layers.0", .attention = attention_config(), .mlp = moe}, g);
       },
       sequence_forward);
 }

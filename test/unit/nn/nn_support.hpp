@@ -25,8 +25,11 @@ using Groups = ProcessGroups<Comm>;
 
 struct Folding {
   int tp = 1, cp = 1, dp = 1;
+  int ep = 1, etp = 0;  ///< the MoE side; etp 0: Megatron's default (= TP)
   int world() const { return tp * cp * dp; }
-  std::string str() const { return fmt::format("TP{}·CP{}·DP{}", tp, cp, dp); }
+  std::string str() const {
+    return fmt::format("TP{}·CP{}·DP{} / EP{}·ETP{}", tp, cp, dp, ep, etp ? etp : tp);
+  }
 };
 
 /// TP ∈ {1,2,4} × CP ∈ {1,2,4} × DP ∈ {1,2}, up to 16 ranks (17 foldings).
@@ -40,7 +43,8 @@ inline std::vector<Folding> all_foldings() {
 }
 
 inline FoldedMapping mapping_of(Folding f) {
-  return FoldedMapping::from({.world = f.world(), .tp = f.tp, .cp = f.cp, .pp = 1, .ep = 1});
+  return FoldedMapping::from({.world = f.world(), .tp = f.tp, .cp = f.cp, .pp = 1, .ep = f.ep,
+                              .etp = f.etp ? std::optional<int>(f.etp) : std::nullopt});
 }
 
 /// A deterministic tensor: uniform in [-scale, scale), a function of (name, index).
@@ -76,11 +80,16 @@ void expect_close(RankChecks& checks, A const& a, B const& b, std::string const&
   checks.check(e <= tol, fmt::format("{}: relative error {:.3e} > {:.1e}", what, e, tol));
 }
 
-/// The test's stand-in for train/'s gradient reduction: SUM over dp_cp for every parameter,
-/// and also over tp for the tp_replicated ones (norm weights).
+/// The test's gradient reduction with sums (the gradient of the global batch's summed loss,
+/// which the single-rank reference computes): dense SUM over dp_cp, tp_replicated also over tp,
+/// expert SUM over edp (train/'s reduce_gradients is the same up to its 1/(DP·CP) factor).
 template <class T>
 void reduce_gradients(ParamList<T> const& params, Groups& groups) {
   for (auto* p : params) {
+    if (p->cls == ParamClass::expert) {
+      groups.edp().all_reduce(std::span<T>(p->grad));
+      continue;
+    }
     groups.dp_cp().all_reduce(std::span<T>(p->grad));
     if (p->cls == ParamClass::tp_replicated) groups.tp().all_reduce(std::span<T>(p->grad));
   }

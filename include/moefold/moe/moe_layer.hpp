@@ -1,0 +1,282 @@
+#pragma once
+/// \file
+/// `MoELayer<Exec, Router, Dispatcher, Experts, Comm>`: the MoE block of a folded decoder layer,
+/// composed from policies (DESIGN §4) and run on this rank's tokens straight from attention:
+///
+///   x [T, H] ─▶ router (local tokens; statistics over tp_cp / tp_dp_cp)
+///            ─▶ dispatcher plan + dispatch (ep, etp, tp_ep)  ─▶ grouped-GEMM experts
+///            ─▶ dispatcher combine (probabilities applied) ─▶ + shared expert (tp, SP) ─▶ y
+///
+///   using Layer = moefold::MoELayer<moefold::Cpu,
+///                                   moefold::TopKRouter<moefold::SoftmaxScore>,
+///                                   moefold::AllToAllDispatcher<moefold::Dropless>,
+///                                   moefold::GroupedGemmExperts<moefold::SwiGLU>,
+///                                   moefold::inproc::Communicator>;
+///   Layer moe(cfg, groups);   // cfg: MoELayerConfig with Megatron's names
+///   auto y = moe.forward(x);  auto dx = moe.backward(dy);
+///
+/// The routing probability is applied by the dispatcher's `combine` to each expert's output
+/// row; with fc2 linear and without bias this equals Megatron's placement between the
+/// activation and fc2 (spec §2.7), and it lets a deduplicated token be summed over its experts
+/// before it travels back.
+
+#include <concepts>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "moefold/comm/process_groups.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/moe/all_gather_dispatcher.hpp"
+#include "moefold/moe/all_to_all_dispatcher.hpp"
+#include "moefold/moe/grouped_gemm_experts.hpp"
+#include "moefold/moe/router.hpp"
+#include "moefold/nn/dense_mlp.hpp"
+#include "moefold/nn/parameter.hpp"
+
+namespace moefold {
+inline namespace v0 {
+
+/// The MoE layer's configuration. Router and token-dropping choices are the `router` member's
+/// fields, with Megatron's names (`router.num_experts`, `router.moe_router_topk`,
+/// `router.moe_router_score_function`, `router.moe_aux_loss_coeff`, `router.moe_z_loss_coeff`,
+/// `router.moe_expert_capacity_factor`, `router.moe_token_drop_policy`,
+/// `router.moe_pad_expert_input_to_capacity`, `router.moe_router_num_groups`,
+/// `router.moe_router_group_topk`, `router.moe_router_enable_expert_bias`, …).
+struct MoELayerConfig {
+  std::string name = "mlp";                           ///< parameter prefix, e.g. "layers.0.mlp"
+  std::int64_t hidden_size = 0;                       ///< H
+  std::int64_t moe_ffn_hidden_size = 0;               ///< F of each routed expert
+  std::int64_t moe_shared_expert_intermediate_size = 0;  ///< F of the shared expert; 0: none
+  RouterConfig router{};                              ///< routing and token dropping
+  /// A token crosses to each destination EP rank once and is expanded there (DeepEP-style);
+  /// false: once per (token, expert), as Megatron. Ignored in drop-and-pad mode.
+  bool moe_token_dispatcher_dedup = true;
+  std::int64_t micro_batch_size = 1;  ///< B of the [S_loc, B] token layout (seq_aux_loss)
+  std::uint64_t seed = 1234;          ///< initialization seed
+  double init_std = 0.02;             ///< normal initialization of router and expert weights
+};
+
+namespace detail {
+template <class R>
+struct router_traits;
+template <class Score, class Real>
+struct router_traits<TopKRouter<Score, Real>> {
+  using real_type = Real;
+};
+
+/// The drop policy object for tag `Drop` from the run-time config; a config that asks for
+/// another kind of dropping than the type chosen is an error naming both.
+template <class Drop>
+Drop make_drop_policy(RouterConfig const& c) {
+  if constexpr (std::is_same_v<Drop, Dropless>) {
+    if (c.moe_expert_capacity_factor)
+      throw invalid_config(fmt::format(
+          "moe_expert_capacity_factor = {} asks for token dropping, but the dispatcher policy is "
+          "Dropless",
+          *c.moe_expert_capacity_factor));
+    return Dropless{};
+  } else {
+    constexpr auto wanted =
+        std::is_same_v<Drop, DropByProbs> ? TokenDropPolicy::probs : TokenDropPolicy::position;
+    if (!c.moe_expert_capacity_factor)
+      throw invalid_config("the dispatcher drops tokens but moe_expert_capacity_factor is unset");
+    if (c.moe_token_drop_policy != wanted)
+      throw invalid_config(fmt::format(
+          "moe_token_drop_policy = {} does not match the dispatcher's drop policy ({})",
+          c.moe_token_drop_policy == TokenDropPolicy::probs ? "probs" : "position",
+          wanted == TokenDropPolicy::probs ? "probs" : "position"));
+    return Drop{.capacity_factor = *c.moe_expert_capacity_factor,
+                .pad_to_capacity = c.moe_pad_expert_input_to_capacity};
+  }
+}
+}  // namespace detail
+
+/// A router policy: a `TopKRouter<Score, Real>`.
+template <class R>
+concept MoERouterPolicy = requires { typename detail::router_traits<R>::real_type; };
+
+/// A dispatcher policy tag (`AllToAllDispatcher<Drop>`, `AllGatherDispatcher<Drop>`) whose
+/// dispatcher for (Comm, Real) models `TokenDispatcher`.
+template <class D, class Comm, class Real>
+concept MoEDispatcherPolicy = requires { typename D::drop_policy; } &&
+                              TokenDispatcher<typename D::template dispatcher<Comm, Real>>;
+
+/// An experts policy: grouped experts over `value_type` rows, built from (ExpertsConfig, seed).
+template <class E>
+concept MoEExpertsPolicy = requires(E& e, std::span<typename E::value_type const> x,
+                                    std::span<std::int64_t const> counts) {
+  typename E::value_type;
+  { e.forward(x, x, counts) } -> std::same_as<std::vector<typename E::value_type>>;
+  e.backward(x);
+  { e.parameters() } -> std::same_as<ParamList<typename E::value_type>>;
+} && std::constructible_from<E, ExpertsConfig, std::uint64_t>;
+
+template <ExecutionPolicy Exec, MoERouterPolicy Router, class Dispatcher, MoEExpertsPolicy Experts,
+          Communicator Comm>
+  requires std::same_as<typename detail::router_traits<Router>::real_type,
+                        typename Experts::value_type> &&
+           MoEDispatcherPolicy<Dispatcher, Comm, typename Experts::value_type> &&
+           std::same_as<typename Exec::memory_space, HostSpace>
+class MoELayer {
+ public:
+  using T = typename Experts::value_type;
+  using Config = MoELayerConfig;
+  using DispatcherType = typename Dispatcher::template dispatcher<Comm, T>;
+
+  /// Builds the router, dispatcher, experts (this rank's E/EP experts, ETP shard) and the
+  /// optional shared expert. Throws `invalid_config` naming the rule, e.g. num_experts not
+  /// divisible by EP, moe_ffn_hidden_size not divisible by ETP, a capacity factor with a
+  /// Dropless dispatcher.
+  MoELayer(Config cfg, ProcessGroups<Comm>& groups)
+      : cfg_(std::move(cfg)),
+        groups_(&groups),
+        router_(checked(cfg_, groups).router, cfg_.hidden_size),
+        router_weight_(Param<T>::whole(cfg_.name + ".router.weight", ParamClass::tp_replicated,
+                                       cfg_.router.num_experts, cfg_.hidden_size)),
+        dispatcher_(DispatcherConfig{.num_experts = cfg_.router.num_experts,
+                                     .moe_router_topk = cfg_.router.moe_router_topk,
+                                     .hidden_size = cfg_.hidden_size,
+                                     .dedup = cfg_.moe_token_dispatcher_dedup},
+                    detail::make_drop_policy<typename Dispatcher::drop_policy>(cfg_.router),
+                    groups),
+        experts_(ExpertsConfig{.num_local_experts = cfg_.router.num_experts / groups.ep().size(),
+                               .first_expert = groups.ep().rank() *
+                                               (cfg_.router.num_experts / groups.ep().size()),
+                               .hidden_size = cfg_.hidden_size,
+                               .ffn_hidden_size = cfg_.moe_ffn_hidden_size,
+                               .etp_size = groups.etp().size(),
+                               .etp_rank = groups.etp().rank(),
+                               .name_prefix = cfg_.name + ".experts",
+                               .init_std = cfg_.init_std},
+                 cfg_.seed) {
+    router_weight_.init(cfg_.seed, InitDist::normal, cfg_.init_std);
+    if (cfg_.moe_shared_expert_intermediate_size > 0)
+      shared_.emplace(DenseMlpConfig{.name = cfg_.name + ".shared_experts",
+                                     .hidden = cfg_.hidden_size,
+                                     .ffn = cfg_.moe_shared_expert_intermediate_size,
+                                     .seed = cfg_.seed},
+                      groups);
+  }
+
+  Config const& config() const noexcept { return cfg_; }
+
+  /// x: this rank's tokens [T, H] (the attention side's SP-local shard) → y [T, H].
+  /// Collective over tp_cp (router statistics, when enabled), ep, etp, tp_ep and tp (shared
+  /// expert): every rank of those groups must call it.
+  std::vector<T> forward(std::span<T const> x) {
+    MOEFOLD_EXPECTS(static_cast<std::int64_t>(x.size()) % cfg_.hidden_size == 0,
+                    "MoELayer::forward: {} values are not whole rows of hidden size {}", x.size(),
+                    cfg_.hidden_size);
+    std::int64_t const tokens = static_cast<std::int64_t>(x.size()) / cfg_.hidden_size;
+    std::copy(router_weight_.value.begin(), router_weight_.value.end(), router_.weight().begin());
+    auto routed = router_.forward(x, tokens,
+                                  RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(),
+                                                     .tp_dp_cp = &groups_->tp_dp_cp()},
+                                  cfg_.micro_batch_size);
+    aux_loss_ = routed.z_loss;
+    for (auto const& a : routed.aux_losses) aux_loss_ += a.value;
+    dispatcher_.plan(routed.routing);
+    auto in = dispatcher_.dispatch(x, std::span<T const>(routed.routing.probs));
+    // Probabilities are applied in combine: the experts compute f_e(x).
+    ones_.assign(in.expert_probs.size(), T(1));
+    auto const expert_out = experts_.forward(std::span<T const>(in.expert_input),
+                                             std::span<T const>(ones_),
+                                             std::span<std::int64_t const>(in.tokens_per_local_expert));
+    auto y = dispatcher_.combine(std::span<T const>(expert_out));
+    if (shared_) {
+      auto const s = shared_->forward(x);
+      for (std::size_t i = 0; i < y.size(); ++i) y[i] += s[i];
+    }
+    return y;
+  }
+
+  /// dy [T, H] → dx [T, H]; accumulates the router, expert and shared-expert gradients (the
+  /// auxiliary losses enter with weight `aux_loss_scale()`). Collective like `forward`.
+  std::vector<T> backward(std::span<T const> dy) {
+    auto const cg = dispatcher_.combine_backward(dy);
+    auto const eg = experts_.backward(std::span<T const>(cg.d_expert_output));
+    auto dg = dispatcher_.dispatch_backward(std::span<T const>(eg.input),
+                                            std::span<T const>(cg.d_expert_probs));
+    auto const dr = router_.backward(std::span<T const>(dg.d_probs), aux_loss_scale_);
+    auto const rg = router_.weight_grad();
+    for (std::size_t i = 0; i < rg.size(); ++i) {
+      router_weight_.grad[i] += rg[i];
+      rg[i] = T(0);
+    }
+    auto& dx = dg.d_hidden;
+    for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += dr[i];
+    if (shared_) {
+      auto const ds = shared_->backward(dy);
+      for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += ds[i];
+    }
+    return std::move(dx);
+  }
+
+  /// Router weight, then the experts' weights, then the shared expert's.
+  ParamList<T> parameters() {
+    ParamList<T> out{&router_weight_};
+    append(out, experts_.parameters());
+    if (shared_) append(out, shared_->parameters());
+    return out;
+  }
+
+  /// The auxiliary losses (load balancing and z-loss) of the last forward, as this rank
+  /// computed them (coefficients applied).
+  double aux_loss() const noexcept { return aux_loss_; }
+  /// The weight of the auxiliary losses' gradients in `backward` (Megatron scales them like the
+  /// main loss, e.g. 1/num_microbatches).
+  double aux_loss_scale() const noexcept { return aux_loss_scale_; }
+  void set_aux_loss_scale(double s) noexcept { aux_loss_scale_ = s; }
+
+  /// Once per global batch, after the optimizer step: the aux-loss-free expert-bias update
+  /// (when enabled; collective over tp_dp_cp) and the reset of global-aux-loss statistics.
+  void finish_global_batch() {
+    if (cfg_.router.moe_router_enable_expert_bias) router_.update_expert_bias(&groups_->tp_dp_cp());
+    router_.reset_global_aux_loss();
+  }
+
+  /// The last plan's dispatcher metadata (splits, tokens per local expert, bytes sent).
+  DispatchMetadata const& dispatch_metadata() const noexcept { return dispatcher_.metadata(); }
+  Router& router() noexcept { return router_; }
+  Experts& experts() noexcept { return experts_; }
+
+ private:
+  /// Checks the folding-dependent rules before any member is built.
+  static Config const& checked(Config const& c, ProcessGroups<Comm>& g) {
+    if (c.hidden_size < 1)
+      throw invalid_config(fmt::format("MoELayer: hidden_size must be ≥ 1 (got {})", c.hidden_size));
+    if (c.router.num_experts % g.ep().size() != 0)
+      throw invalid_config(fmt::format("num_experts ({}) is not divisible by "
+                                       "expert_model_parallel_size ({})",
+                                       c.router.num_experts, g.ep().size()));
+    if (c.moe_ffn_hidden_size % g.etp().size() != 0)
+      throw invalid_config(fmt::format("moe_ffn_hidden_size ({}) is not divisible by "
+                                       "expert_tensor_parallel_size ({})",
+                                       c.moe_ffn_hidden_size, g.etp().size()));
+    return c;
+  }
+
+  Config cfg_;
+  ProcessGroups<Comm>* groups_;
+  Router router_;
+  Param<T> router_weight_;
+  DispatcherType dispatcher_;
+  Experts experts_;
+  std::optional<DenseMlp<T, Comm>> shared_;
+  std::vector<T> ones_;
+  double aux_loss_ = 0;
+  double aux_loss_scale_ = 1.0;
+};
+
+/// The default MoE block for a decoder layer's MLP slot: softmax top-k router, dropless
+/// all-to-all dispatcher, SwiGLU grouped-GEMM experts on the CPU.
+template <class T, Communicator Comm>
+using DefaultMoELayer = MoELayer<Cpu, TopKRouter<SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
+                                 GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>;
+
+}  // namespace v0
+}  // namespace moefold
