@@ -1,0 +1,9 @@
+// Must not compile: SwiGLU is not a token-dispatcher policy (MoEDispatcherPolicy).
+#include "moefold/comm/inproc/communicator.hpp"
+#include "moefold/moe/moe_layer.hpp"
+
+using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::SoftmaxScore>,
+                                moefold::SwiGLU, moefold::GroupedGemmExperts<moefold::SwiGLU>,
+                                moefold::inproc::Communicator>;
+Layer* layer = nullptr;
+int main() { return layer == nullptr ? 0 : 1; }
