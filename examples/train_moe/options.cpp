@@ -1,0 +1,170 @@
+#include "options.hpp"
+
+#include <cstdio>
+
+#include <fmt/format.h>
+#include <CLI/CLI.hpp>
+
+#include "moefold/config.hpp"
+#include "moefold/core/error.hpp"
+
+#ifndef MOEFOLD_DEFAULT_DATA_PATH
+#define MOEFOLD_DEFAULT_DATA_PATH "/usr/share/games/fortunes"
+#endif
+
+namespace moefold::train_demo {
+
+FoldingConfig TrainOptions::folding() const {
+  FoldingConfig f{.world = world, .tp = tp, .cp = cp, .pp = pp, .ep = ep, .etp = etp};
+  if (vpp > 1) f.vpp = vpp;
+  return f;
+}
+
+ParseResult parse_options(int argc, char** argv) {
+  TrainOptions o;
+  CLI::App app{
+      "moefold-train: a folded 5-D training run of a small Mixtral-style model on byte-level "
+      "English text (Debian's fortunes). Flags carry Megatron's names."};
+  std::optional<int> world, tp, cp, pp, ep, etp;
+  std::string backend = "inproc";
+  auto size = [&](char const* flag, std::optional<int>& v, char const* help) {
+    app.add_option_function<int>(
+        flag, [&v](int x) { v = x; }, help);
+  };
+  size("--world-size", world, "Number of ranks (inproc; with mpi: the MPI size)");
+  size("--tensor-model-parallel-size,--tp", tp, "Attention tensor parallel size (TP)");
+  size("--context-parallel-size,--cp", cp, "Attention context parallel size (CP)");
+  size("--pipeline-model-parallel-size,--pp", pp, "Pipeline parallel size (PP)");
+  size("--expert-model-parallel-size,--ep", ep, "Expert parallel size (EP)");
+  size("--expert-tensor-parallel-size,--etp", etp, "Expert tensor parallel size (ETP)");
+  app.add_option("--num-virtual-stages-per-pipeline-rank,--vpp", o.vpp,
+                 "Model chunks per pipeline rank (interleaved 1F1B when > 1)")
+      ->capture_default_str();
+  app.add_option("--num-layers", o.num_layers)->capture_default_str();
+  app.add_option("--hidden-size", o.hidden)->capture_default_str();
+  app.add_option("--num-attention-heads", o.heads)->capture_default_str();
+  app.add_option("--num-query-groups", o.kv_groups)->capture_default_str();
+  app.add_option("--num-experts", o.num_experts)->capture_default_str();
+  app.add_option("--moe-router-topk", o.topk)->capture_default_str();
+  app.add_option("--moe-ffn-hidden-size", o.moe_ffn)->capture_default_str();
+  app.add_option("--moe-shared-expert-intermediate-size", o.shared_expert_ffn,
+                 "Shared expert size (0: no shared expert)")
+      ->capture_default_str();
+  app.add_option("--moe-aux-loss-coeff", o.aux_loss_coeff)->capture_default_str();
+  app.add_option("--micro-batch-size", o.micro_batch)->capture_default_str();
+  app.add_option("--global-batch-size", o.global_batch)->capture_default_str();
+  app.add_option("--seq-length", o.seq)->capture_default_str();
+  app.add_option("--train-iters", o.train_iters)->capture_default_str();
+  app.add_option("--lr", o.lr)->capture_default_str();
+  app.add_option("--min-lr", o.min_lr)->capture_default_str();
+  app.add_option("--lr-warmup-iters", o.warmup_iters, "Warm-up steps (default: 5% of the run)");
+  app.add_option("--weight-decay", o.weight_decay)->capture_default_str();
+  app.add_option("--clip-grad", o.clip_grad)->capture_default_str();
+  app.add_option("--seed", o.seed)->capture_default_str();
+  app.add_option("--eval-iters", o.eval_iters, "Validation batches per evaluation")
+      ->capture_default_str();
+  app.add_option("--eval-interval", o.eval_interval, "Steps between evaluations (0: run/4)");
+  app.add_option("--data-path", o.data_path,
+                 "Text file or directory (default: " MOEFOLD_DEFAULT_DATA_PATH ")");
+  app.add_option("--save", o.save, "Checkpoint directory to write");
+  app.add_option("--save-interval", o.save_interval, "Steps between checkpoints (and the end)");
+  app.add_option("--load", o.load, "Checkpoint directory to resume from (any folding)");
+  app.add_option("--ckpt-step", o.ckpt_step,
+                 "Iteration of --load to resume from (default: latest)");
+  app.add_option("--backend", backend, "inproc | mpi | nccl")->capture_default_str();
+  app.add_option("--output-dir", o.output_dir, "Loss curve (SVG, CSV) goes here")
+      ->capture_default_str();
+  app.add_option("--log-json", o.log_json, "JSON Lines per step (global rank 0)");
+  app.add_flag("--quiet", o.quiet, "No per-step progress lines");
+  try {
+    app.parse(argc, argv);
+  } catch (CLI::CallForHelp const&) {
+    std::fputs(app.help().c_str(), stdout);
+    return {std::nullopt, 0};
+  } catch (CLI::ParseError const& e) {
+    fmt::print(stderr, "moefold-train: {}\n", e.what());
+    return {std::nullopt, 2};
+  }
+  if (backend == "inproc") {
+    o.backend = Backend::inproc;
+  } else if (backend == "mpi") {
+    o.backend = Backend::mpi;
+  } else if (backend == "nccl") {
+    o.backend = Backend::nccl;
+  } else {
+    fmt::print(stderr, "moefold-train: --backend must be inproc, mpi or nccl (got '{}')\n",
+               backend);
+    return {std::nullopt, 2};
+  }
+  if (world || tp || cp || pp || ep || etp) {
+    o.tp = tp.value_or(1), o.cp = cp.value_or(1), o.pp = pp.value_or(1);
+    o.ep = ep.value_or(1), o.etp = etp.value_or(1);
+    o.world = world.value_or(o.tp * o.cp * o.pp);
+  }
+  o.world = o.backend == Backend::inproc || world ? o.world : -1;  // -1: the MPI size
+  return {o, 0};
+}
+
+void validate(TrainOptions const& o) {
+  auto need = [](bool ok, std::string const& msg) {
+    if (!ok) throw invalid_config(msg);
+  };
+  if (o.backend == Backend::nccl)
+    throw invalid_config(
+        MOEFOLD_HAS_NCCL ? "--backend nccl: this demo's layers run on the CPU; use inproc or mpi"
+                         : "--backend nccl: this build has no NCCL (configure with CUDA and "
+                           "NCCL); use inproc or mpi");
+  if (o.backend == Backend::mpi && !MOEFOLD_HAS_MPI)
+    throw invalid_config("--backend mpi: this build has no MPI (install libopenmpi-dev)");
+  auto const fold = FoldedMapping::from(o.folding());
+  need(o.num_layers >= 1 && o.hidden >= 1 && o.heads >= 1 && o.kv_groups >= 1 && o.seq >= 1 &&
+           o.micro_batch >= 1 && o.global_batch >= 1 && o.train_iters >= 1 && o.moe_ffn >= 1,
+       "sizes, batch sizes and --train-iters must be at least 1");
+  need(o.hidden % o.heads == 0 && (o.hidden / o.heads) % 2 == 0,
+       fmt::format("--hidden-size {} must be an even multiple of --num-attention-heads {} (the "
+                   "rotary head dimension is even)",
+                   o.hidden, o.heads));
+  need(o.heads % o.kv_groups == 0,
+       fmt::format("--num-attention-heads {} is not divisible by --num-query-groups {}", o.heads,
+                   o.kv_groups));
+  need(
+      o.heads % o.tp == 0 && o.kv_groups % o.tp == 0,
+      fmt::format("--num-attention-heads {} and --num-query-groups {} must be divisible by TP = {}",
+                  o.heads, o.kv_groups, o.tp));
+  need(o.seq % (2 * o.cp * o.tp) == 0,
+       fmt::format("--seq-length {} is not divisible by 2·CP·TP = 2·{}·{} = {}", o.seq, o.cp, o.tp,
+                   2 * o.cp * o.tp));
+  need(256 % o.tp == 0, fmt::format("the byte vocabulary (256) is not divisible by TP = {}", o.tp));
+  need(o.num_layers % (o.pp * o.vpp) == 0,
+       fmt::format("--num-layers {} is not divisible by PP·VPP = {}·{} = {}", o.num_layers, o.pp,
+                   o.vpp, o.pp * o.vpp));
+  int const dp = fold.dp();
+  need(o.global_batch % (o.micro_batch * dp) == 0,
+       fmt::format("--global-batch-size {} is not divisible by micro-batch-size·DP = {}·{} = {}",
+                   o.global_batch, o.micro_batch, dp, o.micro_batch * dp));
+  int const m = o.global_batch / (o.micro_batch * dp);
+  if (o.vpp > 1)
+    need(m % o.pp == 0,
+         fmt::format("interleaved 1F1B needs the number of microbatches M = {} to be a multiple "
+                     "of PP = {}",
+                     m, o.pp));
+  need(o.num_experts >= 1 && o.num_experts % o.ep == 0,
+       fmt::format("--num-experts {} is not divisible by EP = {}", o.num_experts, o.ep));
+  need(o.topk >= 1 && o.topk <= o.num_experts,
+       fmt::format("--moe-router-topk {} must be in [1, --num-experts {}]", o.topk, o.num_experts));
+  need(o.moe_ffn % o.etp == 0 && o.moe_ffn % o.tp == 0,
+       fmt::format("--moe-ffn-hidden-size {} must be divisible by ETP = {} and TP = {}", o.moe_ffn,
+                   o.etp, o.tp));
+  need(o.shared_expert_ffn >= 0 && o.shared_expert_ffn % o.tp == 0,
+       fmt::format("--moe-shared-expert-intermediate-size {} must be divisible by TP = {}",
+                   o.shared_expert_ffn, o.tp));
+  need(o.save_interval >= 0 && o.eval_iters >= 0 && o.eval_interval >= 0,
+       "--save-interval, --eval-iters and --eval-interval must not be negative");
+  need(o.save_interval == 0 || !o.save.empty(), "--save-interval needs --save DIR");
+}
+
+std::string data_path_of(TrainOptions const& o) {
+  return o.data_path.empty() ? std::string(MOEFOLD_DEFAULT_DATA_PATH) : o.data_path;
+}
+
+}  // namespace moefold::train_demo

@@ -1,0 +1,75 @@
+#pragma once
+// The command line of moefold-train: Megatron's flag names, the defaults of the demo, and the
+// checks that turn an invalid combination into one line on stderr and exit status 2.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "moefold/mesh/folded_mapping.hpp"
+
+namespace moefold::train_demo {
+
+enum class Backend { inproc, mpi, nccl };
+
+struct TrainOptions {
+  Backend backend = Backend::inproc;
+  // Folding. With no size flag: 8 ranks, attention TP2·CP2·PP2 (DP1), MoE EP4·ETP1 (EDP1).
+  // Once any size flag is given, the unspecified sizes are 1 and the world is TP·CP·PP (DP 1)
+  // unless --world-size says otherwise.
+  int world = 8, tp = 2, cp = 2, pp = 2, vpp = 1, ep = 4, etp = 1;
+  // Model (Mixtral-style: RMSNorm, GQA + RoPE, SwiGLU experts, top-k routing).
+  int num_layers = 4;
+  int hidden = 128;
+  int heads = 8;
+  int kv_groups = 4;
+  int num_experts = 8;
+  int topk = 2;
+  int moe_ffn = 256;
+  int shared_expert_ffn = 0;  ///< --moe-shared-expert-intermediate-size (0: none)
+  double aux_loss_coeff = 1e-2;
+  // Data and schedule.
+  int micro_batch = 2;
+  int global_batch = 16;
+  int seq = 64;
+  int train_iters = 200;
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int warmup_iters = -1;  ///< −1: 5% of train_iters
+  double weight_decay = 0.1;
+  double clip_grad = 1.0;
+  std::uint64_t seed = 1234;
+  int eval_iters = 4;
+  int eval_interval = 0;  ///< 0: a quarter of train_iters
+  // Files.
+  std::string data_path;
+  std::string save, load;
+  int save_interval = 0;
+  int ckpt_step = -1;  ///< --ckpt-step: the iteration to load (−1: the latest)
+  std::string output_dir = "./moefold-train-out";
+  std::string log_json;
+  bool quiet = false;  ///< no progress lines (tests)
+
+  int dp() const noexcept { return world / (tp * cp * pp); }
+  int microbatches() const noexcept { return global_batch / (micro_batch * dp()); }
+  int warmup() const noexcept { return warmup_iters >= 0 ? warmup_iters : train_iters / 20; }
+  FoldingConfig folding() const;
+};
+
+/// The result of parsing: options to run, or an exit status (help printed: 0; error: 2).
+struct ParseResult {
+  std::optional<TrainOptions> options;
+  int exit_status = 0;
+};
+
+/// Parses argv. On an error prints one line to stderr and returns exit status 2.
+ParseResult parse_options(int argc, char** argv);
+
+/// Checks the options against the folding (with `world` ranks) and the model's divisibility
+/// rules; throws `invalid_config` naming the broken rule.
+void validate(TrainOptions const& o);
+
+/// The data directory: --data-path, else the compiled-in default.
+std::string data_path_of(TrainOptions const& o);
+
+}  // namespace moefold::train_demo

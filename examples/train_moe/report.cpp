@@ -1,0 +1,179 @@
+#include "report.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+
+#include <fmt/format.h>
+
+#include "moefold/core/error.hpp"
+
+namespace moefold::train_demo {
+
+namespace {
+
+std::string clock_time(double seconds) {
+  auto const s = static_cast<long>(std::max(0.0, seconds) + 0.5);
+  return s >= 3600 ? fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+                   : fmt::format("{}:{:02}", s / 60, s % 60);
+}
+
+std::string rate(double tokens_per_s) {
+  return tokens_per_s >= 1e4 ? fmt::format("{:.1f}k", tokens_per_s / 1e3)
+                             : fmt::format("{:.0f}", tokens_per_s);
+}
+
+}  // namespace
+
+void Report::start(std::string const& banner, std::int64_t first_step) {
+  first_step_ = first_step;
+  fmt::print("{}", banner);
+  std::fflush(stdout);
+}
+
+void Report::step(StepRecord const& r, double elapsed) {
+  steps_.push_back(r);
+  if (!o_.log_json.empty()) {
+    if (!json_.is_open()) {
+      json_.open(o_.log_json, std::ios::trunc);
+      if (!json_) throw error(errc::invalid_argument, "cannot write --log-json " + o_.log_json);
+    }
+    json_ << fmt::format(
+        "{{\"step\": {}, \"loss\": {:.17g}, \"aux_loss\": {:.17g}, \"tokens_per_s\": {:.6g}, "
+        "\"lr\": {:.9g}, \"grad_norm\": {:.9g}}}\n",
+        r.step, r.loss, r.aux_loss, r.tokens_per_s, r.lr, r.grad_norm);
+    json_.flush();
+  }
+  if (o_.quiet) return;
+  auto const done = static_cast<double>(r.step - first_step_);
+  auto const left = static_cast<double>(o_.train_iters - r.step);
+  std::string traffic;
+  for (std::size_t g = 0; g < kTrafficGroups.size(); ++g)
+    if (r.megabytes[g] > 0)
+      traffic += fmt::format(" {} {:.2f}", kTrafficGroups[g].first, r.megabytes[g]);
+  fmt::print("step {:>{}}/{} | loss {:.4f} | aux {:.4f} | {} tok/s | elapsed {} | ETA {} |{}{}\n",
+             r.step, fmt::formatted_size("{}", o_.train_iters), o_.train_iters, r.loss, r.aux_loss,
+             rate(r.tokens_per_s), clock_time(elapsed), clock_time(elapsed / done * left),
+             traffic.empty() ? " no traffic" : " MB", traffic);
+  std::fflush(stdout);
+}
+
+void Report::validation(std::int64_t step, double loss) {
+  validation_.emplace_back(step, loss);
+  if (!o_.quiet)
+    fmt::print("validation at step {}: loss {:.4f}\n", step, loss), std::fflush(stdout);
+}
+
+void Report::checkpoint(std::int64_t step, std::string const& dir) {
+  if (!o_.quiet) fmt::print("saved checkpoint of step {} in {}\n", step, dir), std::fflush(stdout);
+}
+
+void Report::finish(Summary const& s) {
+  std::filesystem::create_directories(o_.output_dir);
+  write_csv();
+  write_svg(s.unigram_entropy);
+  double const steps = static_cast<double>(std::max<std::size_t>(steps_.size(), 1));
+  auto pct = [&](double t) { return s.train_seconds > 0 ? 100.0 * t / s.train_seconds : 0.0; };
+  PhaseTimes const& p = s.phases;
+  double const attention = std::max(0.0, p.compute - p.mlp);
+  double const experts = std::max(0.0, p.mlp - p.dispatch - p.combine);
+  double const wait = std::max(0.0, p.pipeline - p.compute);
+  fmt::print(
+      "\nsummary\n"
+      "  final train loss     {:.4f} (last step)\n"
+      "  validation loss      {:.4f}   byte-unigram entropy {:.4f} nats: {}\n"
+      "  training time        {:.1f} s for {} steps ({:.2f} s/step), {} tokens/s; validation "
+      "{:.1f} s\n"
+      "  time per phase       (mean over ranks, per step)\n"
+      "    attention          {:7.1f} ms  {:5.1f}%  (embedding, norms, attention, output layer, "
+      "loss)\n"
+      "    dispatch           {:7.1f} ms  {:5.1f}%\n"
+      "    experts            {:7.1f} ms  {:5.1f}%\n"
+      "    combine            {:7.1f} ms  {:5.1f}%\n"
+      "    pipeline wait      {:7.1f} ms  {:5.1f}%\n"
+      "    grad sync + AdamW  {:7.1f} ms  {:5.1f}%\n"
+      "  loss curve           {}/loss.svg, {}/loss.csv\n",
+      s.final_train_loss, s.final_val_loss, s.unigram_entropy,
+      s.final_val_loss < s.unigram_entropy ? "beats the baseline" : "does NOT beat the baseline",
+      s.train_seconds, steps_.size(), s.train_seconds / steps,
+      rate(s.train_seconds > 0 ? static_cast<double>(s.tokens) / s.train_seconds : 0.0),
+      s.eval_seconds, 1e3 * attention / steps, pct(attention), 1e3 * p.dispatch / steps,
+      pct(p.dispatch), 1e3 * experts / steps, pct(experts), 1e3 * p.combine / steps, pct(p.combine),
+      1e3 * wait / steps, pct(wait), 1e3 * p.optimizer / steps, pct(p.optimizer), o_.output_dir,
+      o_.output_dir);
+  std::fflush(stdout);
+}
+
+void Report::write_csv() const {
+  std::ofstream out(std::filesystem::path(o_.output_dir) / "loss.csv", std::ios::trunc);
+  out << "step,loss,aux_loss,validation_loss,lr,grad_norm,seconds,tokens_per_s\n";
+  for (auto const& r : steps_) {
+    std::string val;
+    for (auto const& [s, l] : validation_)
+      if (s == r.step) val = fmt::format("{:.6f}", l);
+    out << fmt::format("{},{:.6f},{:.6f},{},{:.6g},{:.6g},{:.4f},{:.1f}\n", r.step, r.loss,
+                       r.aux_loss, val, r.lr, r.grad_norm, r.seconds, r.tokens_per_s);
+  }
+}
+
+void Report::write_svg(double baseline) const {
+  double const w = 720, h = 420, left = 60, right = 20, top = 30, bottom = 50;
+  double lo = baseline, hi = baseline;
+  for (auto const& r : steps_) lo = std::min(lo, r.loss), hi = std::max(hi, r.loss);
+  for (auto const& [s, l] : validation_) lo = std::min(lo, l), hi = std::max(hi, l);
+  lo = std::floor(lo * 2) / 2, hi = std::ceil(hi * 2) / 2;
+  if (hi <= lo) hi = lo + 1;
+  double const s0 = static_cast<double>(steps_.empty() ? 0 : steps_.front().step - 1);
+  double const s1 = static_cast<double>(std::max<std::int64_t>(o_.train_iters, 1));
+  auto x = [&](double step) {
+    return left + (step - s0) / std::max(s1 - s0, 1.0) * (w - left - right);
+  };
+  auto y = [&](double loss) { return top + (hi - loss) / (hi - lo) * (h - top - bottom); };
+  std::string svg = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{0}\" height=\"{1}\" "
+      "fill=\"white\"/>\n<text x=\"{2}\" y=\"18\" font-size=\"14\">moefold-train: loss per step "
+      "(TP{3}·CP{4}·PP{5}·DP{6} / EP{7}·ETP{8})</text>\n",
+      w, h, left, o_.tp, o_.cp, o_.pp, o_.dp(), o_.ep, o_.etp);
+  for (double v = lo; v <= hi + 1e-9; v += 0.5)
+    svg += fmt::format(
+        "<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#ddd\"/><text "
+        "x=\"{3}\" "
+        "y=\"{4:.1f}\" text-anchor=\"end\">{5:.1f}</text>\n",
+        left, w - right, y(v), left - 6, y(v) + 4, v);
+  svg += fmt::format(
+      "<line x1=\"{0}\" x2=\"{0}\" y1=\"{1}\" y2=\"{2}\" stroke=\"black\"/><line x1=\"{0}\" "
+      "x2=\"{3}\" y1=\"{2}\" y2=\"{2}\" stroke=\"black\"/>\n<text x=\"{4}\" y=\"{5}\" "
+      "text-anchor=\"middle\">step (of {6})</text>\n<text x=\"14\" y=\"{7}\" "
+      "transform=\"rotate(-90 14 {7})\" text-anchor=\"middle\">loss (nats per byte)</text>\n",
+      left, top, h - bottom, w - right, (left + w - right) / 2, h - 12, o_.train_iters,
+      (top + h - bottom) / 2);
+  for (int k = 0; k <= 4; ++k) {
+    double const step = s0 + (s1 - s0) * k / 4.0;
+    svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{:.0f}</text>\n",
+                       x(step), h - bottom + 16, step);
+  }
+  svg += fmt::format(
+      "<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#c33\" "
+      "stroke-dasharray=\"6 4\"/><text x=\"{1}\" y=\"{3:.1f}\" text-anchor=\"end\" "
+      "fill=\"#c33\">byte-unigram entropy {4:.3f}</text>\n",
+      left, w - right, y(baseline), y(baseline) - 5, baseline);
+  std::string points;
+  for (auto const& r : steps_)
+    points += fmt::format("{:.1f},{:.1f} ", x(static_cast<double>(r.step)), y(r.loss));
+  svg += fmt::format(
+      "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" "
+      "points=\"{}\"/>\n",
+      points);
+  for (auto const& [s, l] : validation_)
+    svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"4\" fill=\"#ff7f0e\"/>\n",
+                       x(static_cast<double>(s)), y(l));
+  svg += fmt::format(
+      "<text x=\"{0}\" y=\"{1}\" fill=\"#1f77b4\">train loss</text><text x=\"{0}\" y=\"{2}\" "
+      "fill=\"#ff7f0e\">validation loss</text>\n</svg>\n",
+      w - right - 130, top + 16, top + 32);
+  std::ofstream(std::filesystem::path(o_.output_dir) / "loss.svg", std::ios::trunc) << svg;
+}
+
+}  // namespace moefold::train_demo

@@ -1,0 +1,58 @@
+#pragma once
+// A dispatcher policy that times another (for the summary's dispatch and combine phases): the
+// MoE layer's dispatcher slot takes it like AllToAllDispatcher<Dropless>.
+
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "moefold/moe/token_dispatcher.hpp"
+#include "phase_times.hpp"
+
+namespace moefold::train_demo {
+
+template <class Policy>
+struct TimedDispatcher {
+  using drop_policy = typename Policy::drop_policy;
+
+  template <class Comm, class Real>
+  class dispatcher {
+   public:
+    using real_type = Real;
+    using Inner = typename Policy::template dispatcher<Comm, Real>;
+    using In = std::span<Real const>;
+
+    template <class... Args>
+    explicit dispatcher(Args&&... args) : inner_(std::forward<Args>(args)...) {}
+
+    DispatchMetadata const& plan(Routing<Real> const& r) {
+      return timed(
+          phase_times().dispatch, [&]() -> auto const& { return inner_.plan(r); });
+    }
+    DispatchOutput<Real> dispatch(In x, In probs) {
+      return timed(phase_times().dispatch, [&] { return inner_.dispatch(x, probs); });
+    }
+    std::vector<Real> combine(In y) {
+      return timed(phase_times().combine, [&] { return inner_.combine(y); });
+    }
+    CombineGrad<Real> combine_backward(In dy) {
+      return timed(phase_times().combine, [&] { return inner_.combine_backward(dy); });
+    }
+    DispatchGrad<Real> dispatch_backward(In dx, In dprobs) {
+      return timed(phase_times().dispatch, [&] { return inner_.dispatch_backward(dx, dprobs); });
+    }
+    DispatchMetadata const& metadata() const { return inner_.metadata(); }
+
+   private:
+    template <class F>
+    static decltype(auto) timed(double& into, F&& f) {
+      Stopwatch w;
+      decltype(auto) r = f();
+      into += w.seconds();
+      return r;
+    }
+    Inner inner_;
+  };
+};
+
+}  // namespace moefold::train_demo

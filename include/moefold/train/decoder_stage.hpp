@@ -1,0 +1,290 @@
+#pragma once
+/// \file
+/// `DecoderStage`: the part of a decoder-only language model that one pipeline rank holds, as a
+/// `PipelineStageModel` for `run_pipeline` — Megatron's GPT layout with untied input embedding
+/// and output layer (`--untie-embeddings-and-output-weights`):
+///
+///   virtual stage 0:      VocabParallelEmbedding (ids → SP-local [S/(CP·TP)·B, H])
+///   every virtual stage:  its L/(PP·N) DecoderLayers (attention + the MLP slot)
+///   last virtual stage:   final RMSNorm → output layer (column-parallel, [V, H]) →
+///                         VocabParallelCrossEntropy
+///
+/// Chunk c of PP rank p is virtual stage v = c·PP + p and holds layers [v·L/(PP·N), …) (Megatron's
+/// interleaved layout); parameters carry the global layer number ("decoder.layers.<i>…"), so every
+/// folding holds slices of the same global tensors.
+///
+/// Activations: full recomputation (Megatron's `--recompute-granularity full`). Layers keep the
+/// saved tensors of their last forward only, while a pipeline schedule has several microbatches
+/// in flight; the stage therefore stashes each microbatch's chunk input and, in `backward`,
+/// re-runs the chunk's forward for that microbatch before its backward — unless the chunk's last
+/// forward was that very microbatch (1F1B's last stage), where the layers' state is still valid.
+/// All ranks of a pipeline stage run the same actions in the same order, so the collectives
+/// inside the layers (tp, cp, and the MLP slot's groups) stay matched.
+///
+/// Loss (Megatron's convention, spec §3.3): on the last virtual stage the microbatch loss is the
+/// mean over this rank's CP-local tokens divided by the number of microbatches M; with
+/// `reduce_gradients` (× 1/(DP·CP), SUM over dp_cp) the gradients are those of the mean over
+/// every token of the global batch.
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "moefold/comm/process_groups.hpp"
+#include "moefold/core/error.hpp"
+#include "moefold/nn/column_parallel_linear.hpp"
+#include "moefold/nn/decoder_layer.hpp"
+#include "moefold/nn/rms_norm.hpp"
+#include "moefold/nn/vocab_parallel_cross_entropy.hpp"
+#include "moefold/nn/vocab_parallel_embedding.hpp"
+
+namespace moefold {
+inline namespace v0 {
+
+/// Sizes of a decoder-only model (Megatron's names in comments). The MLP slot has its own
+/// config.
+struct DecoderModelConfig {
+  std::int64_t vocab = 256;      ///< padded_vocab_size V
+  std::int64_t hidden = 0;       ///< hidden_size H
+  std::int64_t num_layers = 0;   ///< num_layers L
+  std::int64_t heads = 0;        ///< num_attention_heads
+  std::int64_t kv_groups = 0;    ///< num_query_groups (0: equal to heads)
+  std::int64_t seq = 0;          ///< seq_length S
+  std::int64_t micro_batch = 1;  ///< micro_batch_size B (sequences per DP replica)
+  double norm_eps = 1e-5;        ///< norm_epsilon
+  double rope_base = 10000.0;    ///< rotary_base
+  std::uint64_t seed = 0;        ///< seed of every parameter's initial value
+  double init_scale = 0.02;      ///< init_method_std
+};
+
+/// This rank's token ids and labels of one microbatch: its CP-local tokens [S/CP · B]
+/// (`SequenceShard::extract_cp`), the same on every TP rank of a CP rank.
+struct MicrobatchTokens {
+  std::vector<std::int64_t> ids;
+  std::vector<std::int64_t> labels;
+};
+
+/// The chunks of one PP rank of a decoder-only model, with full activation recomputation.
+template <class T, Communicator Comm, class Mlp = DenseMlp<T, Comm>>
+class DecoderStage {
+ public:
+  using value_type = T;
+  using Layer = DecoderLayer<T, Comm, Mlp>;
+  using MlpConfig = typename Mlp::Config;
+  /// The tokens of microbatch `mb` of the current step on this rank.
+  using TokenSource = std::function<MicrobatchTokens(int mb)>;
+
+  /// Builds the layers of this PP rank's `chunks` chunks. Throws `invalid_config` when L is not
+  /// divisible by PP·chunks, or a layer cannot be split by the folding.
+  DecoderStage(DecoderModelConfig cfg, MlpConfig mlp, ProcessGroups<Comm>& groups, int chunks = 1)
+      : cfg_(cfg), groups_(&groups), pp_(groups.pp().size()), pp_rank_(groups.pp().rank()) {
+    int const stages = pp_ * chunks;
+    MOEFOLD_EXPECTS(chunks >= 1, "DecoderStage: chunks must be at least 1 (got {})", chunks);
+    if (cfg_.num_layers < 1 || cfg_.num_layers % stages != 0)
+      throw invalid_config(fmt::format(
+          "num_layers = {} is not divisible by PP·VPP = {}·{} = {} (every virtual pipeline "
+          "stage holds the same number of layers)",
+          cfg_.num_layers, pp_, chunks, stages));
+    std::int64_t const per = cfg_.num_layers / stages;
+    chunks_.resize(static_cast<std::size_t>(chunks));
+    for (int c = 0; c < chunks; ++c) {
+      std::int64_t const first = (std::int64_t{c} * pp_ + pp_rank_) * per;
+      for (std::int64_t i = first; i < first + per; ++i)
+        chunks_[static_cast<std::size_t>(c)].layers.push_back(
+            std::make_unique<Layer>(layer_config(i, mlp), groups));
+    }
+    if (is_first(0))
+      embedding_ = std::make_unique<VocabParallelEmbedding<T, Comm>>(
+          EmbeddingConfig{.name = "embedding.word_embeddings.weight",
+                          .vocab = cfg_.vocab,
+                          .hidden = cfg_.hidden,
+                          .seed = cfg_.seed,
+                          .init_scale = cfg_.init_scale},
+          groups.tp());
+    if (is_last(chunks - 1)) {
+      final_norm_ = std::make_unique<RMSNorm<T>>(RMSNormConfig{
+          .name = "decoder.final_layernorm.weight", .hidden = cfg_.hidden, .eps = cfg_.norm_eps});
+      output_ = std::make_unique<ColumnParallelLinear<T, Comm>>(
+          LinearConfig{.name = "output_layer.weight",
+                       .in = cfg_.hidden,
+                       .out = cfg_.vocab,
+                       .seed = cfg_.seed,
+                       .scale = cfg_.init_scale},
+          groups.tp());
+      cross_entropy_ =
+          std::make_unique<VocabParallelCrossEntropy<T, Comm>>(cfg_.vocab, groups.tp());
+    }
+    tokens_per_rank_ = cfg_.seq / (groups.cp().size() * groups.tp().size()) * cfg_.micro_batch;
+  }
+
+  /// Starts a step of `microbatches` microbatches whose tokens come from `source`. With
+  /// `training` false the step is forward-only: `backward` does nothing (evaluation).
+  void begin_step(int microbatches, TokenSource source, bool training) {
+    MOEFOLD_EXPECTS(microbatches >= 1, "DecoderStage: a step needs at least one microbatch");
+    microbatches_ = microbatches;
+    source_ = std::move(source);
+    training_ = training;
+    tokens_.clear();
+    stash_.clear();
+    for (auto& c : chunks_) c.fresh = -1;
+  }
+
+  /// Calls `f(mb, chunk)` after every scheduled forward of a chunk (not after the recomputation
+  /// in `backward`), e.g. to collect the MoE layers' auxiliary losses once per microbatch.
+  void after_forward(std::function<void(int mb, int chunk)> f) { after_forward_ = std::move(f); }
+
+  /// Elements of an activation between virtual stages: [S/(CP·TP)·B, H].
+  std::size_t activation_size() const noexcept {
+    return static_cast<std::size_t>(tokens_per_rank_ * cfg_.hidden);
+  }
+
+  /// Forward of microbatch `mb` through chunk `chunk` (see `PipelineStageModel`). On the last
+  /// virtual stage `out[0]` receives the microbatch's scaled loss (mean over this rank's tokens,
+  /// divided by M).
+  void forward(int mb, int chunk, std::span<T const> in, std::span<T> out) {
+    if (!is_first(chunk) && training_) stash_[{mb, chunk}].assign(in.begin(), in.end());
+    auto y = run_chunk(mb, chunk, in);
+    if (after_forward_) after_forward_(mb, chunk);
+    if (is_last(chunk))
+      out[0] = y[0];
+    else
+      std::copy(y.begin(), y.end(), out.begin());
+  }
+
+  /// Backward of microbatch `mb` through chunk `chunk`: recomputes the chunk's forward when its
+  /// layers hold another microbatch's state, then back-propagates and accumulates gradients.
+  void backward(int mb, int chunk, std::span<T const> out_grad, std::span<T> in_grad) {
+    if (!training_) return;  // evaluation: in_grad stays zero
+    auto& ch = chunks_[static_cast<std::size_t>(chunk)];
+    std::vector<T> input;
+    if (!is_first(chunk)) {
+      auto it = stash_.find({mb, chunk});
+      MOEFOLD_EXPECTS(it != stash_.end(),
+                      "DecoderStage: no stashed input of microbatch {} chunk {}", mb, chunk);
+      input = std::move(it->second);
+      stash_.erase(it);
+    }
+    if (ch.fresh != mb) run_chunk(mb, chunk, std::span<T const>(input));
+    ch.fresh = -1;
+
+    std::vector<T> dy;
+    if (is_last(chunk)) {
+      T const scale = out_grad[0] / static_cast<T>(loss_tokens() * microbatches_);
+      std::vector<T> dloss(static_cast<std::size_t>(loss_tokens()), scale);
+      auto const dlogits = cross_entropy_->backward(std::span<T const>(dloss));
+      auto const dz = output_->backward(std::span<T const>(dlogits));
+      dy = final_norm_->backward(std::span<T const>(dz));
+    } else {
+      dy.assign(out_grad.begin(), out_grad.end());
+    }
+    for (auto it = ch.layers.rbegin(); it != ch.layers.rend(); ++it)
+      dy = (*it)->backward(std::span<T const>(dy));
+    if (is_first(chunk))
+      embedding_->backward(std::span<T const>(dy));
+    else
+      std::copy(dy.begin(), dy.end(), in_grad.begin());
+  }
+
+  /// Every parameter this rank holds, in a fixed order (embedding, layers by chunk, head).
+  ParamList<T> parameters() {
+    ParamList<T> out;
+    if (embedding_) append(out, embedding_->parameters());
+    for (auto& c : chunks_)
+      for (auto& l : c.layers) append(out, l->parameters());
+    if (final_norm_) {
+      append(out, final_norm_->parameters());
+      append(out, output_->parameters());
+    }
+    return out;
+  }
+
+  /// The decoder layers of chunk `chunk` (e.g. to read an MoE layer's auxiliary loss).
+  std::vector<std::unique_ptr<Layer>>& layers(int chunk) {
+    return chunks_.at(static_cast<std::size_t>(chunk)).layers;
+  }
+  int num_chunks() const noexcept { return static_cast<int>(chunks_.size()); }
+  /// True when chunk `chunk` of this rank is the first (last) virtual stage of the model.
+  bool is_first(int chunk) const noexcept { return pp_rank_ == 0 && chunk == 0; }
+  bool is_last(int chunk) const noexcept {
+    return pp_rank_ == pp_ - 1 && chunk == static_cast<int>(chunks_.size()) - 1;
+  }
+  bool holds_loss() const noexcept { return is_last(num_chunks() - 1); }
+
+ private:
+  struct Chunk {
+    std::vector<std::unique_ptr<Layer>> layers;
+    int fresh = -1;  ///< the microbatch whose forward state the layers hold, or −1
+  };
+
+  typename Layer::Config layer_config(std::int64_t index, MlpConfig mlp) const {
+    typename Layer::Config c;
+    c.name = fmt::format("decoder.layers.{}", index);
+    c.attention = AttentionConfig{.hidden = cfg_.hidden,
+                                  .heads = cfg_.heads,
+                                  .kv_groups = cfg_.kv_groups,
+                                  .rope_base = cfg_.rope_base,
+                                  .seed = cfg_.seed,
+                                  .init_scale = cfg_.init_scale};
+    c.mlp = std::move(mlp);
+    c.norm_eps = cfg_.norm_eps;
+    return c;
+  }
+
+  std::int64_t loss_tokens() const noexcept {
+    return cfg_.seq / groups_->cp().size() * cfg_.micro_batch;  // CP-local tokens
+  }
+
+  MicrobatchTokens const& tokens(int mb) {
+    auto it = tokens_.find(mb);
+    if (it == tokens_.end()) it = tokens_.emplace(mb, source_(mb)).first;
+    return it->second;
+  }
+
+  /// The chunk's forward from `in` (ignored on the first virtual stage); on the last virtual
+  /// stage returns {scaled loss}.
+  std::vector<T> run_chunk(int mb, int chunk, std::span<T const> in) {
+    auto& ch = chunks_[static_cast<std::size_t>(chunk)];
+    std::vector<T> x;
+    if (is_first(chunk))
+      x = embedding_->forward(std::span<std::int64_t const>(tokens(mb).ids));
+    else
+      x.assign(in.begin(), in.end());
+    for (auto& l : ch.layers) x = l->forward(std::span<T const>(x), cfg_.micro_batch);
+    ch.fresh = mb;
+    if (!is_last(chunk)) return x;
+    auto const z = final_norm_->forward(std::span<T const>(x));
+    auto const logits = output_->forward(std::span<T const>(z));
+    auto const losses = cross_entropy_->forward(std::span<T const>(logits),
+                                                std::span<std::int64_t const>(tokens(mb).labels));
+    double sum = 0;
+    for (T l : losses) sum += static_cast<double>(l);
+    return {static_cast<T>(sum / static_cast<double>(loss_tokens()) / microbatches_)};
+  }
+
+  DecoderModelConfig cfg_;
+  ProcessGroups<Comm>* groups_;
+  int pp_ = 1, pp_rank_ = 0;
+  std::int64_t tokens_per_rank_ = 0;
+  std::vector<Chunk> chunks_;
+  std::unique_ptr<VocabParallelEmbedding<T, Comm>> embedding_;
+  std::unique_ptr<RMSNorm<T>> final_norm_;
+  std::unique_ptr<ColumnParallelLinear<T, Comm>> output_;
+  std::unique_ptr<VocabParallelCrossEntropy<T, Comm>> cross_entropy_;
+
+  int microbatches_ = 1;
+  bool training_ = true;
+  TokenSource source_;
+  std::function<void(int, int)> after_forward_;
+  std::map<int, MicrobatchTokens> tokens_;
+  std::map<std::pair<int, int>, std::vector<T>> stash_;
+};
+
+}  // namespace v0
+}  // namespace moefold
