@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moefold/moe/all_to_all_dispatcher.hpp"
+#include "moefold/moe/detail/expert_rows.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -84,7 +85,7 @@ class AllGatherTokenDispatcher {
         ++meta_.tokens_per_local_expert[l];
       }
     }
-    expand_ = RowMap(std::move(src), gathered_tokens_);
+    experts_.set_map(RowMap(std::move(src), gathered_tokens_));
     return meta_;
   }
 
@@ -100,27 +101,17 @@ class AllGatherTokenDispatcher {
     tp_ep_.all_gather(hidden, std::span<Real>(all));
     std::vector<Real> all_p(probs.size() * static_cast<std::size_t>(tp_ep_.size()));
     tp_ep_.all_gather(probs, std::span<Real>(all_p));
-    DispatchOutput<Real> out;
-    out.expert_input.resize(static_cast<std::size_t>(expand_.rows() * h));
-    permute<Real>(expand_, all, out.expert_input, h);
-    out.expert_probs.resize(entry_.size());
+    std::vector<Real> expert_probs(entry_.size());
     for (std::size_t i = 0; i < entry_.size(); ++i)
-      out.expert_probs[i] = routed_[i] ? all_p[static_cast<std::size_t>(entry_[i])] : Real(0);
-    expert_probs_ = out.expert_probs;
-    out.tokens_per_local_expert = meta_.tokens_per_local_expert;
-    return out;
+      expert_probs[i] = routed_[i] ? all_p[static_cast<std::size_t>(entry_[i])] : Real(0);
+    return experts_.to_experts(all, h, std::move(expert_probs), meta_.tokens_per_local_expert);
   }
 
   /// Weighted scatter of the expert rows into the gathered tokens, then reduce-scatter over
   /// `tp_ep`: `[T, H]`. Collective over `tp_ep`.
   std::vector<Real> combine(std::span<Real const> expert_output) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(expert_output.size() == static_cast<std::size_t>(expand_.rows() * h),
-                    "AllGatherDispatcher::combine: expert output has {} elements, expected N·H",
-                    expert_output.size());
-    saved_output_.assign(expert_output.begin(), expert_output.end());
-    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
-    unpermute<Real>(expand_, expert_output, all, h, expert_probs_);
+    auto const all = experts_.combine(expert_output, gathered_tokens_, h, "AllGatherDispatcher");
     std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
     tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out), ReduceOp::sum);
     return out;
@@ -133,24 +124,14 @@ class AllGatherTokenDispatcher {
                     d_output.size());
     std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
     tp_ep_.all_gather(d_output, std::span<Real>(all));
-    CombineGrad<Real> out;
-    out.d_expert_output.resize(static_cast<std::size_t>(expand_.rows() * h));
-    permute<Real>(expand_, all, out.d_expert_output, h, expert_probs_);
-    out.d_expert_probs.resize(static_cast<std::size_t>(expand_.rows()));
-    row_dots<Real>(expand_, all, saved_output_, out.d_expert_probs, h);
-    return out;
+    return experts_.combine_backward(all, h);
   }
 
   DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
                                        std::span<Real const> d_expert_probs) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(d_expert_input.size() == static_cast<std::size_t>(expand_.rows() * h) &&
-                        d_expert_probs.size() == static_cast<std::size_t>(expand_.rows()),
-                    "AllGatherDispatcher::dispatch_backward: gradients of {} and {} elements for "
-                    "N = {} rows",
-                    d_expert_input.size(), d_expert_probs.size(), expand_.rows());
-    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
-    unpermute<Real>(expand_, d_expert_input, all, h);
+    auto const all = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_tokens_,
+                                                h, "AllGatherDispatcher");
     std::vector<Real> all_p(routing_.probs.size() * static_cast<std::size_t>(tp_ep_.size()),
                             Real(0));
     for (std::size_t i = 0; i < entry_.size(); ++i)
@@ -173,10 +154,9 @@ class AllGatherTokenDispatcher {
   DispatchMetadata meta_;
   Routing<Real> routing_;
   std::int64_t gathered_tokens_ = 0;
-  RowMap expand_;                    // expert rows → gathered tokens
+  detail::ExpertRows<Real> experts_;  // expert rows ↔ gathered tokens
   std::vector<std::int64_t> entry_;  // gathered routing entry of each expert row
   std::vector<bool> routed_;         // false for padding rows
-  std::vector<Real> expert_probs_, saved_output_;
 };
 
 /// Policy tag: `AllGatherDispatcher<Drop>::dispatcher<Comm, Real>` is the dispatcher type.

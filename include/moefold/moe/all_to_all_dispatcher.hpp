@@ -13,6 +13,7 @@
 
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/moe/capacity.hpp"
+#include "moefold/moe/detail/expert_rows.hpp"
 #include "moefold/moe/permutation.hpp"
 #include "moefold/moe/token_dispatcher.hpp"
 
@@ -162,7 +163,7 @@ class AllToAllTokenDispatcher {
     if (!meta_.dedup) {
       // Chunk sort (t, j, l) → (l, t, j): Megatron's sort_in over the NG chunks.
       auto src = sort_chunks(ng, transpose_order(static_cast<std::int64_t>(sources), l_));
-      expand_ = RowMap(std::move(src), gathered_rows_);
+      experts_.set_map(RowMap(std::move(src), gathered_rows_));
     }
     return meta_;
   }
@@ -217,20 +218,15 @@ class AllToAllTokenDispatcher {
       MOEFOLD_EXPECTS(static_cast<std::int64_t>(src.size()) == meta_.num_expert_rows(),
                       "AllToAllDispatcher: received {} expert rows, planned {}", src.size(),
                       meta_.num_expert_rows());
-      expand_ = RowMap(std::move(src), gathered_rows_);
+      experts_.set_map(RowMap(std::move(src), gathered_rows_));
     } else {
-      slot_.assign(expand_.row_targets().begin(), expand_.row_targets().end());
+      slot_.assign(experts_.map().row_targets().begin(), experts_.map().row_targets().end());
     }
 
-    DispatchOutput<Real> out;
-    out.expert_input.resize(static_cast<std::size_t>(expand_.rows() * h));
-    permute<Real>(expand_, gathered, out.expert_input, h);
-    out.expert_probs.resize(slot_.size());
+    std::vector<Real> expert_probs(slot_.size());
     for (std::size_t i = 0; i < slot_.size(); ++i)
-      out.expert_probs[i] = gathered_p_[static_cast<std::size_t>(slot_[i])];
-    expert_probs_ = out.expert_probs;
-    out.tokens_per_local_expert = meta_.tokens_per_local_expert;
-    return out;
+      expert_probs[i] = gathered_p_[static_cast<std::size_t>(slot_[i])];
+    return experts_.to_experts(gathered, h, std::move(expert_probs), meta_.tokens_per_local_expert);
   }
 
   /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
@@ -238,13 +234,7 @@ class AllToAllTokenDispatcher {
   /// and `ep`.
   std::vector<Real> combine(std::span<Real const> expert_output) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(expert_output.size() == static_cast<std::size_t>(expand_.rows() * h),
-                    "AllToAllDispatcher::combine: expert output has {} elements, expected N·H = "
-                    "{}·{}",
-                    expert_output.size(), expand_.rows(), h);
-    saved_output_.assign(expert_output.begin(), expert_output.end());
-    std::vector<Real> g(static_cast<std::size_t>(gathered_rows_ * h));
-    unpermute<Real>(expand_, expert_output, g, h, expert_probs_);
+    auto g = experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher");
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
     std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
@@ -262,13 +252,8 @@ class AllToAllTokenDispatcher {
     std::vector<Real> send(static_cast<std::size_t>(send_map_.rows() * h));
     permute<Real>(send_map_, d_output, send, h);
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
-    auto g = all_gather_etp<Real>(std::move(recv), h);
-    CombineGrad<Real> out;
-    out.d_expert_output.resize(static_cast<std::size_t>(expand_.rows() * h));
-    permute<Real>(expand_, g, out.d_expert_output, h, expert_probs_);
-    out.d_expert_probs.resize(static_cast<std::size_t>(expand_.rows()));
-    row_dots<Real>(expand_, g, saved_output_, out.d_expert_probs, h);
-    return out;
+    auto const g = all_gather_etp<Real>(std::move(recv), h);
+    return experts_.combine_backward(g, h);
   }
 
   /// Backward of `dispatch`: sums expert-input gradients (and ETP partials), returns them to
@@ -276,14 +261,9 @@ class AllToAllTokenDispatcher {
   DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
                                        std::span<Real const> d_expert_probs) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(d_expert_input.size() == static_cast<std::size_t>(expand_.rows() * h) &&
-                        d_expert_probs.size() == static_cast<std::size_t>(expand_.rows()),
-                    "AllToAllDispatcher::dispatch_backward: gradients of {} and {} elements for "
-                    "N = {} rows of H = {}",
-                    d_expert_input.size(), d_expert_probs.size(), expand_.rows(), h);
     auto const w = probs_width();
-    std::vector<Real> g(static_cast<std::size_t>(gathered_rows_ * h));
-    unpermute<Real>(expand_, d_expert_input, g, h);
+    auto g = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_rows_, h,
+                                        "AllToAllDispatcher");
     std::vector<Real> gp(static_cast<std::size_t>(gathered_rows_ * w), Real(0));
     for (std::size_t i = 0; i < slot_.size(); ++i)
       gp[static_cast<std::size_t>(slot_[i])] += d_expert_probs[i];
@@ -351,9 +331,9 @@ class AllToAllTokenDispatcher {
   RowMap send_map_;                       // sent rows → tokens
   std::vector<std::int64_t> send_entry_;  // routing entry per sent row (× L with dedup; -1: none)
   std::int64_t gathered_rows_ = 0;        // R: rows after the ETP all-gather
-  RowMap expand_;                         // expert rows → gathered rows
+  detail::ExpertRows<Real> experts_;     // expert rows ↔ gathered rows
   std::vector<std::int64_t> slot_;        // expert row → probability slot of the gathered rows
-  std::vector<Real> gathered_p_, expert_probs_, saved_output_;
+  std::vector<Real> gathered_p_;
 };
 
 /// Policy tag: `AllToAllDispatcher<Drop>::dispatcher<Comm, Real>` is the dispatcher type.

@@ -10,6 +10,7 @@
 
 #include "moefold/moe/grouped_gemm_experts.hpp"
 #include "support/catch.hpp"
+#include "support/finite_difference.hpp"
 
 using namespace moefold;
 using Catch::Matchers::Contains;
@@ -50,12 +51,7 @@ std::vector<double> direct(E& experts, int l, double const* x, double p) {
 }
 
 double rel_err(std::vector<double> const& a, std::vector<double> const& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+  return test::relative_error(a, b);
 }
 
 }  // namespace
@@ -127,15 +123,7 @@ TEMPLATE_TEST_CASE("expert gradients agree with central finite differences", "[e
   };
   (void)experts.forward(x, p, counts);
   auto const g = experts.backward(r);
-  auto fd = [&](double& v) {
-    double const eps = 1e-6, old = v;
-    v = old + eps;
-    double const up = loss();
-    v = old - eps;
-    double const down = loss();
-    v = old;
-    return (up - down) / (2 * eps);
-  };
+  auto fd = [&](double& v) { return test::central_difference(v, loss); };
   std::vector<double> analytic, numeric;
   for (std::size_t i = 0; i < x.size(); i += 3) {
     analytic.push_back(g.input[i]);

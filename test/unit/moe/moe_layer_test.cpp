@@ -14,6 +14,7 @@
 #include "moefold/moe/moe_layer.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "support/catch.hpp"
+#include "support/finite_difference.hpp"
 
 using namespace moefold;
 using Comm = inproc::Communicator;
@@ -99,12 +100,7 @@ Reference reference(int world, std::int64_t shared) {
 }
 
 double rel(std::vector<double> const& a, std::vector<double> const& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+  return test::relative_error(a, b);
 }
 
 template <Mode M>
@@ -267,15 +263,7 @@ TEST_CASE("the MoE layer's gradients agree with central finite differences (fp64
     };
     (void)loss();
     auto const dx = layer.backward(r);
-    auto fd = [&](double& v) {
-      double const eps = 1e-6, old = v;
-      v = old + eps;
-      double const up = loss();
-      v = old - eps;
-      double const down = loss();
-      v = old;
-      return (up - down) / (2 * eps);
-    };
+    auto fd = [&](double& v) { return test::central_difference(v, loss); };
     for (std::size_t i = 0; i < x.size(); i += 3) {
       analytic.push_back(dx[i]);
       numeric.push_back(fd(x[i]));

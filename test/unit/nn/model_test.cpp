@@ -9,6 +9,7 @@
 #include "moefold/nn/decoder_layer.hpp"
 #include "moefold/nn/vocab_parallel_cross_entropy.hpp"
 #include "moefold/nn/vocab_parallel_embedding.hpp"
+#include "support/finite_difference.hpp"
 #include "unit/nn/nn_support.hpp"
 
 using namespace moefold;
@@ -152,14 +153,8 @@ TEST_CASE("the model's gradients equal central finite differences in fp64",
       std::vector<double> analytic, numeric;
       std::size_t const step = std::max<std::size_t>(1, p->size() / 12);
       for (std::size_t i = p->size() / 7; i < p->size(); i += step) {
-        double const v = p->value[i];
-        p->value[i] = v + eps;
-        double const up = loss();
-        p->value[i] = v - eps;
-        double const down = loss();
-        p->value[i] = v;
         analytic.push_back(p->grad[i]);
-        numeric.push_back((up - down) / (2 * eps));
+        numeric.push_back(central_difference(p->value[i], loss, eps));
       }
       double const e = rel_error(analytic, numeric);
       checks.check(e <= 1e-6,

@@ -27,6 +27,7 @@
 #include "moefold/pipeline/one_f_one_b.hpp"
 #include "moefold/pipeline/simulation.hpp"
 #include "support/catch.hpp"
+#include "support/finite_difference.hpp"
 
 using namespace moefold;
 
@@ -392,16 +393,7 @@ TEST_CASE("the reference's gradients match finite differences of its loss",
     auto scratch = Params<double>::zeros(layers);
     return reference_step(p, scratch, 0, count);
   };
-  double const h = 1e-6;
-  auto fd = [&](double& x) {
-    double const x0 = x;
-    x = x0 + h;
-    double const up = loss();
-    x = x0 - h;
-    double const down = loss();
-    x = x0;
-    return (up - down) / (2 * h);
-  };
+  auto fd = [&](double& x) { return moefold::test::central_difference(x, loss); };
   CHECK(fd(p.w[1][5]) == Approx(g.w[1][5]).epsilon(1e-6));
   CHECK(fd(p.w[3][0]) == Approx(g.w[3][0]).epsilon(1e-6));
   CHECK(fd(p.b[2][1]) == Approx(g.b[2][1]).epsilon(1e-6));

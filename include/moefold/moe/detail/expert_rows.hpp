@@ -1,0 +1,89 @@
+#pragma once
+/// \file
+/// The expert side shared by both token dispatchers: the map from the rows a rank gathered
+/// (from the all-to-all, or the all-gather) to its experts' rows, the rows' probabilities, and
+/// the four moves between the two layouts — to the experts, back with probabilities applied,
+/// and the backward of each.
+
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "moefold/core/error.hpp"
+#include "moefold/moe/permutation.hpp"
+#include "moefold/moe/token_dispatcher.hpp"
+
+namespace moefold {
+inline namespace v0 {
+namespace detail {
+
+template <class Real>
+class ExpertRows {
+ public:
+  /// The map of this plan (expert rows → gathered rows), and the gathered row count.
+  void set_map(RowMap map) { map_ = std::move(map); }
+  RowMap const& map() const noexcept { return map_; }
+  std::int64_t rows() const noexcept { return map_.rows(); }
+
+  /// Dispatch's last step: the experts' rows of `gathered` [G, H] with their probabilities.
+  DispatchOutput<Real> to_experts(std::span<Real const> gathered, std::int64_t h,
+                                  std::vector<Real> probs,
+                                  std::vector<std::int64_t> const& tokens_per_local_expert) {
+    MOEFOLD_EXPECTS(static_cast<std::int64_t>(probs.size()) == rows(),
+                    "dispatcher: {} probabilities for {} expert rows", probs.size(), rows());
+    DispatchOutput<Real> out;
+    out.expert_input.resize(static_cast<std::size_t>(rows() * h));
+    permute<Real>(map_, gathered, out.expert_input, h);
+    probs_ = probs;
+    out.expert_probs = std::move(probs);
+    out.tokens_per_local_expert = tokens_per_local_expert;
+    return out;
+  }
+
+  /// Combine's first step: each expert row times its probability, summed into the gathered
+  /// rows [G, H]. Keeps the expert output for `combine_backward`.
+  std::vector<Real> combine(std::span<Real const> expert_output, std::int64_t gathered_rows,
+                            std::int64_t h, char const* who) {
+    MOEFOLD_EXPECTS(expert_output.size() == static_cast<std::size_t>(rows() * h),
+                    "{}::combine: expert output has {} elements, expected N·H = {}·{}", who,
+                    expert_output.size(), rows(), h);
+    saved_output_.assign(expert_output.begin(), expert_output.end());
+    std::vector<Real> g(static_cast<std::size_t>(gathered_rows * h));
+    unpermute<Real>(map_, expert_output, g, h, probs_);
+    return g;
+  }
+
+  /// Backward of `combine` from the gathered rows' gradient: d expert output (probabilities
+  /// applied) and d probabilities.
+  CombineGrad<Real> combine_backward(std::span<Real const> gathered_grad, std::int64_t h) {
+    CombineGrad<Real> out;
+    out.d_expert_output.resize(static_cast<std::size_t>(rows() * h));
+    permute<Real>(map_, gathered_grad, out.d_expert_output, h, probs_);
+    out.d_expert_probs.resize(static_cast<std::size_t>(rows()));
+    row_dots<Real>(map_, gathered_grad, saved_output_, out.d_expert_probs, h);
+    return out;
+  }
+
+  /// Backward of `to_experts`: the expert inputs' gradient summed into the gathered rows [G, H].
+  std::vector<Real> dispatch_backward(std::span<Real const> d_expert_input,
+                                      std::span<Real const> d_expert_probs,
+                                      std::int64_t gathered_rows, std::int64_t h, char const* who) {
+    MOEFOLD_EXPECTS(d_expert_input.size() == static_cast<std::size_t>(rows() * h) &&
+                        d_expert_probs.size() == static_cast<std::size_t>(rows()),
+                    "{}::dispatch_backward: gradients of {} and {} elements for N = {} rows of "
+                    "H = {}",
+                    who, d_expert_input.size(), d_expert_probs.size(), rows(), h);
+    std::vector<Real> g(static_cast<std::size_t>(gathered_rows * h));
+    unpermute<Real>(map_, d_expert_input, g, h);
+    return g;
+  }
+
+ private:
+  RowMap map_;
+  std::vector<Real> probs_, saved_output_;
+};
+
+}  // namespace detail
+}  // namespace v0
+}  // namespace moefold
