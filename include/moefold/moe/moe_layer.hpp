@@ -20,6 +20,7 @@
 /// activation and fc2 (spec §2.7), and it lets a deduplicated token be summed over its experts
 /// before it travels back.
 
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <optional>
@@ -51,6 +52,9 @@ struct MoELayerConfig {
   std::int64_t hidden_size = 0;                       ///< H
   std::int64_t moe_ffn_hidden_size = 0;               ///< F of each routed expert
   std::int64_t moe_shared_expert_intermediate_size = 0;  ///< F of the shared expert; 0: none
+  /// Scale the shared expert's output by σ(x·g) with a learned g [1, H] (spec §2.8; g is
+  /// replicated across tp under SP).
+  bool moe_shared_expert_gate = false;
   RouterConfig router{};                              ///< routing and token dropping
   /// A token crosses to each destination EP rank once and is expanded there (DeepEP-style);
   /// false: once per (token, expert), as Megatron. Ignored in drop-and-pad mode.
@@ -154,6 +158,13 @@ class MoELayer {
                                .init_std = cfg_.init_std},
                  cfg_.seed) {
     router_weight_.init(cfg_.seed, InitDist::normal, cfg_.init_std);
+    if (cfg_.moe_shared_expert_gate && cfg_.moe_shared_expert_intermediate_size <= 0)
+      throw invalid_config("moe_shared_expert_gate needs moe_shared_expert_intermediate_size > 0");
+    if (cfg_.moe_shared_expert_gate) {
+      gate_weight_.emplace(Param<T>::whole(cfg_.name + ".shared_experts.gate_weight",
+                                           ParamClass::tp_replicated, 1, cfg_.hidden_size));
+      gate_weight_->init(cfg_.seed, InitDist::normal, cfg_.init_std);
+    }
     if (cfg_.moe_shared_expert_intermediate_size > 0)
       shared_.emplace(DenseMlpConfig{.name = cfg_.name + ".shared_experts",
                                      .hidden = cfg_.hidden_size,
@@ -188,8 +199,19 @@ class MoELayer {
                                              std::span<std::int64_t const>(in.tokens_per_local_expert));
     auto y = dispatcher_.combine(std::span<T const>(expert_out));
     if (shared_) {
-      auto const s = shared_->forward(x);
-      for (std::size_t i = 0; i < y.size(); ++i) y[i] += s[i];
+      shared_out_ = shared_->forward(x);
+      if (gate_weight_) {
+        x_.assign(x.begin(), x.end());
+        gate_.assign(static_cast<std::size_t>(tokens), T(0));
+        std::int64_t const h = cfg_.hidden_size;
+        for (std::int64_t t = 0; t < tokens; ++t) {
+          T z{};
+          for (std::int64_t j = 0; j < h; ++j) z += x[static_cast<std::size_t>(t * h + j)] * gate_weight_->value[static_cast<std::size_t>(j)];
+          gate_[static_cast<std::size_t>(t)] = T(1) / (T(1) + std::exp(-z));
+        }
+      }
+      for (std::size_t i = 0; i < y.size(); ++i)
+        y[i] += shared_out_[i] * (gate_weight_ ? gate_[i / static_cast<std::size_t>(cfg_.hidden_size)] : T(1));
     }
     return y;
   }
@@ -210,7 +232,25 @@ class MoELayer {
     auto& dx = dg.d_hidden;
     for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += dr[i];
     if (shared_) {
-      auto const ds = shared_->backward(dy);
+      std::vector<T> d_shared(dy.begin(), dy.end());
+      if (gate_weight_) {
+        // y += s · σ(z), z = x·g: ds = dy·σ; dz = (dy·s)·σ(1−σ); dx += dz·g; dg += Σ dz·x.
+        auto const h = static_cast<std::size_t>(cfg_.hidden_size);
+        for (std::size_t t = 0; t < gate_.size(); ++t) {
+          T const g = gate_[t];
+          T dz{};
+          for (std::size_t j = 0; j < h; ++j) {
+            dz += dy[t * h + j] * shared_out_[t * h + j];
+            d_shared[t * h + j] *= g;
+          }
+          dz *= g * (T(1) - g);
+          for (std::size_t j = 0; j < h; ++j) {
+            dx[t * h + j] += dz * gate_weight_->value[j];
+            gate_weight_->grad[j] += dz * x_[t * h + j];
+          }
+        }
+      }
+      auto const ds = shared_->backward(std::span<T const>(d_shared));
       for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += ds[i];
     }
     return std::move(dx);
@@ -221,6 +261,7 @@ class MoELayer {
     ParamList<T> out{&router_weight_};
     append(out, experts_.parameters());
     if (shared_) append(out, shared_->parameters());
+    if (gate_weight_) out.push_back(&*gate_weight_);
     return out;
   }
 
@@ -267,6 +308,8 @@ class MoELayer {
   DispatcherType dispatcher_;
   Experts experts_;
   std::optional<DenseMlp<T, Comm>> shared_;
+  std::optional<Param<T>> gate_weight_;          // shared-expert gate g [1, H]
+  std::vector<T> shared_out_, gate_, x_;         // saved for backward
   std::vector<T> ones_;
   double aux_loss_ = 0;
   double aux_loss_scale_ = 1.0;

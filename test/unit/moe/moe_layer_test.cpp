@@ -48,7 +48,8 @@ struct LayerFor<Mode::all_gather> {
 
 MoELayerConfig layer_config(Mode mode, std::int64_t shared) {
   MoELayerConfig c{.name = "layers.0.mlp", .hidden_size = kH, .moe_ffn_hidden_size = 8,
-                   .moe_shared_expert_intermediate_size = shared, .seed = 77, .init_std = 0.3};
+                   .moe_shared_expert_intermediate_size = shared,
+                   .moe_shared_expert_gate = shared > 0, .seed = 77, .init_std = 0.3};
   c.router.num_experts = 16;
   c.router.moe_router_topk = 2;
   c.router.moe_aux_loss_coeff = {0.0};
@@ -247,6 +248,7 @@ TEST_CASE("the MoE layer's gradients agree with central finite differences (fp64
   inproc::run(1, [&](Comm& w) {
     ProcessGroups groups(fold, w);
     auto cfg = layer_config(Mode::dropless, 8);
+    cfg.moe_shared_expert_gate = true;  // the shared expert's sigmoid gate too
     cfg.router.moe_aux_loss_coeff = {0.01};  // the load-balancing loss enters the gradient too
     cfg.router.moe_z_loss_coeff = 0.001;
     Layer layer(cfg, groups);
