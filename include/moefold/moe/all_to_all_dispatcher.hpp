@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"
@@ -180,7 +181,7 @@ class AllToAllTokenDispatcher {
                     "AllToAllDispatcher::dispatch: probs has {} elements, expected T·E = {}",
                     probs.size(), routing_.probs.size());
     auto const w = probs_width();
-    std::vector<Real> send(static_cast<std::size_t>(send_map_.rows() * h));
+    std::vector<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
     permute<Real>(send_map_, hidden, send, h);
     std::vector<Real> send_p(send_entry_.size());
     std::vector<std::uint8_t> send_f(meta_.dedup ? send_entry_.size() : 0);
@@ -195,6 +196,7 @@ class AllToAllTokenDispatcher {
     auto const before = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent;
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
     meta_.ep_token_bytes_sent = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent - before;
+    experts_.pool().give(std::move(send));
     auto recv_p = all_to_all<Real>(send_p, meta_.input_splits, meta_.output_splits, w);
     std::vector<std::uint8_t> recv_f;
     if (meta_.dedup)
@@ -226,7 +228,9 @@ class AllToAllTokenDispatcher {
     std::vector<Real> expert_probs(slot_.size());
     for (std::size_t i = 0; i < slot_.size(); ++i)
       expert_probs[i] = gathered_p_[static_cast<std::size_t>(slot_[i])];
-    return experts_.to_experts(gathered, h, std::move(expert_probs), meta_.tokens_per_local_expert);
+    auto out = experts_.to_experts(gathered, h, std::move(expert_probs), meta_.tokens_per_local_expert);
+    experts_.pool().give(std::move(gathered));
+    return out;
   }
 
   /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
@@ -237,8 +241,10 @@ class AllToAllTokenDispatcher {
     auto g = experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher");
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
+    experts_.pool().give(std::move(mine));
     std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
     unpermute<Real>(send_map_, back, out, h);
+    experts_.pool().give(std::move(back));
     return out;
   }
 
@@ -249,11 +255,14 @@ class AllToAllTokenDispatcher {
     MOEFOLD_EXPECTS(d_output.size() == static_cast<std::size_t>(routing_.num_tokens * h),
                     "AllToAllDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
-    std::vector<Real> send(static_cast<std::size_t>(send_map_.rows() * h));
+    std::vector<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
     permute<Real>(send_map_, d_output, send, h);
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
-    auto const g = all_gather_etp<Real>(std::move(recv), h);
-    return experts_.combine_backward(g, h);
+    experts_.pool().give(std::move(send));
+    auto g = all_gather_etp<Real>(std::move(recv), h);
+    auto out = experts_.combine_backward(g, h);
+    experts_.pool().give(std::move(g));
+    return out;
   }
 
   /// Backward of `dispatch`: sums expert-input gradients (and ETP partials), returns them to
@@ -270,10 +279,12 @@ class AllToAllTokenDispatcher {
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto mine_p = reduce_scatter_etp<Real>(std::move(gp), w);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
+    experts_.pool().give(std::move(mine));
     auto back_p = all_to_all<Real>(mine_p, meta_.output_splits, meta_.input_splits, w);
     DispatchGrad<Real> out;
     out.d_hidden.resize(static_cast<std::size_t>(routing_.num_tokens * h));
     unpermute<Real>(send_map_, back, out.d_hidden, h);
+    experts_.pool().give(std::move(back));
     out.d_probs.assign(routing_.probs.size(), Real(0));
     for (std::size_t i = 0; i < send_entry_.size(); ++i) {
       auto const e = send_entry_[i];
@@ -291,7 +302,10 @@ class AllToAllTokenDispatcher {
   std::vector<U> all_to_all(std::span<U const> send, std::span<std::int64_t const> send_rows,
                             std::span<std::int64_t const> recv_rows, std::int64_t width) {
     auto const sc = detail::scaled(send_rows, width), rc = detail::scaled(recv_rows, width);
-    std::vector<U> recv(static_cast<std::size_t>(detail::total(rc)));
+    auto const n = static_cast<std::size_t>(detail::total(rc));
+    std::vector<U> recv;
+    if constexpr (std::is_same_v<U, Real>) recv = experts_.pool().take(n);
+    else recv.assign(n, U{});
     ep_.all_to_all_v(send, std::span<std::int64_t const>(sc), std::span<U>(recv),
                      std::span<std::int64_t const>(rc));
     return recv;
@@ -309,6 +323,7 @@ class AllToAllTokenDispatcher {
     std::vector<U> out(static_cast<std::size_t>(detail::total(c)));
     etp_.all_gather_v(std::span<U const>(mine), std::span<U>(out),
                       std::span<std::int64_t const>(c));
+    if constexpr (std::is_same_v<U, Real>) experts_.pool().give(std::move(mine));
     return out;
   }
   /// ReduceScatter-V (sum) over etp back to each ETP rank's rows (identity when ETP = 1).

@@ -18,11 +18,46 @@ namespace moefold {
 inline namespace v0 {
 namespace detail {
 
+/// Reuses the large temporary buffers of a dispatcher from call to call. Above glibc's mmap
+/// threshold (at most 32 MB) every fresh allocation is new memory that the kernel must fault
+/// in and zero on each step; a recycled buffer keeps its pages.
+template <class U>
+class BufferPool {
+ public:
+  /// A buffer of `n` zeroed elements, from the smallest recycled one that is large enough.
+  std::vector<U> take(std::size_t n) {
+    std::size_t best = free_.size();
+    for (std::size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].capacity() >= n && (best == free_.size() || free_[i].capacity() < free_[best].capacity()))
+        best = i;
+    std::vector<U> v;
+    if (best != free_.size()) {
+      v = std::move(free_[best]);
+      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+    }
+    v.assign(n, U{});
+    return v;
+  }
+  /// Returns a buffer for reuse (a few are kept).
+  void give(std::vector<U>&& v) {
+    if (v.capacity() == 0) return;
+    v.clear();
+    free_.push_back(std::move(v));
+    if (free_.size() > kKeep) free_.erase(free_.begin());
+  }
+
+ private:
+  static constexpr std::size_t kKeep = 6;
+  std::vector<std::vector<U>> free_;
+};
+
 template <class Real>
 class ExpertRows {
  public:
   /// The map of this plan (expert rows → gathered rows), and the gathered row count.
   void set_map(RowMap map) { map_ = std::move(map); }
+  /// The dispatcher's recycled buffers.
+  BufferPool<Real>& pool() noexcept { return pool_; }
   RowMap const& map() const noexcept { return map_; }
   std::int64_t rows() const noexcept { return map_.rows(); }
 
@@ -49,7 +84,7 @@ class ExpertRows {
                     "{}::combine: expert output has {} elements, expected N·H = {}·{}", who,
                     expert_output.size(), rows(), h);
     saved_output_.assign(expert_output.begin(), expert_output.end());
-    std::vector<Real> g(static_cast<std::size_t>(gathered_rows * h));
+    std::vector<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
     unpermute<Real>(map_, expert_output, g, h, probs_);
     return g;
   }
@@ -74,7 +109,7 @@ class ExpertRows {
                     "{}::dispatch_backward: gradients of {} and {} elements for N = {} rows of "
                     "H = {}",
                     who, d_expert_input.size(), d_expert_probs.size(), rows(), h);
-    std::vector<Real> g(static_cast<std::size_t>(gathered_rows * h));
+    std::vector<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
     unpermute<Real>(map_, d_expert_input, g, h);
     return g;
   }
@@ -82,6 +117,7 @@ class ExpertRows {
  private:
   RowMap map_;
   std::vector<Real> probs_, saved_output_;
+  BufferPool<Real> pool_;
 };
 
 }  // namespace detail
