@@ -97,23 +97,27 @@ class AllGatherTokenDispatcher {
                         probs.size() == routing_.probs.size(),
                     "AllGatherDispatcher::dispatch: hidden {} and probs {} elements for T = {}",
                     hidden.size(), probs.size(), routing_.num_tokens);
-    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
+    auto& pool = experts_.pool();
+    std::vector<Real> all = pool.take(static_cast<std::size_t>(gathered_tokens_ * h));
     tp_ep_.all_gather(hidden, std::span<Real>(all));
     std::vector<Real> all_p(probs.size() * static_cast<std::size_t>(tp_ep_.size()));
     tp_ep_.all_gather(probs, std::span<Real>(all_p));
     std::vector<Real> expert_probs(entry_.size());
     for (std::size_t i = 0; i < entry_.size(); ++i)
       expert_probs[i] = routed_[i] ? all_p[static_cast<std::size_t>(entry_[i])] : Real(0);
-    return experts_.to_experts(all, h, std::move(expert_probs), meta_.tokens_per_local_expert);
+    auto out = experts_.to_experts(all, h, std::move(expert_probs), meta_.tokens_per_local_expert);
+    pool.give(std::move(all));
+    return out;
   }
 
   /// Weighted scatter of the expert rows into the gathered tokens, then reduce-scatter over
   /// `tp_ep`: `[T, H]`. Collective over `tp_ep`.
   std::vector<Real> combine(std::span<Real const> expert_output) {
     auto const h = cfg_.hidden_size;
-    auto const all = experts_.combine(expert_output, gathered_tokens_, h, "AllGatherDispatcher");
+    auto all = experts_.combine(expert_output, gathered_tokens_, h, "AllGatherDispatcher");
     std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
     tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out), ReduceOp::sum);
+    experts_.pool().give(std::move(all));
     return out;
   }
 
@@ -122,16 +126,18 @@ class AllGatherTokenDispatcher {
     MOEFOLD_EXPECTS(d_output.size() == static_cast<std::size_t>(routing_.num_tokens * h),
                     "AllGatherDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
-    std::vector<Real> all(static_cast<std::size_t>(gathered_tokens_ * h));
+    std::vector<Real> all = experts_.pool().take(static_cast<std::size_t>(gathered_tokens_ * h));
     tp_ep_.all_gather(d_output, std::span<Real>(all));
-    return experts_.combine_backward(all, h);
+    auto out = experts_.combine_backward(all, h);
+    experts_.pool().give(std::move(all));
+    return out;
   }
 
   DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
                                        std::span<Real const> d_expert_probs) {
     auto const h = cfg_.hidden_size;
-    auto const all = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_tokens_,
-                                                h, "AllGatherDispatcher");
+    auto all = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_tokens_, h,
+                                          "AllGatherDispatcher");
     std::vector<Real> all_p(routing_.probs.size() * static_cast<std::size_t>(tp_ep_.size()),
                             Real(0));
     for (std::size_t i = 0; i < entry_.size(); ++i)
@@ -142,6 +148,7 @@ class AllGatherTokenDispatcher {
     out.d_probs.resize(routing_.probs.size());
     tp_ep_.reduce_scatter(std::span<Real const>(all_p), std::span<Real>(out.d_probs),
                           ReduceOp::sum);
+    experts_.pool().give(std::move(all));
     return out;
   }
 
