@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "comm/backends.hpp"
+#include "support/error_of.hpp"
 #include "moefold/comm/communicator.hpp"
 
 using namespace moefold;
@@ -273,14 +274,7 @@ TEMPLATE_LIST_TEST_CASE("split groups ranks by colour and orders them by key", "
 TEMPLATE_LIST_TEST_CASE("bad arguments are rejected before any communication, naming the numbers",
                         "[comm]", Backends) {
   expect_clean<TestType>(2, [](auto& comm, RankChecks& checks) {
-    auto message = [](auto&& call) -> std::string {
-      try {
-        call();
-      } catch (error const& e) {
-        return e.what();
-      }
-      return "no error";
-    };
+    auto message = [](auto&& call) { return moefold::test::error_of(call); };
     std::vector<float> a(3), b(5);
     std::vector<std::int64_t> wrong_len{1, 2, 3};
     auto m1 = message([&] {

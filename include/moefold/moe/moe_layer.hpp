@@ -138,9 +138,7 @@ class MoELayer {
   MoELayer(Config cfg, ProcessGroups<Comm>& groups)
       : cfg_(std::move(cfg)),
         groups_(&groups),
-        router_(checked(cfg_, groups).router, cfg_.hidden_size),
-        router_weight_(Param<T>::whole(cfg_.name + ".router.weight", ParamClass::tp_replicated,
-                                       cfg_.router.num_experts, cfg_.hidden_size)),
+        router_(checked(cfg_, groups).router, cfg_.hidden_size, cfg_.name + ".router.weight"),
         dispatcher_(DispatcherConfig{.num_experts = cfg_.router.num_experts,
                                      .moe_router_topk = cfg_.router.moe_router_topk,
                                      .hidden_size = cfg_.hidden_size,
@@ -157,7 +155,7 @@ class MoELayer {
                                .name_prefix = cfg_.name + ".experts",
                                .init_std = cfg_.init_std},
                  cfg_.seed) {
-    router_weight_.init(cfg_.seed, InitDist::normal, cfg_.init_std);
+    router_.weight_param().init(cfg_.seed, InitDist::normal, cfg_.init_std);
     if (cfg_.moe_shared_expert_gate && cfg_.moe_shared_expert_intermediate_size <= 0)
       throw invalid_config("moe_shared_expert_gate needs moe_shared_expert_intermediate_size > 0");
     if (cfg_.moe_shared_expert_gate) {
@@ -183,7 +181,6 @@ class MoELayer {
                     "MoELayer::forward: {} values are not whole rows of hidden size {}", x.size(),
                     cfg_.hidden_size);
     std::int64_t const tokens = static_cast<std::int64_t>(x.size()) / cfg_.hidden_size;
-    std::copy(router_weight_.value.begin(), router_weight_.value.end(), router_.weight().begin());
     auto routed = router_.forward(x, tokens,
                                   RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(),
                                                      .tp_dp_cp = &groups_->tp_dp_cp()},
@@ -224,11 +221,6 @@ class MoELayer {
     auto dg = dispatcher_.dispatch_backward(std::span<T const>(eg.input),
                                             std::span<T const>(cg.d_expert_probs));
     auto const dr = router_.backward(std::span<T const>(dg.d_probs), aux_loss_scale_);
-    auto const rg = router_.weight_grad();
-    for (std::size_t i = 0; i < rg.size(); ++i) {
-      router_weight_.grad[i] += rg[i];
-      rg[i] = T(0);
-    }
     auto& dx = dg.d_hidden;
     for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += dr[i];
     if (shared_) {
@@ -258,7 +250,7 @@ class MoELayer {
 
   /// Router weight, then the experts' weights, then the shared expert's.
   ParamList<T> parameters() {
-    ParamList<T> out{&router_weight_};
+    ParamList<T> out{&router_.weight_param()};
     append(out, experts_.parameters());
     if (shared_) append(out, shared_->parameters());
     if (gate_weight_) out.push_back(&*gate_weight_);
@@ -304,7 +296,6 @@ class MoELayer {
   Config cfg_;
   ProcessGroups<Comm>* groups_;
   Router router_;
-  Param<T> router_weight_;
   DispatcherType dispatcher_;
   Experts experts_;
   std::optional<DenseMlp<T, Comm>> shared_;

@@ -23,6 +23,7 @@
 #include "moefold/moe/routing.hpp"
 #include "moefold/moe/score_functions.hpp"
 #include "moefold/moe/top_k.hpp"
+#include "moefold/nn/parameter.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -56,7 +57,8 @@ template <RouterScore Score, class Real = float>
 class TopKRouter {
  public:
   /// Throws `invalid_config` when `cfg` breaks a rule or names another score function.
-  TopKRouter(RouterConfig cfg, std::int64_t hidden_size)
+  /// `weight_name` names the weight parameter (e.g. "layers.0.mlp.router.weight").
+  TopKRouter(RouterConfig cfg, std::int64_t hidden_size, std::string weight_name = "router.weight")
       : cfg_(std::move(cfg)), hidden_(hidden_size) {
     cfg_.validate();
     if (cfg_.moe_router_score_function != Score::kind)
@@ -65,8 +67,9 @@ class TopKRouter {
           name(cfg_.moe_router_score_function), name(Score::kind)));
     if (hidden_size < 1) throw invalid_config(fmt::format("hidden size {} < 1", hidden_size));
     auto const e = static_cast<std::size_t>(cfg_.num_experts);
-    weight_.assign(e * static_cast<std::size_t>(hidden_size), Real(0));
-    weight_grad_.assign(weight_.size(), Real(0));
+    // Replicated across TP under sequence parallelism: its gradient is also summed over tp.
+    weight_ = Param<Real>::whole(std::move(weight_name), ParamClass::tp_replicated,
+                                 cfg_.num_experts, hidden_size);
     if (cfg_.moe_router_enable_expert_bias) expert_bias_.assign(e, Real(0));
     local_tokens_per_expert_.assign(e, 0);
     global_counts_.assign(e, 0.0);
@@ -75,10 +78,12 @@ class TopKRouter {
   RouterConfig const& config() const noexcept { return cfg_; }
   std::int64_t hidden_size() const noexcept { return hidden_; }
   /// The weight `[E, H]` (Megatron's layout).
-  std::span<Real> weight() noexcept { return weight_; }
-  std::span<Real const> weight() const noexcept { return weight_; }
+  std::span<Real> weight() noexcept { return weight_.value; }
+  std::span<Real const> weight() const noexcept { return weight_.value; }
+  /// The weight as a parameter (value and gradient), for gradient reduction and checkpoints.
+  Param<Real>& weight_param() noexcept { return weight_; }
   /// The weight's gradient, accumulated by `backward`.
-  std::span<Real> weight_grad() noexcept { return weight_grad_; }
+  std::span<Real> weight_grad() noexcept { return weight_.grad; }
   /// The expert bias `[E]` (empty unless `moe_router_enable_expert_bias`).
   std::span<Real> expert_bias() noexcept { return expert_bias_; }
   /// Routed tokens per expert since the last bias update `[E]` (this router's top-k map).
@@ -149,9 +154,9 @@ class TopKRouter {
     auto const e = static_cast<std::int64_t>(e_count);
     // dW [E, H] += d_logitsᵀ [E, T] · x [T, H];  dx [T, H] = d_logits [T, E] · W [E, H].
     gemm<Real>(Trans::yes, Trans::no, e, h, t_count, Real(1), d_logits.data(), e, x_.data(), h,
-               Real(1), weight_grad_.data(), h);
+               Real(1), weight_.grad.data(), h);
     std::vector<Real> dx(static_cast<std::size_t>(t_count * h), Real(0));
-    gemm<Real>(Trans::no, Trans::no, t_count, h, e, Real(1), d_logits.data(), e, weight_.data(), h,
+    gemm<Real>(Trans::no, Trans::no, t_count, h, e, Real(1), d_logits.data(), e, weight_.value.data(), h,
                Real(0), dx.data(), h);
     return dx;
   }
@@ -199,7 +204,7 @@ class TopKRouter {
     tp_cp_size_ = tp_cp_size;
     x_.assign(x.begin(), x.end());
     logits_.assign(static_cast<std::size_t>(tokens) * e_count, Real(0));
-    gemm<Real>(Trans::no, Trans::yes, tokens, e, h, Real(1), x.data(), h, weight_.data(), h,
+    gemm<Real>(Trans::no, Trans::yes, tokens, e, h, Real(1), x.data(), h, weight_.value.data(), h,
                Real(0), logits_.data(), e);
     for (std::size_t i = 0; i < logits_.size(); ++i)
       MOEFOLD_EXPECTS(std::isfinite(static_cast<double>(logits_[i])),
@@ -324,7 +329,8 @@ class TopKRouter {
 
   RouterConfig cfg_;
   std::int64_t hidden_;
-  std::vector<Real> weight_, weight_grad_, expert_bias_;
+  Param<Real> weight_;
+  std::vector<Real> expert_bias_;
   std::vector<std::int64_t> local_tokens_per_expert_;
   std::vector<double> global_counts_;
   std::int64_t global_steps_ = 0;

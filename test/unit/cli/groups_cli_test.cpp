@@ -10,6 +10,7 @@
 
 #include "moefold/mesh/folded_mapping.hpp"
 #include "support/catch.hpp"
+#include "support/cli_checks.hpp"
 #include "support/run_command.hpp"
 
 using namespace moefold;
@@ -73,8 +74,7 @@ TEST_CASE("groups prints a table, one rank's view, and an SVG picture") {
       (std::filesystem::temp_directory_path() / "moefold_groups_test.svg").string();
   auto const svg = run_command(cli("groups --world-size 8 --tp 2 --cp 2 --pp 2 --ep 4 --etp 1 --svg " + svg_path));
   REQUIRE(svg.status == 0);
-  std::ifstream in(svg_path);
-  std::string const text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string const text = moefold::test::read_text(svg_path);
   CHECK(text.rfind("<svg", 0) == 0);
   CHECK(text.find("</svg>") != std::string::npos);
   CHECK(std::count(text.begin(), text.end(), '\n') > 8 * 6);  // two cells per rank, each 3 lines
@@ -96,9 +96,6 @@ TEST_CASE("invalid input exits with status 2 and one line on stderr naming the r
        }) {
     auto const r = run_command(cli(c.args));
     INFO(c.args << " -> " << r.err);
-    CHECK(r.status == 2);
-    CHECK(r.out.empty());
-    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
-    CHECK(r.err.find(c.expected) != std::string::npos);
+    moefold::test::check_usage_error(r, c.expected);
   }
 }

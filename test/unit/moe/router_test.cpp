@@ -12,21 +12,14 @@
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/moe/capacity.hpp"
 #include "moefold/moe/router.hpp"
+#include "support/error_of.hpp"
 
 using namespace moefold;
 using Catch::Matchers::Contains;
 
 namespace {
 
-template <class Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (std::exception const& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using moefold::test::error_of;
 
 std::vector<int> chosen(Routing<double> const& r, std::int64_t t) {
   std::vector<int> out;

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "comm/backends.hpp"
+#include "support/error_of.hpp"
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/core/init.hpp"
 #include "moefold/nn/parameter.hpp"
@@ -149,17 +150,6 @@ void check_equivalence(BlockShape shape, std::vector<Folding> const& foldings, M
                      "gradient of " + p->name, tol);
     });
   }
-}
-
-/// The message of the moefold::error that `fn` throws, or "no error".
-template <class Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (std::exception const& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 }  // namespace moefold::test

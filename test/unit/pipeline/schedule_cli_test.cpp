@@ -12,6 +12,7 @@
 #include "moefold/pipeline/interleaved.hpp"
 #include "moefold/pipeline/one_f_one_b.hpp"
 #include "support/catch.hpp"
+#include "support/cli_checks.hpp"
 #include "support/run_command.hpp"
 
 using namespace moefold;
@@ -95,8 +96,7 @@ TEST_CASE("schedule prints a timeline with the bubble beside the ideal, and an S
       (std::filesystem::temp_directory_path() / "moefold_schedule_test.svg").string();
   auto const svg = run_command(cli("schedule --pp 2 --vpp 2 --microbatches 4 --svg " + svg_path));
   REQUIRE(svg.status == 0);
-  std::ifstream in(svg_path);
-  std::string const text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string const text = moefold::test::read_text(svg_path);
   CHECK(text.rfind("<svg", 0) == 0);
   CHECK(text.find("</svg>") != std::string::npos);
   CHECK(text.find(">B3c0</text>") != std::string::npos);
@@ -133,9 +133,6 @@ TEST_CASE("invalid schedule input exits with status 2 and one line on stderr nam
        }) {
     auto const r = run_command(cli(c.args));
     INFO(c.args << " -> " << r.err);
-    CHECK(r.status == 2);
-    CHECK(r.out.empty());
-    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
-    CHECK(r.err.find(c.expected) != std::string::npos);
+    moefold::test::check_usage_error(r, c.expected);
   }
 }

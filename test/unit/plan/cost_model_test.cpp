@@ -5,18 +5,12 @@
 
 #include "moefold/plan/cost_model.hpp"
 #include "support/catch.hpp"
+#include "support/error_of.hpp"
 
 using namespace moefold;
 
 namespace {
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (invalid_config const& e) {
-    return e.what();
-  }
-  return "(no invalid_config thrown)";
-}
+using moefold::test::error_of;
 Workload const paper_mixtral{.gpus = 128, .global_batch_size = 256, .seq_length = 4096};
 ParallelConfig const paper_fold{.tp = 2, .pp = 8, .ep = 8, .etp = 1};
 }  // namespace
@@ -157,7 +151,7 @@ TEST_CASE("H200 memory lets a configuration fit that does not fit an H100") {
 TEST_CASE("shapes a model cannot run are rejected with the rule and the numbers") {
   ModelSpec const m = mixtral_8x22b();
   auto why = [&](ParallelConfig const& c, Workload const& w = paper_mixtral) {
-    return message_of([&] { estimate(m, h100_cluster(), w, c); });
+    return error_of([&] { estimate(m, h100_cluster(), w, c); });
   };
   CHECK(why({.tp = 32, .pp = 4, .ep = 8, .etp = 1}) ==
         "num_attention_heads (48) is not divisible by TP (32)");

@@ -6,18 +6,12 @@
 #include "moefold/plan/flops.hpp"
 #include "moefold/plan/model.hpp"
 #include "support/catch.hpp"
+#include "support/error_of.hpp"
 
 using namespace moefold;
 
 namespace {
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (invalid_config const& e) {
-    return e.what();
-  }
-  return "(no invalid_config thrown)";
-}
+using moefold::test::error_of;
 }  // namespace
 
 TEST_CASE("the FLOPs formula gives the per-token figures of spec/paper.md §4.11") {
@@ -80,19 +74,19 @@ TEST_CASE("the cluster presets are the paper's Eos (h100) and its H200 variant")
 }
 
 TEST_CASE("unknown presets and broken shapes are rejected with the rule and numbers") {
-  CHECK(message_of([] { model_preset("gpt-5"); }).find("unknown model preset 'gpt-5'") !=
+  CHECK(error_of([] { model_preset("gpt-5"); }).find("unknown model preset 'gpt-5'") !=
         std::string::npos);
-  CHECK(message_of([] { cluster_preset("a100"); }).find("unknown cluster preset 'a100'") !=
+  CHECK(error_of([] { cluster_preset("a100"); }).find("unknown cluster preset 'a100'") !=
         std::string::npos);
   ModelSpec m = mixtral_8x22b();
   m.num_query_groups = 7;
-  CHECK(message_of([&] { m.validate(); }) ==
+  CHECK(error_of([&] { m.validate(); }) ==
         "model 'mixtral-8x22b': num_attention_heads (48) is not divisible by num_query_groups (7)");
   m = mixtral_8x22b();
   m.moe_router_topk = 9;
-  CHECK(message_of([&] { m.validate(); }) ==
+  CHECK(error_of([&] { m.validate(); }) ==
         "model 'mixtral-8x22b': moe_router_topk (9) exceeds num_experts (8)");
   ClusterSpec c = h100_cluster();
   c.hbm_gb = 0;
-  CHECK(message_of([&] { c.validate(); }) == "cluster 'h100': hbm_gb must be positive (got 0)");
+  CHECK(error_of([&] { c.validate(); }) == "cluster 'h100': hbm_gb must be positive (got 0)");
 }

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/catch.hpp"
+#include "support/cli_checks.hpp"
 #include "support/run_command.hpp"
 
 using moefold::test::run_command;
@@ -140,10 +141,7 @@ TEST_CASE("invalid plan input exits with status 2 and one line naming the rule")
   for (auto const& c : cases) {
     auto const r = run_command(cli(c.args));
     INFO(c.args << " -> " << r.err);
-    CHECK(r.status == 2);
-    CHECK(r.out.empty());
-    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
-    CHECK(r.err.find(c.expected) != std::string::npos);
+    moefold::test::check_usage_error(r, c.expected);
   }
   std::filesystem::remove(bad_key);
   std::filesystem::remove(missing);
