@@ -160,13 +160,23 @@ class Communicator : public CollectiveApi<Communicator> {
   }
 
   /// Runs one collective: post `slot`, wait for all, run `work` (reading peers' slots), wait
-  /// for all again.
+  /// for all again — also when `work` fails, so no buffer is freed while a peer reads it.
   template <class Work>
   void meet(detail::Slot slot, Work&& work) {
     require_valid(slot.op);
     std::string_view const op = slot.op;
     group_->arrive(rank_, slot);
-    work();
+    try {
+      work();
+    } catch (...) {
+      // This rank's buffers must outlive the peers' reads: depart before leaving, then report
+      // this rank's own error rather than the abort it caused.
+      try {
+        group_->depart(rank_, op);
+      } catch (error const&) {
+      }
+      throw;
+    }
     group_->depart(rank_, op);
   }
 

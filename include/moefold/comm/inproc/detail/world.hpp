@@ -115,10 +115,16 @@ class GroupState {
     slots_[static_cast<std::size_t>(rank)] = slot;
     wait_for_all(lk, rank, slot.op);
   }
-  /// The second step of a collective: waits until every member has finished reading.
+  /// The second step of a collective: waits until every member has finished reading — even
+  /// when the world has aborted meanwhile, since peers may still be copying out of this rank's
+  /// buffers (every member passed `arrive`, so every member comes here). Then throws the abort.
   void depart(int rank, std::string_view op) {
     std::unique_lock lk(mutex_);
-    wait_for_all(lk, rank, op);
+    wait_for_all(lk, rank, op, /*drain=*/true);
+    if (world_->aborted()) {
+      lk.unlock();
+      world_->throw_aborted(world_rank(rank), fmt::format("{} on {}", op, describe()));
+    }
   }
   /// The slot `rank` posted for the collective in progress (valid between arrive and depart).
   Slot const& slot(int rank) const noexcept { return slots_[static_cast<std::size_t>(rank)]; }
@@ -149,7 +155,10 @@ class GroupState {
   }
 
  private:
-  void wait_for_all(std::unique_lock<std::mutex>& lk, int rank, std::string_view op);
+  /// Registers `rank` and sleeps until every member has. Without `drain` an abort ends the wait
+  /// at once (throwing); with it the wait goes on until all arrive or the deadline passes.
+  void wait_for_all(std::unique_lock<std::mutex>& lk, int rank, std::string_view op,
+                    bool drain = false);
 
   std::shared_ptr<World> world_;
   std::vector<int> members_;
@@ -187,8 +196,8 @@ inline std::shared_ptr<GroupState> World::make_group(std::vector<int> world_rank
 }
 
 inline void GroupState::wait_for_all(std::unique_lock<std::mutex>& lk, int rank,
-                                     std::string_view op) {
-  if (world_->aborted()) {
+                                     std::string_view op, bool drain) {
+  if (!drain && world_->aborted()) {
     lk.unlock();
     world_->throw_aborted(world_rank(rank), fmt::format("{} on {}", op, describe()));
   }
@@ -203,12 +212,13 @@ inline void GroupState::wait_for_all(std::unique_lock<std::mutex>& lk, int rank,
   }
   auto const deadline = std::chrono::steady_clock::now() + world_->timeout();
   while (generation_ == gen) {
-    if (world_->aborted()) {
+    if (!drain && world_->aborted()) {
       lk.unlock();
       world_->throw_aborted(world_rank(rank), fmt::format("{} on {}", op, describe()));
     }
-    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout && generation_ == gen &&
-        !world_->aborted()) {
+    bool const timed_out = cv_.wait_until(lk, deadline) == std::cv_status::timeout;
+    if (timed_out && generation_ == gen && drain && world_->aborted()) return;  // give up draining
+    if (timed_out && generation_ == gen && !world_->aborted()) {
       std::vector<int> missing;
       for (int r = 0; r < size(); ++r)
         if (!here_[static_cast<std::size_t>(r)]) missing.push_back(world_rank(r));
