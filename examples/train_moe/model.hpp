@@ -15,12 +15,12 @@
 
 namespace moefold::train_demo {
 
-/// The MLP slot of every decoder layer: Megatron's MoE block (softmax top-k router, dropless
-/// all-to-all dispatcher, SwiGLU grouped-GEMM experts, optional shared expert), timed for the
-/// summary's phases.
+/// The MLP slot of every decoder layer: Megatron's MoE block (top-k router whose score
+/// function the command line picks, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts,
+/// optional shared expert), timed for the summary's phases.
 template <class T, Communicator Comm>
 using MlpBlock = TimedBlock<
-    MoELayer<Cpu, TopKRouter<SoftmaxScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
+    MoELayer<Cpu, TopKRouter<ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
              GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>>;
 
 /// The MLP slot's config from the command line (EP and ETP come from the folding).
@@ -30,30 +30,9 @@ typename MlpBlock<T, Comm>::Config mlp_config(TrainOptions const& o) {
   c.hidden_size = o.hidden;
   c.moe_ffn_hidden_size = o.moe_ffn;
   c.moe_shared_expert_intermediate_size = o.shared_expert_ffn;
-  c.router.num_experts = o.num_experts;
-  c.router.moe_router_topk = o.topk;
-  c.router.moe_aux_loss_coeff = {o.aux_loss_coeff};
-  c.micro_batch_size = o.micro_batch;
+  c.router = router_config(o);
   c.seed = o.seed;
   return c;
-}
-
-/// The auxiliary (load-balancing) loss of the MLP slot's last forward, coefficient applied.
-template <class T, Communicator Comm>
-double aux_loss_of(MlpBlock<T, Comm>& block) {
-  return block.inner().aux_loss();
-}
-
-/// Per microbatch, the auxiliary losses' gradients are scaled like the LM loss (1/M, spec §3.3).
-template <class T, Communicator Comm>
-void set_aux_loss_scale(MlpBlock<T, Comm>& block, double scale) {
-  block.inner().set_aux_loss_scale(scale);
-}
-
-/// After each optimizer step (expert-bias update, global aux-loss statistics reset).
-template <class T, Communicator Comm>
-void finish_global_batch(MlpBlock<T, Comm>& block) {
-  block.inner().finish_global_batch();
 }
 
 /// One line for the banner.
@@ -76,7 +55,8 @@ inline DecoderModelConfig model_config(TrainOptions const& o) {
           .kv_groups = o.kv_groups,
           .seq = o.seq,
           .micro_batch = o.micro_batch,
-          .seed = o.seed};
+          .seed = o.seed,
+          .calculate_per_token_loss = o.calculate_per_token_loss};
 }
 
 }  // namespace moefold::train_demo

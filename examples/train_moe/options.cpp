@@ -50,7 +50,26 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--moe-shared-expert-intermediate-size", o.shared_expert_ffn,
                  "Shared expert size (0: no shared expert)")
       ->capture_default_str();
-  app.add_option("--moe-aux-loss-coeff", o.aux_loss_coeff)->capture_default_str();
+  app.add_option("--moe-router-score-function", o.score_function, "softmax | sigmoid")
+      ->capture_default_str();
+  app.add_flag("--moe-router-pre-softmax", o.pre_softmax,
+               "Softmax over all experts before the top-k (needed for top-1 softmax)");
+  app.add_option("--moe-router-load-balancing-type", o.load_balancing,
+                 "One or more of aux_loss, seq_aux_loss, global_aux_loss, sinkhorn, none")
+      ->expected(1, -1)
+      ->capture_default_str();
+  app.add_option("--moe-aux-loss-coeff", o.aux_loss_coeff,
+                 "One coefficient, or one per load-balancing type")
+      ->expected(1, -1)
+      ->capture_default_str();
+  app.add_option("--moe-z-loss-coeff", o.z_loss_coeff, "z-loss coefficient (default: none)");
+  app.add_flag("--moe-router-enable-expert-bias", o.expert_bias,
+               "Aux-loss-free balancing by a per-expert bias (sigmoid score function)");
+  app.add_option("--moe-router-bias-update-rate", o.bias_update_rate)->capture_default_str();
+  app.add_option("--moe-input-jitter-eps", o.input_jitter_eps,
+                 "Multiply the router input by noise uniform in [1-eps, 1+eps] (training)");
+  app.add_flag("--calculate-per-token-loss", o.calculate_per_token_loss,
+               "Sum the loss over tokens; divide the gradients by the global token count");
   app.add_option("--micro-batch-size", o.micro_batch)->capture_default_str();
   app.add_option("--global-batch-size", o.global_batch)->capture_default_str();
   app.add_option("--seq-length", o.seq)->capture_default_str();
@@ -103,6 +122,47 @@ ParseResult parse_options(int argc, char** argv) {
   }
   o.world = o.backend == Backend::inproc || world ? o.world : -1;  // -1: the MPI size
   return {o, 0};
+}
+
+RouterConfig router_config(TrainOptions const& o) {
+  RouterConfig r;
+  r.num_experts = o.num_experts;
+  r.moe_router_topk = o.topk;
+  if (o.score_function == "softmax")
+    r.moe_router_score_function = ScoreFunction::softmax;
+  else if (o.score_function == "sigmoid")
+    r.moe_router_score_function = ScoreFunction::sigmoid;
+  else
+    throw invalid_config(fmt::format(
+        "--moe-router-score-function must be softmax or sigmoid (got '{}')", o.score_function));
+  r.moe_router_pre_softmax = o.pre_softmax;
+  r.moe_router_load_balancing_type.clear();
+  for (auto const& t : o.load_balancing) {
+    LoadBalancingType v{};
+    if (t == "aux_loss")
+      v = LoadBalancingType::aux_loss;
+    else if (t == "seq_aux_loss")
+      v = LoadBalancingType::seq_aux_loss;
+    else if (t == "global_aux_loss")
+      v = LoadBalancingType::global_aux_loss;
+    else if (t == "sinkhorn")
+      v = LoadBalancingType::sinkhorn;
+    else if (t == "none")
+      v = LoadBalancingType::none;
+    else
+      throw invalid_config(fmt::format(
+          "--moe-router-load-balancing-type: unknown type '{}' (aux_loss, seq_aux_loss, "
+          "global_aux_loss, sinkhorn or none)",
+          t));
+    r.moe_router_load_balancing_type.push_back(v);
+  }
+  r.moe_aux_loss_coeff = o.aux_loss_coeff;
+  r.moe_z_loss_coeff = o.z_loss_coeff;
+  r.moe_router_enable_expert_bias = o.expert_bias;
+  r.moe_router_bias_update_rate = o.bias_update_rate;
+  r.moe_input_jitter_eps = o.input_jitter_eps;
+  r.calculate_per_token_loss = o.calculate_per_token_loss;
+  return r;
 }
 
 void validate(TrainOptions const& o) {
@@ -158,6 +218,7 @@ void validate(TrainOptions const& o) {
   need(o.shared_expert_ffn >= 0 && o.shared_expert_ffn % o.tp == 0,
        fmt::format("--moe-shared-expert-intermediate-size {} must be divisible by TP = {}",
                    o.shared_expert_ffn, o.tp));
+  router_config(o).validate();  // Megatron's router rules, with the flags' names
   need(o.save_interval >= 0 && o.eval_iters >= 0 && o.eval_interval >= 0,
        "--save-interval, --eval-iters and --eval-interval must not be negative");
   need(o.save_interval == 0 || !o.save.empty(), "--save-interval needs --save DIR");

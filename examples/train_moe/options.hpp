@@ -5,6 +5,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
+
+#include "moefold/moe/router_config.hpp"
 
 #include "moefold/mesh/folded_mapping.hpp"
 
@@ -27,7 +30,16 @@ struct TrainOptions {
   int topk = 2;
   int moe_ffn = 256;
   int shared_expert_ffn = 0;  ///< --moe-shared-expert-intermediate-size (0: none)
-  double aux_loss_coeff = 1e-2;
+  // Router (Megatron's flags; see router_config()).
+  std::string score_function = "softmax";                  ///< --moe-router-score-function
+  bool pre_softmax = false;                                ///< --moe-router-pre-softmax
+  std::vector<std::string> load_balancing = {"aux_loss"};  ///< --moe-router-load-balancing-type
+  std::vector<double> aux_loss_coeff = {1e-2};             ///< --moe-aux-loss-coeff
+  std::optional<double> z_loss_coeff;                      ///< --moe-z-loss-coeff
+  bool expert_bias = false;                                ///< --moe-router-enable-expert-bias
+  double bias_update_rate = 1e-3;                          ///< --moe-router-bias-update-rate
+  std::optional<double> input_jitter_eps;                  ///< --moe-input-jitter-eps
+  bool calculate_per_token_loss = false;                   ///< --calculate-per-token-loss
   // Data and schedule.
   int micro_batch = 2;
   int global_batch = 16;
@@ -68,6 +80,10 @@ ParseResult parse_options(int argc, char** argv);
 /// Checks the options against the folding (with `world` ranks) and the model's divisibility
 /// rules; throws `invalid_config` naming the broken rule.
 void validate(TrainOptions const& o);
+
+/// The router's configuration from the command line (throws `invalid_config` for an unknown
+/// score function or load-balancing type).
+RouterConfig router_config(TrainOptions const& o);
 
 /// The data directory: --data-path, else the compiled-in default.
 std::string data_path_of(TrainOptions const& o);

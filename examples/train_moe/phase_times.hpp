@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"
+#include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/parameter.hpp"
 
 namespace moefold::train_demo {
@@ -46,9 +47,9 @@ class TimedBlock {
   TimedBlock(Config cfg, ProcessGroups<Comm>& groups) : inner_(std::move(cfg), groups) {}
 
   template <class T>
-  std::vector<T> forward(std::span<T const> x) {
+  std::vector<T> forward(std::span<T const> x, ForwardContext const& ctx) {
     Stopwatch w;
-    auto y = inner_.forward(x);
+    auto y = inner_.forward(x, ctx);
     phase_times().mlp += w.seconds();
     return y;
   }
@@ -61,6 +62,11 @@ class TimedBlock {
   }
   auto parameters() { return inner_.parameters(); }
   Inner& inner() noexcept { return inner_; }
+  // The MoE layer's per-step state, for DecoderStage and the step finalizer.
+  double aux_loss() const noexcept { return inner_.aux_loss(); }
+  std::span<std::int64_t> expert_bias_counts() noexcept { return inner_.expert_bias_counts(); }
+  void apply_expert_bias_update() { inner_.apply_expert_bias_update(); }
+  void reset_step_state() { inner_.reset_step_state(); }
 
  private:
   Inner inner_;

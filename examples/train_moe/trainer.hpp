@@ -20,6 +20,7 @@
 #include "moefold/pipeline/one_f_one_b.hpp"
 #include "moefold/train/adamw.hpp"
 #include "moefold/train/checkpoint.hpp"
+#include "moefold/train/finalize_model_grads.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "moefold/train/lr_schedule.hpp"
 #include "moefold/train/microbatch_data.hpp"
@@ -70,15 +71,6 @@ class Trainer {
       restore_training_state(ckpt, opt_);
       first_step_ = opt_.steps();
     }
-    // A rank's auxiliary loss is its part of the replica's (statistics over tp_cp): weighting
-    // its gradient by CP/M, like the LM loss's per-token CP/(S·B·M), makes reduce_gradients'
-    // 1/(DP·CP) leave the serial run's 1/(DP·M) (spec §3.3's loss·CP/M).
-    for (int c = 0; c < stage_.num_chunks(); ++c)
-      for (auto& layer : stage_.layers(c))
-        set_aux_loss_scale(layer->mlp(), static_cast<double>(o.cp) / o.microbatches());
-    stage_.after_forward([this](int, int chunk) {
-      for (auto& layer : stage_.layers(chunk)) aux_sum_ += aux_loss_of(layer->mlp());
-    });
   }
 
   std::int64_t first_step() const noexcept { return first_step_; }
@@ -129,15 +121,14 @@ class Trainer {
     auto const first =
         static_cast<std::uint64_t>(step - 1) * static_cast<std::uint64_t>(o_.global_batch);
     StepRecord r{.step = step, .lr = schedule_.at(step)};
-    auto const [loss, aux] = run_batch(Split::train, first, true);
+    auto const [loss, aux] = run_batch(Split::train, first, step);
     r.loss = loss;
     r.aux_loss = aux;
     Stopwatch w;
-    reduce_gradients(params_, groups_);
+    finalize_model_grads(stage_, groups_,
+                         {.calculate_per_token_loss = o_.calculate_per_token_loss});
     r.grad_norm = clip_grad_norm(params_, groups_, o_.clip_grad);
     opt_.step(r.lr);
-    for (int c = 0; c < stage_.num_chunks(); ++c)
-      for (auto& layer : stage_.layers(c)) finish_global_batch(layer->mlp());
     phase_times().optimizer += w.seconds();
     std::vector<double> bytes(kTrafficGroups.size());
     for (std::size_t g = 0; g < kTrafficGroups.size(); ++g)
@@ -148,17 +139,17 @@ class Trainer {
   }
 
   /// One pass of the global batch whose first stream sequence is `first` through the pipeline
-  /// (forward and backward when `training`); returns the LM loss averaged over the global batch
-  /// and the auxiliary loss (Σ over layers, mean over microbatches and DP), on every rank.
-  std::pair<double, double> run_batch(Split split, std::uint64_t first, bool training) {
+  /// (forward and backward for a training `step` ≥ 1; forward only for step 0, validation);
+  /// returns the LM loss averaged over the global batch and the auxiliary loss (Σ over layers,
+  /// mean over microbatches and DP), on every rank.
+  std::pair<double, double> run_batch(Split split, std::uint64_t first, std::int64_t step) {
     int const m = o_.microbatches();
-    aux_sum_ = 0;
     stage_.begin_step(
         m,
         [this, split, first](int mb) {
           return microbatch_tokens(corpus_, split, first, mb, shard_, o_.seed);
         },
-        training);
+        /*training=*/step > 0, step);
     TimedStage<Model<T, Comm>> timed(stage_);
     Stopwatch w;
     T const loss =
@@ -173,7 +164,16 @@ class Trainer {
     // batch's mean; the other stages contribute 0 to the sum over pp.
     // The TP·CP ranks of a replica hold parts of its auxiliary loss (summed over tp_cp), each
     // stage its layers' share (summed over pp).
-    std::vector<double> v{static_cast<double>(loss)}, aux{aux_sum_ / m};
+    // Per-token mode: the last stage holds Σ_mb Σ own-token losses instead; its mean over the
+    // global batch divides by every token of it.
+    double const lm = o_.calculate_per_token_loss
+                          ? static_cast<double>(loss) * o_.dp() * o_.cp /
+                                static_cast<double>(o_.global_batch * o_.seq)
+                          : static_cast<double>(loss);
+    // (The per-token form of an auxiliary loss carries a factor of the microbatch's tokens.)
+    double const aux_unit =
+        o_.calculate_per_token_loss ? static_cast<double>(o_.seq) * o_.micro_batch : 1.0;
+    std::vector<double> v{lm}, aux{stage_.aux_loss() / m / aux_unit};
     groups_.dp_cp().all_reduce(std::span<double>(v));
     v[0] /= static_cast<double>(groups_.mapping().dp() * groups_.mapping().cp());
     groups_.tp_dp_cp().all_reduce(std::span<double>(aux));
@@ -188,8 +188,7 @@ class Trainer {
     PhaseTimes const kept = phase_times();
     double sum = 0;
     for (int i = 0; i < o_.eval_iters; ++i)
-      sum += run_batch(Split::validation, static_cast<std::uint64_t>(i) * o_.global_batch, false)
-                 .first;
+      sum += run_batch(Split::validation, static_cast<std::uint64_t>(i) * o_.global_batch, 0).first;
     phase_times() = kept;
     return sum / o_.eval_iters;
   }
@@ -259,7 +258,6 @@ class Trainer {
   SequenceShard shard_;
   Report* report_;
   std::int64_t first_step_ = 0;
-  double aux_sum_ = 0;  ///< Σ of the MLP slots' auxiliary losses over this step's forwards
 };
 
 }  // namespace moefold::train_demo

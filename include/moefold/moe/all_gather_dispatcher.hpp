@@ -67,7 +67,8 @@ class AllGatherTokenDispatcher {
     meta_.etp_size = etp_size_;
     meta_.num_local_experts = l_;
     meta_.num_tokens = mine;
-    meta_.num_out = detail::total(routing_.tokens_per_expert());
+    meta_.local_tokens_per_expert = routing_.tokens_per_expert();
+    meta_.num_out = detail::total(meta_.local_tokens_per_expert);
     meta_.capacity = cap ? *cap : -1;
     meta_.padded = Drop::drops && drop_.pad_to_capacity;
     meta_.tokens_per_local_expert.assign(L, 0);

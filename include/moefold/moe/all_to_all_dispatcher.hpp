@@ -91,6 +91,7 @@ class AllToAllTokenDispatcher {
 
     auto const order = ExpertMajorOrder::of(routing_);
     meta_.num_out = detail::total(order.tokens_per_expert);
+    meta_.local_tokens_per_expert = order.tokens_per_expert;
     auto const& n = order.tokens_per_expert;
     auto const sources = static_cast<std::size_t>(ep * etp);
     std::vector<std::int64_t> distinct(static_cast<std::size_t>(ep), 0);  // dedup rows per dest

@@ -13,7 +13,15 @@
 ///                                   moefold::GroupedGemmExperts<moefold::SwiGLU>,
 ///                                   moefold::inproc::Communicator>;
 ///   Layer moe(cfg, groups);   // cfg: MoELayerConfig with Megatron's names
-///   auto y = moe.forward(x);  auto dx = moe.backward(dy);
+///   auto y = moe.forward(x, {.mode = ForwardMode::train, .batch = B, .microbatch = mb,
+///                            .aux_loss_scale = aux_loss_gradient_scale(cp, M)});
+///   auto dx = moe.backward(dy);
+///
+/// Per-step state (Megatron's semantics, forward_context.hpp): a `train` forward counts its
+/// final routing (after dropping) for the expert bias and computes the auxiliary losses; a
+/// `recompute` replays them; `eval` computes no auxiliary loss and changes nothing. The step
+/// finalizer (train/finalize_model_grads.hpp) updates the expert bias and resets the state once
+/// per global batch; `DecoderStage` passes the context and the aux-loss scale CP/M itself.
 ///
 /// The routing probability is applied by the dispatcher's `combine` to each expert's output
 /// row; with fc2 linear and without bias this equals Megatron's placement between the
@@ -36,6 +44,7 @@
 #include "moefold/moe/grouped_gemm_experts.hpp"
 #include "moefold/moe/router.hpp"
 #include "moefold/nn/dense_mlp.hpp"
+#include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/parameter.hpp"
 
 namespace moefold {
@@ -59,8 +68,7 @@ struct MoELayerConfig {
   /// A token crosses to each destination EP rank once and is expanded there (DeepEP-style);
   /// false: once per (token, expert), as Megatron. Ignored in drop-and-pad mode.
   bool moe_token_dispatcher_dedup = true;
-  std::int64_t micro_batch_size = 1;  ///< B of the [S_loc, B] token layout (seq_aux_loss)
-  std::uint64_t seed = 1234;          ///< initialization seed
+  std::uint64_t seed = 1234;  ///< initialization seed (and the input jitter's)
   double init_std = 0.02;             ///< normal initialization of router and expert weights
 };
 
@@ -138,7 +146,8 @@ class MoELayer {
   MoELayer(Config cfg, ProcessGroups<Comm>& groups)
       : cfg_(std::move(cfg)),
         groups_(&groups),
-        router_(checked(cfg_, groups).router, cfg_.hidden_size, cfg_.name + ".router.weight"),
+        router_(checked(cfg_, groups).router, cfg_.hidden_size, cfg_.name + ".router.weight",
+                cfg_.seed),
         dispatcher_(DispatcherConfig{.num_experts = cfg_.router.num_experts,
                                      .moe_router_topk = cfg_.router.moe_router_topk,
                                      .hidden_size = cfg_.hidden_size,
@@ -173,10 +182,12 @@ class MoELayer {
 
   Config const& config() const noexcept { return cfg_; }
 
-  /// x: this rank's tokens [T, H] (the attention side's SP-local shard) → y [T, H].
-  /// Collective over tp_cp (router statistics, when enabled), ep, etp, tp_ep and tp (shared
+  /// x: this rank's tokens [T, H] (the attention side's SP-local shard, token t = s·B + b) →
+  /// y [T, H]. `ctx` says what the forward is part of (train, recompute, eval), B and the
+  /// auxiliary losses' gradient weight for the following backward. Collective over tp_cp and
+  /// tp_dp_cp (router statistics of a train forward, when enabled), ep, etp, tp_ep and tp (shared
   /// expert): every rank of those groups must call it.
-  std::vector<T> forward(std::span<T const> x) {
+  std::vector<T> forward(std::span<T const> x, ForwardContext const& ctx = {}) {
     MOEFOLD_EXPECTS(static_cast<std::int64_t>(x.size()) % cfg_.hidden_size == 0,
                     "MoELayer::forward: {} values are not whole rows of hidden size {}", x.size(),
                     cfg_.hidden_size);
@@ -184,10 +195,12 @@ class MoELayer {
     auto routed = router_.forward(x, tokens,
                                   RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(),
                                                      .tp_dp_cp = &groups_->tp_dp_cp()},
-                                  cfg_.micro_batch_size);
+                                  ctx);
     aux_loss_ = routed.z_loss;
     for (auto const& a : routed.aux_losses) aux_loss_ += a.value;
-    dispatcher_.plan(routed.routing);
+    aux_loss_scale_ = ctx.aux_loss_scale;
+    auto const& meta = dispatcher_.plan(routed.routing);
+    if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
     auto in = dispatcher_.dispatch(x, std::span<T const>(routed.routing.probs));
     // Probabilities are applied in combine: the experts compute f_e(x).
     ones_.assign(in.expert_probs.size(), T(1));
@@ -258,19 +271,25 @@ class MoELayer {
   }
 
   /// The auxiliary losses (load balancing and z-loss) of the last forward, as this rank
-  /// computed them (coefficients applied).
+  /// computed them (coefficients applied; 0 after an eval forward).
   double aux_loss() const noexcept { return aux_loss_; }
-  /// The weight of the auxiliary losses' gradients in `backward` (Megatron scales them like the
-  /// main loss, e.g. 1/num_microbatches).
+  /// The weight of the auxiliary losses' gradients in `backward`: the last forward's
+  /// `ForwardContext::aux_loss_scale`. Megatron's value is `CP / num_microbatches`
+  /// (`aux_loss_gradient_scale`), 1 with `calculate_per_token_loss`; `DecoderStage` sets it.
   double aux_loss_scale() const noexcept { return aux_loss_scale_; }
-  void set_aux_loss_scale(double s) noexcept { aux_loss_scale_ = s; }
 
-  /// Once per global batch, after the optimizer step: the aux-loss-free expert-bias update
-  /// (when enabled; collective over tp_dp_cp) and the reset of global-aux-loss statistics.
-  void finish_global_batch() {
-    if (cfg_.router.moe_router_enable_expert_bias) router_.update_expert_bias(&groups_->tp_dp_cp());
-    router_.reset_global_aux_loss();
+  /// The router's expert-bias counters of this step `[E]` (empty unless
+  /// `moe_router_enable_expert_bias`); the step finalizer all-reduces them over tp_dp_cp in place.
+  std::span<std::int64_t> expert_bias_counts() noexcept {
+    return router_.local_tokens_per_expert();
   }
+  /// The aux-loss-free expert-bias update from the reduced counters (no-op unless enabled).
+  void apply_expert_bias_update() {
+    if (cfg_.router.moe_router_enable_expert_bias) router_.apply_expert_bias_update();
+  }
+  /// Ends a step: the global aux loss's running counts and the microbatches' statistics kept for
+  /// recomputation are reset.
+  void reset_step_state() { router_.reset_step_state(); }
 
   /// The last plan's dispatcher metadata (splits, tokens per local expert, bytes sent).
   DispatchMetadata const& dispatch_metadata() const noexcept { return dispatcher_.metadata(); }

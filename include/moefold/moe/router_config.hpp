@@ -18,7 +18,14 @@ enum class ScoreFunction : std::uint8_t { softmax, sigmoid };
 /// `moe_token_drop_policy`: which tokens an over-full expert keeps.
 enum class TokenDropPolicy : std::uint8_t { probs, position };
 /// `moe_router_load_balancing_type` (several may be enabled at once).
-enum class LoadBalancingType : std::uint8_t { none, aux_loss, seq_aux_loss, global_aux_loss };
+/// `sinkhorn` is a routing type of its own (S-BASE): it must be the only type, with coefficient 0.
+enum class LoadBalancingType : std::uint8_t {
+  none,
+  aux_loss,
+  seq_aux_loss,
+  global_aux_loss,
+  sinkhorn
+};
 
 constexpr std::string_view name(ScoreFunction s) noexcept {
   return s == ScoreFunction::softmax ? "softmax" : "sigmoid";
@@ -33,6 +40,8 @@ constexpr std::string_view name(LoadBalancingType t) noexcept {
       return "seq_aux_loss";
     case LoadBalancingType::global_aux_loss:
       return "global_aux_loss";
+    case LoadBalancingType::sinkhorn:
+      return "sinkhorn";
   }
   return "?";
 }
@@ -58,6 +67,19 @@ struct RouterConfig {
   bool moe_pad_expert_input_to_capacity = false;
   bool moe_router_enable_expert_bias = false;  ///< aux-loss-free balancing (sigmoid only)
   double moe_router_bias_update_rate = 1e-3;
+  /// Multiplies the router's input by noise uniform in [1 − eps, 1 + eps] in training forwards
+  /// (a deterministic function of seed, step, layer, global token and feature; input_jitter.hpp).
+  std::optional<double> moe_input_jitter_eps = std::nullopt;
+  /// Megatron's `calculate_per_token_loss`: the attached auxiliary losses (and the z-loss) are
+  /// multiplied by this rank's tokens · |tp_cp| (spec §2.2 step 6), to be divided by the global
+  /// token count in the step finalizer.
+  bool calculate_per_token_loss = false;
+
+  /// True when the routing is Sinkhorn's (`moe_router_load_balancing_type = sinkhorn`).
+  bool sinkhorn() const noexcept {
+    return moe_router_load_balancing_type.size() == 1 &&
+           moe_router_load_balancing_type[0] == LoadBalancingType::sinkhorn;
+  }
 
   /// The coefficient of load-balancing loss number `i`.
   double aux_loss_coeff(std::size_t i) const {
@@ -80,7 +102,7 @@ inline void RouterConfig::validate() const {
   if (moe_router_topk < 1 || moe_router_topk > num_experts)
     fail("moe_router_topk ({}) must be in [1, num_experts = {}]", moe_router_topk, num_experts);
   if (moe_router_score_function == ScoreFunction::softmax && moe_router_topk == 1 &&
-      !moe_router_pre_softmax)
+      !moe_router_pre_softmax && !sinkhorn())
     fail("moe_router_topk = 1 with the softmax score function requires moe_router_pre_softmax");
   if (moe_router_num_groups != 0) {
     if (moe_router_num_groups < 1 || num_experts % moe_router_num_groups != 0)
@@ -106,6 +128,32 @@ inline void RouterConfig::validate() const {
       moe_aux_loss_coeff.size() != moe_router_load_balancing_type.size())
     fail("moe_aux_loss_coeff has {} entries but {} load-balancing types are enabled",
          moe_aux_loss_coeff.size(), moe_router_load_balancing_type.size());
+  for (std::size_t i = 0; i < moe_router_load_balancing_type.size(); ++i) {
+    if (moe_router_load_balancing_type[i] != LoadBalancingType::sinkhorn) continue;
+    if (moe_router_load_balancing_type.size() != 1)
+      fail(
+          "moe_router_load_balancing_type sinkhorn is a routing type and must be the only one "
+          "(got {} types)",
+          moe_router_load_balancing_type.size());
+    if (aux_loss_coeff(0) != 0.0)
+      fail("Sinkhorn routing does not support an aux loss: moe_aux_loss_coeff must be 0 (got {})",
+           aux_loss_coeff(0));
+    if (moe_router_num_groups != 0 || moe_router_enable_expert_bias)
+      fail("Sinkhorn routing takes no group-limited top-k and no expert bias");
+    if (moe_expert_capacity_factor)
+      fail(
+          "moe_expert_capacity_factor needs the aux_loss, seq_aux_loss, global_aux_loss or none "
+          "load-balancing type (got sinkhorn)");
+  }
+  for (std::size_t i = 0; i < moe_aux_loss_coeff.size(); ++i)
+    if (!(moe_aux_loss_coeff[i] >= 0))
+      fail("moe_aux_loss_coeff[{}] must be ≥ 0 (got {})", i, moe_aux_loss_coeff[i]);
+  if (moe_z_loss_coeff && !(*moe_z_loss_coeff >= 0))
+    fail("moe_z_loss_coeff must be ≥ 0 (got {})", *moe_z_loss_coeff);
+  if (moe_input_jitter_eps && !(*moe_input_jitter_eps >= 0 && *moe_input_jitter_eps < 1))
+    fail("moe_input_jitter_eps must be in [0, 1) (got {})", *moe_input_jitter_eps);
+  if (moe_router_enable_expert_bias && !(moe_router_bias_update_rate >= 0))
+    fail("moe_router_bias_update_rate must be ≥ 0 (got {})", moe_router_bias_update_rate);
   if (moe_expert_capacity_factor) {
     if (!(*moe_expert_capacity_factor > 0))
       fail("moe_expert_capacity_factor must be positive (got {})", *moe_expert_capacity_factor);

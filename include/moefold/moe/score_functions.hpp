@@ -37,6 +37,7 @@ Real sigmoid(Real x) {
 /// over the K chosen logits. With it: softmax over all E, then top-k, no renormalization.
 struct SoftmaxScore {
   static constexpr ScoreFunction kind = ScoreFunction::softmax;
+  static constexpr bool accepts(ScoreFunction f) noexcept { return f == kind; }
 
   /// The values top-k ranks, `sel[E]` (`bias` is unused: expert bias needs sigmoid).
   template <class Real>
@@ -89,13 +90,15 @@ struct SoftmaxScore {
 
   /// Scores of the load-balancing losses: softmax over all E.
   template <class Real>
-  static void aux_scores(std::span<Real const> logits, std::span<Real> scores) {
+  static void aux_scores(RouterConfig const&, std::span<Real const> logits,
+                         std::span<Real> scores) {
     detail::softmax_row(logits, scores);
   }
   /// Adds the gradient of Σ_e d_scores[e]·scores[e] to `d_logits`, given `scores`.
   template <class Real>
-  static void aux_scores_backward(std::span<Real const> /*logits*/, std::span<Real const> scores,
-                                  std::span<Real const> d_scores, std::span<Real> d_logits) {
+  static void aux_scores_backward(RouterConfig const&, std::span<Real const> /*logits*/,
+                                  std::span<Real const> scores, std::span<Real const> d_scores,
+                                  std::span<Real> d_logits) {
     Real dot = 0;
     for (std::size_t e = 0; e < scores.size(); ++e) dot += scores[e] * d_scores[e];
     for (std::size_t e = 0; e < scores.size(); ++e) d_logits[e] += scores[e] * (d_scores[e] - dot);
@@ -106,6 +109,7 @@ struct SoftmaxScore {
 /// chosen scores divided by their sum (+1e-20) when K > 1.
 struct SigmoidScore {
   static constexpr ScoreFunction kind = ScoreFunction::sigmoid;
+  static constexpr bool accepts(ScoreFunction f) noexcept { return f == kind; }
   static constexpr double kEps = 1e-20;
 
   template <class Real>
@@ -146,15 +150,17 @@ struct SigmoidScore {
 
   /// Scores of the load-balancing losses: σ normalized by its sum over all E (+1e-20).
   template <class Real>
-  static void aux_scores(std::span<Real const> logits, std::span<Real> scores) {
+  static void aux_scores(RouterConfig const&, std::span<Real const> logits,
+                         std::span<Real> scores) {
     Real sum = 0;
     for (std::size_t e = 0; e < logits.size(); ++e) sum += (scores[e] = detail::sigmoid(logits[e]));
     Real const inv = Real(1) / (sum + Real(kEps));
     for (auto& v : scores) v *= inv;
   }
   template <class Real>
-  static void aux_scores_backward(std::span<Real const> logits, std::span<Real const> scores,
-                                  std::span<Real const> d_scores, std::span<Real> d_logits) {
+  static void aux_scores_backward(RouterConfig const&, std::span<Real const> logits,
+                                  std::span<Real const> scores, std::span<Real const> d_scores,
+                                  std::span<Real> d_logits) {
     Real sum = 0, dot = 0;
     for (std::size_t e = 0; e < logits.size(); ++e) sum += detail::sigmoid(logits[e]);
     Real const d = sum + Real(kEps);
@@ -167,21 +173,79 @@ struct SigmoidScore {
   }
 };
 
-/// A router score policy.
+/// The score function the configuration names (`moe_router_score_function`), chosen at run
+/// time: one router type for a trainer whose score function is a command-line choice. Each call
+/// is `SoftmaxScore`'s or `SigmoidScore`'s.
+struct ConfiguredScore {
+  static constexpr bool accepts(ScoreFunction) noexcept { return true; }
+
+  template <class Real>
+  static void selection_values(RouterConfig const& cfg, std::span<Real const> logits,
+                               std::span<Real const> bias, std::span<Real> sel) {
+    if (sigmoid(cfg))
+      SigmoidScore::selection_values<Real>(cfg, logits, bias, sel);
+    else
+      SoftmaxScore::selection_values<Real>(cfg, logits, bias, sel);
+  }
+  template <class Real>
+  static void probs(RouterConfig const& cfg, std::span<Real const> logits, std::span<int const> idx,
+                    std::span<Real> probs, std::span<Real> scratch) {
+    if (sigmoid(cfg))
+      SigmoidScore::probs<Real>(cfg, logits, idx, probs, scratch);
+    else
+      SoftmaxScore::probs<Real>(cfg, logits, idx, probs, scratch);
+  }
+  template <class Real>
+  static void backward(RouterConfig const& cfg, std::span<Real const> logits,
+                       std::span<int const> idx, std::span<Real const> d_probs,
+                       std::span<Real> d_logits, std::span<Real> scratch) {
+    if (sigmoid(cfg))
+      SigmoidScore::backward<Real>(cfg, logits, idx, d_probs, d_logits, scratch);
+    else
+      SoftmaxScore::backward<Real>(cfg, logits, idx, d_probs, d_logits, scratch);
+  }
+  template <class Real>
+  static void aux_scores(RouterConfig const& cfg, std::span<Real const> logits,
+                         std::span<Real> scores) {
+    if (sigmoid(cfg))
+      SigmoidScore::aux_scores<Real>(cfg, logits, scores);
+    else
+      SoftmaxScore::aux_scores<Real>(cfg, logits, scores);
+  }
+  template <class Real>
+  static void aux_scores_backward(RouterConfig const& cfg, std::span<Real const> logits,
+                                  std::span<Real const> scores, std::span<Real const> d_scores,
+                                  std::span<Real> d_logits) {
+    if (sigmoid(cfg))
+      SigmoidScore::aux_scores_backward<Real>(cfg, logits, scores, d_scores, d_logits);
+    else
+      SoftmaxScore::aux_scores_backward<Real>(cfg, logits, scores, d_scores, d_logits);
+  }
+
+ private:
+  static bool sigmoid(RouterConfig const& cfg) noexcept {
+    return cfg.moe_router_score_function == ScoreFunction::sigmoid;
+  }
+};
+
+/// A router score policy: which `moe_router_score_function` values it implements (`accepts`),
+/// and per token the selection values, the probabilities, their backward, and the scores of the
+/// load-balancing losses with their backward.
 template <class S>
 concept RouterScore = requires {
-  { S::kind } -> std::convertible_to<ScoreFunction>;
+  { S::accepts(ScoreFunction::softmax) } -> std::convertible_to<bool>;
 }
 &&requires(RouterConfig const& c, std::span<float const> l, std::span<int const> i,
            std::span<float> o) {
   S::template selection_values<float>(c, l, l, o);
   S::template probs<float>(c, l, i, o, o);
   S::template backward<float>(c, l, i, l, o, o);
-  S::template aux_scores<float>(l, o);
-  S::template aux_scores_backward<float>(l, l, l, o);
+  S::template aux_scores<float>(c, l, o);
+  S::template aux_scores_backward<float>(c, l, l, l, o);
 };
 
-static_assert(RouterScore<SoftmaxScore> && RouterScore<SigmoidScore>);
+static_assert(RouterScore<SoftmaxScore> && RouterScore<SigmoidScore> &&
+              RouterScore<ConfiguredScore>);
 
 }  // namespace v0
 }  // namespace moefold

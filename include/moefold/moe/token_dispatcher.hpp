@@ -50,6 +50,9 @@ struct DispatchMetadata {
   /// NG[t][j][l]: entries that rank (etp t, ep j) routes to my local expert l `[ETP·EP·L]`.
   std::vector<std::int64_t> num_global_tokens_per_local_expert;
   std::vector<std::int64_t> tokens_per_local_expert;  ///< rows of each local expert `[L]`
+  /// This rank's entries per expert after token dropping, padding slots included `[E]`: what
+  /// Megatron's router adds to its expert-bias counters (spec §2.2 step 7).
+  std::vector<std::int64_t> local_tokens_per_expert;
   /// Payload bytes this rank sent to other EP ranks in the forward token all-to-all of the last
   /// `dispatch`, as counted by the `ep` communicator (probabilities and metadata excluded).
   std::uint64_t ep_token_bytes_sent = 0;

@@ -19,17 +19,18 @@
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/nn/attention.hpp"
 #include "moefold/nn/dense_mlp.hpp"
+#include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/rms_norm.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 /// A block that maps this rank's tokens [T, H] to [T, H] and back-propagates: the MLP slot of a
-/// decoder layer.
+/// decoder layer. Its forward receives the `ForwardContext` (mode, micro-batch size B, …).
 template <class B, class T>
-concept TokenBlock = requires(B& b, std::span<T const> x) {
+concept TokenBlock = requires(B& b, std::span<T const> x, ForwardContext const& ctx) {
   typename B::Config;
-  { b.forward(x) } -> std::same_as<std::vector<T>>;
+  { b.forward(x, ctx) } -> std::same_as<std::vector<T>>;
   { b.backward(x) } -> std::same_as<std::vector<T>>;
   { b.parameters() } -> std::same_as<ParamList<T>>;
 };
@@ -65,15 +66,23 @@ requires TokenBlock<Mlp, T> && std::constructible_from < Mlp, typename Mlp::Conf
                                 .seed = cfg_.attention.seed}),
         mlp_(named(cfg_.mlp, cfg_.name + ".mlp"), groups) {}
 
-  /// x: this rank's tokens [S/(CP·TP), B, H] → y, same shape. Collective over tp and cp (and
-  /// whatever the MLP slot uses).
-  std::vector<T> forward(std::span<T const> x, std::int64_t batch) {
-    auto const a = attention_.forward(detail::cspan(input_norm_.forward(x)), batch);
+  /// x: this rank's tokens [S/(CP·TP), B, H] → y, same shape; `ctx.batch` is B (required) and
+  /// the whole context goes to the MLP slot. Collective over tp and cp (and whatever the MLP
+  /// slot uses).
+  std::vector<T> forward(std::span<T const> x, ForwardContext const& ctx) {
+    MOEFOLD_EXPECTS(ctx.batch >= 1, "DecoderLayer::forward: ForwardContext::batch must be ≥ 1 "
+                                    "(got {})",
+                    ctx.batch);
+    auto const a = attention_.forward(detail::cspan(input_norm_.forward(x)), ctx.batch);
     std::vector<T> h(x.begin(), x.end());
     for (std::size_t i = 0; i < h.size(); ++i) h[i] += a[i];
-    auto const m = mlp_.forward(detail::cspan(mlp_norm_.forward(detail::cspan(h))));
+    auto const m = mlp_.forward(detail::cspan(mlp_norm_.forward(detail::cspan(h))), ctx);
     for (std::size_t i = 0; i < h.size(); ++i) h[i] += m[i];
     return h;
+  }
+  /// A training forward of B = `batch` sequences outside a scheduled step.
+  std::vector<T> forward(std::span<T const> x, std::int64_t batch) {
+    return forward(x, ForwardContext{.batch = batch});
   }
 
   /// dy → dx, same shape; accumulates every parameter gradient.

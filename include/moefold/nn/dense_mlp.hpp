@@ -19,6 +19,7 @@
 
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
+#include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 
 namespace moefold {
@@ -58,6 +59,8 @@ class DenseMlp {
   DenseMlp(Config cfg, ProcessGroups<Comm>& groups) : DenseMlp(std::move(cfg), groups.tp()) {}
 
   /// x: this rank's tokens [T, H] → y [T, H]. Collective over `tp`.
+  /// The dense MLP keeps no per-step state: the context is accepted and unused.
+  std::vector<T> forward(std::span<T const> x, ForwardContext const& /*ctx*/) { return forward(x); }
   std::vector<T> forward(std::span<T const> x) {
     h_ = fc1_.forward(x);  // [rows, 2n]: gate | up
     std::int64_t const n = fc2_.local_in();

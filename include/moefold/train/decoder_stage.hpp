@@ -24,7 +24,14 @@
 /// Loss (Megatron's convention, spec §3.3): on the last virtual stage the microbatch loss is the
 /// mean over this rank's CP-local tokens divided by the number of microbatches M; with
 /// `reduce_gradients` (× 1/(DP·CP), SUM over dp_cp) the gradients are those of the mean over
-/// every token of the global batch.
+/// every token of the global batch. With `calculate_per_token_loss` it is the sum over the
+/// tokens, and the step finalizer divides every gradient by the global token count.
+///
+/// The MLP slots see each forward's `ForwardContext`: scheduled forwards are `train` (or `eval`
+/// in a forward-only step) and the recomputation in `backward` is `recompute`, so per-step
+/// statistics are counted once per microbatch; the auxiliary losses' gradient weight is
+/// Megatron's CP/M (1 in per-token mode), set here for every microbatch. After the
+/// microbatches, `finalize_model_grads` (finalize_model_grads.hpp) ends the step.
 
 #include <cstdint>
 #include <functional>
@@ -41,6 +48,7 @@
 #include "moefold/core/error.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/decoder_layer.hpp"
+#include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/rms_norm.hpp"
 #include "moefold/nn/vocab_parallel_cross_entropy.hpp"
 #include "moefold/nn/vocab_parallel_embedding.hpp"
@@ -62,6 +70,10 @@ struct DecoderModelConfig {
   double rope_base = 10000.0;    ///< rotary_base
   std::uint64_t seed = 0;        ///< seed of every parameter's initial value
   double init_scale = 0.02;      ///< init_method_std
+  /// `calculate_per_token_loss`: the loss is the sum over tokens; gradients are divided by the
+  /// global token count in `finalize_model_grads` (spec §4.1). The MLP slot's router must be
+  /// configured alike.
+  bool calculate_per_token_loss = false;
 };
 
 /// This rank's token ids and labels of one microbatch: its CP-local tokens [S/CP · B]
@@ -69,6 +81,9 @@ struct DecoderModelConfig {
 struct MicrobatchTokens {
   std::vector<std::int64_t> ids;
   std::vector<std::int64_t> labels;
+  /// The global index of each token (stream sequence · S + position), or empty: keys the
+  /// router's input jitter, so its noise is the same under every folding.
+  std::vector<std::int64_t> index = {};
 };
 
 /// The chunks of one PP rank of a decoder-only model, with full activation recomputation.
@@ -125,12 +140,16 @@ class DecoderStage {
   }
 
   /// Starts a step of `microbatches` microbatches whose tokens come from `source`. With
-  /// `training` false the step is forward-only: `backward` does nothing (evaluation).
-  void begin_step(int microbatches, TokenSource source, bool training) {
+  /// `training` false the step is forward-only: its forwards are evaluations (no auxiliary loss,
+  /// no statistics) and `backward` does nothing. `step` is the training iteration (a key of the
+  /// router's input jitter).
+  void begin_step(int microbatches, TokenSource source, bool training, std::int64_t step = 0) {
     MOEFOLD_EXPECTS(microbatches >= 1, "DecoderStage: a step needs at least one microbatch");
     microbatches_ = microbatches;
     source_ = std::move(source);
     training_ = training;
+    step_ = step;
+    aux_loss_ = 0;
     tokens_.clear();
     stash_.clear();
     for (auto& c : chunks_) c.fresh = -1;
@@ -150,7 +169,10 @@ class DecoderStage {
   /// divided by M).
   void forward(int mb, int chunk, std::span<T const> in, std::span<T> out) {
     if (!is_first(chunk) && training_) stash_[{mb, chunk}].assign(in.begin(), in.end());
-    auto y = run_chunk(mb, chunk, in);
+    auto y = run_chunk(mb, chunk, in, training_ ? ForwardMode::train : ForwardMode::eval);
+    for_each_mlp(chunk, [&](auto& mlp) {
+      if constexpr (requires { mlp.aux_loss(); }) aux_loss_ += mlp.aux_loss();
+    });
     if (after_forward_) after_forward_(mb, chunk);
     if (is_last(chunk))
       out[0] = y[0];
@@ -171,12 +193,14 @@ class DecoderStage {
       input = std::move(it->second);
       stash_.erase(it);
     }
-    if (ch.fresh != mb) run_chunk(mb, chunk, std::span<T const>(input));
+    if (ch.fresh != mb) run_chunk(mb, chunk, std::span<T const>(input), ForwardMode::recompute);
     ch.fresh = -1;
 
     std::vector<T> dy;
     if (is_last(chunk)) {
-      T const scale = out_grad[0] / static_cast<T>(loss_tokens() * microbatches_);
+      T const scale = cfg_.calculate_per_token_loss
+                          ? out_grad[0]
+                          : out_grad[0] / static_cast<T>(loss_tokens() * microbatches_);
       std::vector<T> dloss(static_cast<std::size_t>(loss_tokens()), scale);
       auto const dlogits = cross_entropy_->backward(std::span<T const>(dloss));
       auto const dz = output_->backward(std::span<T const>(dlogits));
@@ -205,6 +229,23 @@ class DecoderStage {
     return out;
   }
 
+  /// Σ of the MLP slots' auxiliary losses over this step's scheduled forwards (recomputations
+  /// not counted again): this rank's share; a replica's is the sum over tp_cp and pp.
+  double aux_loss() const noexcept { return aux_loss_; }
+  /// The tokens whose losses this rank summed in this step (last stage: M · S/CP · B; other
+  /// stages 0): the per-token-loss divisor before its reduction over pp and dp_cp.
+  std::int64_t loss_tokens_in_step() const noexcept {
+    return holds_loss() ? loss_tokens() * microbatches_ : 0;
+  }
+  DecoderModelConfig const& config() const noexcept { return cfg_; }
+
+  /// Calls `f(mlp)` for the MLP slot of every decoder layer of this rank (e.g. the step
+  /// finalizer's expert-bias update).
+  template <class F>
+  void for_each_mlp(F&& f) {
+    for (int c = 0; c < num_chunks(); ++c) for_each_mlp(c, f);
+  }
+
   /// The decoder layers of chunk `chunk` (e.g. to read an MoE layer's auxiliary loss).
   std::vector<std::unique_ptr<Layer>>& layers(int chunk) {
     return chunks_.at(static_cast<std::size_t>(chunk)).layers;
@@ -222,6 +263,11 @@ class DecoderStage {
     std::vector<std::unique_ptr<Layer>> layers;
     int fresh = -1;  ///< the microbatch whose forward state the layers hold, or −1
   };
+
+  template <class F>
+  void for_each_mlp(int chunk, F&& f) {
+    for (auto& l : chunks_[static_cast<std::size_t>(chunk)].layers) f(l->mlp());
+  }
 
   typename Layer::Config layer_config(std::int64_t index, MlpConfig mlp) const {
     typename Layer::Config c;
@@ -249,14 +295,32 @@ class DecoderStage {
 
   /// The chunk's forward from `in` (ignored on the first virtual stage); on the last virtual
   /// stage returns {scaled loss}.
-  std::vector<T> run_chunk(int mb, int chunk, std::span<T const> in) {
+  std::vector<T> run_chunk(int mb, int chunk, std::span<T const> in, ForwardMode mode) {
     auto& ch = chunks_[static_cast<std::size_t>(chunk)];
     std::vector<T> x;
     if (is_first(chunk))
       x = embedding_->forward(std::span<std::int64_t const>(tokens(mb).ids));
     else
       x.assign(in.begin(), in.end());
-    for (auto& l : ch.layers) x = l->forward(std::span<T const>(x), cfg_.micro_batch);
+    // The SP-local rows of the CP-local [S/CP, B] tokens: rows [tp·S/(CP·TP), …) (sequence_shard).
+    std::span<std::int64_t const> index;
+    if (auto const& all = tokens(mb).index; !all.empty()) {
+      MOEFOLD_EXPECTS(all.size() == static_cast<std::size_t>(loss_tokens()),
+                      "DecoderStage: microbatch {} has {} token indices, expected S/CP·B = {}", mb,
+                      all.size(), loss_tokens());
+      index = std::span<std::int64_t const>(all).subspan(
+          static_cast<std::size_t>(groups_->tp().rank() * tokens_per_rank_),
+          static_cast<std::size_t>(tokens_per_rank_));
+    }
+    ForwardContext const ctx{
+        .mode = mode,
+        .batch = cfg_.micro_batch,
+        .microbatch = mb,
+        .step = step_,
+        .aux_loss_scale = aux_loss_gradient_scale(groups_->cp().size(), microbatches_,
+                                                  cfg_.calculate_per_token_loss),
+        .token_index = index};
+    for (auto& l : ch.layers) x = l->forward(std::span<T const>(x), ctx);
     ch.fresh = mb;
     if (!is_last(chunk)) return x;
     auto const z = final_norm_->forward(std::span<T const>(x));
@@ -265,6 +329,7 @@ class DecoderStage {
                                                 std::span<std::int64_t const>(tokens(mb).labels));
     double sum = 0;
     for (T l : losses) sum += static_cast<double>(l);
+    if (cfg_.calculate_per_token_loss) return {static_cast<T>(sum)};
     return {static_cast<T>(sum / static_cast<double>(loss_tokens()) / microbatches_)};
   }
 
@@ -280,6 +345,8 @@ class DecoderStage {
 
   int microbatches_ = 1;
   bool training_ = true;
+  std::int64_t step_ = 0;
+  double aux_loss_ = 0;
   TokenSource source_;
   std::function<void(int, int)> after_forward_;
   std::map<int, MicrobatchTokens> tokens_;

@@ -43,22 +43,23 @@ void reduce_bucket(ParamList<T> const& params, ParamClass cls, Reduce&& reduce) 
   for (auto* p : params)
     if (p->cls == cls) {
       std::copy(bucket.begin() + static_cast<std::ptrdiff_t>(off),
-                bucket.begin() + static_cast<std::ptrdiff_t>(off + p->grad.size()), p->grad.begin());
+                bucket.begin() + static_cast<std::ptrdiff_t>(off + p->grad.size()),
+                p->grad.begin());
       off += p->grad.size();
     }
 }
 
 }  // namespace detail
 
-/// Reduces every parameter's gradient by its class (table above). `params` must list the same
-/// parameters in the same order on every rank of each group.
+/// Reduces every parameter's gradient by its class (table above), each gradient first multiplied
+/// by `pre_scale` (Megatron's 1/(DP·CP); 1 in per-token-loss mode, spec §4.1). `params` must list
+/// the same parameters in the same order on every rank of each group.
 /// Collective over `dp_cp`, `tp` and `edp`: every rank must call it.
 template <class T, Communicator C>
-void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups) {
-  FoldedMapping const& fold = groups.mapping();
-  T const scale = T(1) / static_cast<T>(fold.dp() * fold.cp());
-  for (auto* p : params)
-    for (auto& g : p->grad) g *= scale;
+void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups, T pre_scale) {
+  if (pre_scale != T(1))
+    for (auto* p : params)
+      for (auto& g : p->grad) g *= pre_scale;
   detail::reduce_bucket(params, ParamClass::dense,
                         [&](std::span<T> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
   detail::reduce_bucket(params, ParamClass::tp_replicated, [&](std::span<T> b) {
@@ -67,6 +68,13 @@ void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups) {
   });
   detail::reduce_bucket(params, ParamClass::expert,
                         [&](std::span<T> b) { groups.edp().all_reduce(b, ReduceOp::sum); });
+}
+
+/// `reduce_gradients` with Megatron's default pre-scale 1/(DP·CP).
+template <class T, Communicator C>
+void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups) {
+  FoldedMapping const& fold = groups.mapping();
+  reduce_gradients(params, groups, T(1) / static_cast<T>(fold.dp() * fold.cp()));
 }
 
 /// The L2 norm of all gradients, counting every distinct parameter element once: dense shards
@@ -82,9 +90,15 @@ double global_grad_norm(ParamList<T> const& params, ProcessGroups<C>& groups) {
     double s = 0;
     for (T g : p->grad) s += static_cast<double>(g) * static_cast<double>(g);
     switch (p->cls) {
-      case ParamClass::dense: model_parallel[0] += s; break;
-      case ParamClass::tp_replicated: model_parallel[0] += tp_first ? s : 0.0; break;
-      case ParamClass::expert: expert[0] += s; break;
+      case ParamClass::dense:
+        model_parallel[0] += s;
+        break;
+      case ParamClass::tp_replicated:
+        model_parallel[0] += tp_first ? s : 0.0;
+        break;
+      case ParamClass::expert:
+        expert[0] += s;
+        break;
     }
   }
   groups.mp().all_reduce(std::span<double>(model_parallel));

@@ -116,7 +116,8 @@ TEST_CASE("expert bias selects but does not weight, and its update follows the s
   TopKRouter<SigmoidScore, double> router(cfg, 4);
   for (int i = 0; i < 4; ++i) router.weight()[static_cast<std::size_t>(i * 4 + i)] = 1.0;
   std::vector<double> x{0, 3, 0, 0, 0, 3, 0, 0, 0, 0, 3, 0};  // experts 1, 1, 2
-  router.forward(std::span<double const>(x), 3);
+  auto const routed = router.forward(std::span<double const>(x), 3);
+  router.count_routed(routed.routing.tokens_per_expert());  // the MoE layer counts after dropping
   CHECK(std::vector<std::int64_t>(router.local_tokens_per_expert().begin(),
                                   router.local_tokens_per_expert().end()) ==
         std::vector<std::int64_t>{0, 2, 1, 0});
@@ -180,7 +181,7 @@ TEST_CASE("load-balancing losses and z-loss equal their formulas", "[moe][router
                    .moe_z_loss_coeff = 0.01};
   TopKRouter<SoftmaxScore, double> router(cfg, H);
   std::copy(w.begin(), w.end(), router.weight().begin());
-  auto out = router.forward(std::span<double const>(x), T, /*micro_batch_size=*/2);
+  auto out = router.forward(std::span<double const>(x), T, ForwardContext{.batch = 2});
   // Recompute by hand: scores = softmax(x·Wᵀ), map = top-2 of scores.
   std::vector<double> s(T * E);
   std::vector<double> counts(E, 0), sums(E, 0), seq_counts(2 * E, 0), seq_sums(2 * E, 0);
@@ -288,7 +289,7 @@ void check_router_gradients(RouterConfig cfg, std::string const& what) {
   TopKRouter<Score, double> router(cfg, H);
   auto loss = [&](std::vector<double> const& w, std::vector<double> const& x) {
     std::copy(w.begin(), w.end(), router.weight().begin());
-    auto out = router.forward(std::span<double const>(x), T, B);
+    auto out = router.forward(std::span<double const>(x), T, ForwardContext{.batch = B});
     double l = out.z_loss;
     for (auto const& a : out.aux_losses) l += a.value;
     for (std::size_t i = 0; i < g.size(); ++i) l += g[i] * out.routing.probs[i];
@@ -377,7 +378,7 @@ TEST_CASE("invalid router input gives a clear error", "[moe][router][errors]") {
   CHECK_THAT(error_of([&] { Routing<float>::from_top_k(1, 4, 2, ids, p); }),
              Contains("token 0 chooses expert 1 twice"));
   CHECK_THAT(error_of([&] { TopKRouter<SigmoidScore, float>(cfg, 3); }),
-             Contains("does not match the router's score policy"));
+             Contains("is not a variant of the router's score policy"));
   CHECK_THAT(error_of([&] { RouterConfig{.num_experts = 4, .moe_router_topk = 5}.validate(); }),
              Contains("moe_router_topk (5) must be in [1, num_experts = 4]"));
   CHECK_THAT(error_of([&] { RouterConfig{.num_experts = 4, .moe_router_topk = 1}.validate(); }),

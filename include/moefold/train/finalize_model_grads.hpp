@@ -1,0 +1,104 @@
+#pragma once
+/// \file
+/// `finalize_model_grads`: the step finalizer, one call after the microbatches of a training step
+/// — the analogue of Megatron's `finalize_model_grads` (spec §4.3):
+///
+///   1. gradients reduced by parameter class (`reduce_gradients`: dense over dp_cp,
+///      TP-replicated also over tp, experts over edp);
+///   2. the routers' expert biases updated from the step's counts, all routers' counters summed
+///      over tp_dp_cp in one collective (spec §2.2.2);
+///   3. per-step state reset (the global aux loss's running counts, the statistics kept for
+///      recomputation);
+///   4. with `calculate_per_token_loss`, every gradient divided by the global token count (the
+///      last stage's count, summed over pp and dp_cp).
+///
+///   stage.begin_step(m, source, /*training=*/true, step);
+///   run_pipeline(schedule, groups.pp(), stage);
+///   moefold::finalize_model_grads(stage, groups);
+///   moefold::clip_grad_norm(params, groups, 1.0);
+///   opt.step(lr);
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moefold/comm/process_groups.hpp"
+#include "moefold/train/gradient_reduction.hpp"
+
+namespace moefold {
+inline namespace v0 {
+
+/// A block with router state that the finalizer ends each step (the MoE layer).
+template <class B>
+concept RouterStateBlock = requires(B& b) {
+  { b.expert_bias_counts() } -> std::same_as<std::span<std::int64_t>>;
+  b.apply_expert_bias_update();
+  b.reset_step_state();
+};
+
+/// A model the finalizer can finalize: its parameters, its MLP slots, its loss tokens
+/// (`DecoderStage` is one).
+template <class S>
+concept FinalizableStage = requires(S& s) {
+  s.parameters();
+  s.for_each_mlp([](auto&) {});
+  { s.loss_tokens_in_step() } -> std::convertible_to<std::int64_t>;
+};
+
+/// The finalizer's options (Megatron's names).
+struct FinalizeOptions {
+  /// Megatron's `calculate_per_token_loss` (the stage's and the routers' configs must agree).
+  bool calculate_per_token_loss = false;
+};
+
+/// Ends a training step of `stage` (see the file comment); returns the global token count in
+/// per-token-loss mode, 0 otherwise. Collective over dp_cp, tp, edp, tp_dp_cp (and pp in
+/// per-token mode): every rank must call it, once per step.
+template <FinalizableStage Stage, Communicator C>
+std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
+                                  FinalizeOptions const& opt = {}) {
+  auto const params = stage.parameters();
+  using T = std::remove_cvref_t<decltype(*params.front()->grad.data())>;
+  std::int64_t tokens = 0;
+  if (opt.calculate_per_token_loss) {
+    reduce_gradients(params, groups, T(1));
+    std::vector<std::int64_t> n{stage.loss_tokens_in_step()};
+    groups.pp().all_reduce(std::span<std::int64_t>(n));  // only the last stage counts
+    groups.dp_cp().all_reduce(std::span<std::int64_t>(n));
+    tokens = n[0];
+    T const inv = T(1) / static_cast<T>(std::max<std::int64_t>(tokens, 1));
+    for (auto* p : params)
+      for (auto& g : p->grad) g *= inv;
+  } else {
+    reduce_gradients(params, groups);
+  }
+  // Expert bias: every router's counters in one all-reduce over tp_dp_cp (the same layers, in
+  // the same order, on every rank of the group: it lies within one pipeline stage).
+  std::vector<std::int64_t> counts;
+  stage.for_each_mlp([&](auto& mlp) {
+    if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) {
+      auto const c = mlp.expert_bias_counts();
+      counts.insert(counts.end(), c.begin(), c.end());
+    }
+  });
+  if (!counts.empty()) {
+    groups.tp_dp_cp().all_reduce(std::span<std::int64_t>(counts));
+    std::size_t at = 0;
+    stage.for_each_mlp([&](auto& mlp) {
+      if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) {
+        auto c = mlp.expert_bias_counts();
+        std::copy_n(counts.begin() + static_cast<std::ptrdiff_t>(at), c.size(), c.begin());
+        at += c.size();
+        mlp.apply_expert_bias_update();
+      }
+    });
+  }
+  stage.for_each_mlp([&](auto& mlp) {
+    if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) mlp.reset_step_state();
+  });
+  return tokens;
+}
+
+}  // namespace v0
+}  // namespace moefold
