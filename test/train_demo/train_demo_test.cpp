@@ -105,6 +105,58 @@ TEST_CASE("every folding trains with the serial run's losses for 10 steps", "[tr
   fs::remove_all(dir);
 }
 
+TEST_CASE(
+    "router options train with the serial run's losses for 10 steps under PP, VPP, CP, DP "
+    "and ETP foldings",
+    "[train][folding][router]") {
+  auto const dir = scratch("router_modes");
+  struct Mode {
+    std::string flags;
+    std::vector<std::string> foldings;
+  };
+  std::string const dp1 = "--tp 2 --cp 2 --pp 2 --ep 2 --etp 2";
+  std::string const dp1_vpp =
+      "--tp 2 --cp 2 --pp 2 --ep 4 --num-virtual-stages-per-pipeline-rank 2";
+  std::string const dp4 = "--tp 1 --cp 1 --pp 2 --world-size 8 --ep 2";
+  std::string const dp2_vpp =
+      "--tp 2 --pp 2 --world-size 8 --ep 2 --num-virtual-stages-per-pipeline-rank 2";
+  std::vector<Mode> const modes = {
+      // (a) aux-loss-free balancing: expert bias needs the sigmoid score, as in Megatron.
+      {"--moe-router-score-function sigmoid --moe-router-enable-expert-bias "
+       "--moe-aux-loss-coeff 0",
+       {"", dp1, dp4, dp2_vpp}},
+      // (b) sequence-level and global aux losses with z-loss. Megatron reduces the global aux
+      // loss's counts over tp_dp_cp, so its value depends on DP: DP 1 foldings only.
+      {"--moe-router-load-balancing-type seq_aux_loss global_aux_loss --moe-aux-loss-coeff 0.01 "
+       "0.01 --moe-z-loss-coeff 1e-3",
+       {"", dp1, dp1_vpp}},
+      // (b') the local aux losses with z-loss, under DP > 1 too.
+      {"--moe-router-load-balancing-type aux_loss seq_aux_loss --moe-aux-loss-coeff 0.01 0.01 "
+       "--moe-z-loss-coeff 1e-3",
+       {dp4, dp2_vpp}},
+      // Input jitter: a function of (seed, step, layer, global token, feature).
+      {"--moe-input-jitter-eps 0.1", {dp1_vpp, dp4}},
+  };
+  for (auto const& mode : modes) {
+    INFO("mode: " << mode.flags);
+    auto const tag = fmt::format("m{}", std::hash<std::string>{}(mode.flags) % 100000);
+    auto const serial = train(mode.flags + " --world-size 1 --train-iters 10", dir, tag);
+    REQUIRE(serial.size() == 10);
+    CHECK(serial.back().loss < serial.front().loss);
+    for (auto const& folding : mode.foldings) {
+      INFO("folding: " << (folding.empty() ? "default" : folding));
+      expect_same_losses(train(mode.flags + " " + folding + " --train-iters 10", dir,
+                               tag + fmt::format("f{}", std::hash<std::string>{}(folding) % 1000)),
+                         serial, 1e-4);
+    }
+  }
+  // Per-token-loss mode trains like the default mode on unmasked data.
+  expect_same_losses(
+      train("--calculate-per-token-loss " + dp2_vpp + " --train-iters 10", dir, "pt"),
+      train("--world-size 1 --train-iters 10", dir, "pt_ref"), 1e-5);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("a checkpoint resumes bit-identically, and within 1e-4 under another folding",
           "[train][checkpoint]") {
   auto const dir = scratch("resume");
@@ -184,7 +236,14 @@ TEST_CASE("invalid flag combinations exit with status 2 and one line", "[train][
         "--backend nccl", "--backend tcp", "--num-layers 3 --pp 2 --world-size 2",
         "--tp 2 --pp 2 --world-size 4 --num-virtual-stages-per-pipeline-rank 2 "
         "--global-batch-size 3",
-        "--world-size 1 --no-such-flag 1", "--world-size 1 --ep 3 --num-experts 8"}) {
+        "--world-size 1 --no-such-flag 1", "--world-size 1 --ep 3 --num-experts 8",
+        "--world-size 1 --moe-router-score-function relu",
+        "--world-size 1 --moe-router-load-balancing-type aux_los",
+        "--world-size 1 --moe-router-enable-expert-bias",            // needs the sigmoid score
+        "--world-size 1 --moe-router-load-balancing-type sinkhorn",  // aux coefficient 0.01
+        "--world-size 1 --moe-router-load-balancing-type aux_loss seq_aux_loss "
+        "--moe-aux-loss-coeff 0.1 0.2 0.3",
+        "--world-size 1 --moe-z-loss-coeff -1", "--world-size 1 --moe-input-jitter-eps 1.5"}) {
     INFO(args);
     auto const r = run_command(fmt::format("{} {} {}", MOEFOLD_TRAIN, kSmall, args));
     INFO("stderr: " << r.err);

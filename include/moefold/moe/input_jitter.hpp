@@ -11,7 +11,9 @@
 ///   moefold::apply_input_jitter<float>(key, x, global_token_ids, hidden, 0.01, x);  // in place
 ///
 /// Megatron jitters whenever `moe_input_jitter_eps` is set, in evaluation as well as training
-/// (its `apply_input_jitter` has no `self.training` check); pass eps = 0 for no jitter.
+/// (its `apply_input_jitter` has no `self.training` check). moefold's router deliberately jitters
+/// only training forwards and their recomputation, so evaluation stays deterministic (Megatron's
+/// evaluation noise is fresh randomness, which no reference could match); pass eps = 0 for none.
 ///
 /// The map is linear and diagonal, so its backward is the same call applied to the output
 /// gradient: d_x = apply_input_jitter(key, d_out, ...).

@@ -307,11 +307,11 @@ class TopKRouter {
       jitter_.resize(x_.size());
       for (std::size_t i = 0; i < x_.size(); ++i) {
         auto const t = i / static_cast<std::size_t>(h);
-        jitter_[i] = static_cast<Real>(
-            jitter_factor(seed_, static_cast<std::uint64_t>(ctx.step), layer_key_,
-                          static_cast<std::uint64_t>(ctx.token_index[t]),
-                          i % static_cast<std::size_t>(h), *cfg_.moe_input_jitter_eps));
-        x_[i] *= jitter_[i];
+        double const f = jitter_factor(seed_, static_cast<std::uint64_t>(ctx.step), layer_key_,
+                                       static_cast<std::uint64_t>(ctx.token_index[t]),
+                                       i % static_cast<std::size_t>(h), *cfg_.moe_input_jitter_eps);
+        jitter_[i] = static_cast<Real>(f);
+        x_[i] = static_cast<Real>(static_cast<double>(x[i]) * f);  // rounded once
       }
     }
     logits_.assign(static_cast<std::size_t>(tokens) * e_count, Real(0));

@@ -23,7 +23,7 @@ namespace {
 
 constexpr std::int64_t kH = 8, kTokens = 5;  // tokens per rank: few, so experts go empty
 
-enum class Mode { dropless, dropless_megatron, drop_pad_probs, all_gather };
+enum class Mode { dropless, dropless_megatron, drop_pad_probs, all_gather, sinkhorn, jitter };
 
 template <Mode M>
 struct LayerFor;
@@ -33,6 +33,14 @@ struct LayerFor<Mode::dropless> {
 };
 template <>
 struct LayerFor<Mode::dropless_megatron> {
+  using type = DefaultMoELayer<float, Comm>;
+};
+template <>
+struct LayerFor<Mode::sinkhorn> {
+  using type = DefaultMoELayer<float, Comm>;
+};
+template <>
+struct LayerFor<Mode::jitter> {
   using type = DefaultMoELayer<float, Comm>;
 };
 template <>
@@ -58,11 +66,21 @@ MoELayerConfig layer_config(Mode mode, std::int64_t shared) {
     c.router.moe_expert_capacity_factor = 1.0;
     c.router.moe_pad_expert_input_to_capacity = true;
   }
+  if (mode == Mode::sinkhorn)
+    c.router.moe_router_load_balancing_type = {LoadBalancingType::sinkhorn};
+  if (mode == Mode::jitter) c.router.moe_input_jitter_eps = 0.1;
   return c;
 }
 
 double global_in(std::int64_t i) { return std::sin(0.37 * static_cast<double>(i) + 0.1); }
 double global_dy(std::int64_t i) { return std::cos(0.23 * static_cast<double>(i)); }
+/// The global indices of `count` tokens from `first` on (the input jitter's key): rank r holds
+/// global tokens r·kTokens … r·kTokens + kTokens − 1.
+std::vector<std::int64_t> token_index(std::int64_t first, std::int64_t count) {
+  std::vector<std::int64_t> index(static_cast<std::size_t>(count));
+  for (std::int64_t t = 0; t < count; ++t) index[static_cast<std::size_t>(t)] = first + t;
+  return index;
+}
 
 using GradMap = std::map<std::string, std::vector<double>>;  // name → global gradient
 
@@ -73,21 +91,24 @@ struct Reference {
   std::map<std::string, std::pair<std::int64_t, std::int64_t>> shapes;
 };
 
-/// The single-rank layer run shard by shard (capacity per attention shard); gradients summed.
+/// The single-rank layer run shard by shard (capacity per attention shard), or once on all
+/// world·kTokens tokens when `whole`; gradients summed.
 template <Mode M>
-Reference reference(int world, std::int64_t shared) {
+Reference reference(int world, std::int64_t shared, bool whole = false) {
   Reference ref;
   auto const fold = FoldedMapping::from({.world = 1});
   inproc::run(1, [&](Comm& w) {
     ProcessGroups groups(fold, w);
     typename LayerFor<M>::type layer(layer_config(M, shared), groups);
-    for (int r = 0; r < world; ++r) {
-      std::vector<float> x(kTokens * kH), dy(kTokens * kH);
-      for (std::int64_t i = 0; i < kTokens * kH; ++i) {
-        x[static_cast<std::size_t>(i)] = static_cast<float>(global_in(r * kTokens * kH + i));
-        dy[static_cast<std::size_t>(i)] = static_cast<float>(global_dy(r * kTokens * kH + i));
+    std::int64_t const n = whole ? world * kTokens : kTokens;  // tokens per forward
+    for (int r = 0; r < (whole ? 1 : world); ++r) {
+      std::vector<float> x(n * kH), dy(n * kH);
+      for (std::int64_t i = 0; i < n * kH; ++i) {
+        x[static_cast<std::size_t>(i)] = static_cast<float>(global_in(r * n * kH + i));
+        dy[static_cast<std::size_t>(i)] = static_cast<float>(global_dy(r * n * kH + i));
       }
-      auto const y = layer.forward(x);
+      auto const index = token_index(r * n, n);
+      auto const y = layer.forward(x, {.token_index = index});
       ref.y.insert(ref.y.end(), y.begin(), y.end());
       auto const dx = layer.backward(dy);
       ref.dx.insert(ref.dx.end(), dx.begin(), dx.end());
@@ -105,10 +126,10 @@ double rel(std::vector<double> const& a, std::vector<double> const& b) {
 }
 
 template <Mode M>
-void check_folding(FoldingConfig const& config, std::int64_t shared) {
+void check_folding(FoldingConfig const& config, std::int64_t shared, bool whole_reference = false) {
   auto const fold = FoldedMapping::from(config);
   int const w = fold.world_size();
-  auto const ref = reference<M>(w, shared);
+  auto const ref = reference<M>(w, shared, whole_reference);
   double const dpcp = static_cast<double>(fold.dp() * fold.cp());
   // Reference norm of the reduced gradients (each global element once).
   double ref_sq = 0;
@@ -126,7 +147,8 @@ void check_folding(FoldingConfig const& config, std::int64_t shared) {
       x[static_cast<std::size_t>(i)] = static_cast<float>(global_in(r * kTokens * kH + i));
       dy[static_cast<std::size_t>(i)] = static_cast<float>(global_dy(r * kTokens * kH + i));
     }
-    auto const y = layer.forward(x);
+    auto const index = token_index(r * kTokens, kTokens);
+    auto const y = layer.forward(x, {.token_index = index});
     std::vector<double> got(y.begin(), y.end());
     std::vector<double> want(ref.y.begin() + r * kTokens * kH, ref.y.begin() + (r + 1) * kTokens * kH);
     if (rel(got, want) > 1e-5) fail += fmt::format("output differs (rel {:.2e}); ", rel(got, want));
@@ -151,7 +173,8 @@ void check_folding(FoldingConfig const& config, std::int64_t shared) {
   for (int r = 0; r < w; ++r) {
     INFO("world " << w << " tp " << config.tp << " cp " << config.cp << " ep " << config.ep
                   << " etp " << fold.etp() << " dp " << fold.dp() << " edp " << fold.edp()
-                  << " shared " << shared << " rank " << r);
+                  << " shared " << shared << " whole reference " << whole_reference << " rank "
+                  << r);
     CHECK(failures[static_cast<std::size_t>(r)].empty());
     if (!failures[static_cast<std::size_t>(r)].empty()) FAIL_CHECK(failures[static_cast<std::size_t>(r)]);
   }
@@ -278,4 +301,43 @@ TEST_CASE("the MoE layer's gradients agree with central finite differences (fp64
   });
   REQUIRE(analytic.size() > 100);
   CHECK(rel(analytic, numeric) < 1e-6);
+}
+
+namespace {
+
+/// The foldings of the sinkhorn and jitter tests: EP across TP and CP, ETP > 1, DP with EDP.
+std::vector<FoldingConfig> router_option_foldings() {
+  return {
+      {.world = 1},
+      {.world = 2, .tp = 2, .ep = 2, .etp = 1},
+      {.world = 4, .tp = 2, .cp = 2, .ep = 4, .etp = 1},
+      {.world = 8, .tp = 2, .cp = 2, .ep = 4, .etp = 2},
+      {.world = 4, .ep = 2, .etp = 1},
+  };
+}
+
+/// ‖y_a − y_b‖ / ‖y_b‖ of two references' outputs.
+double output_difference(Reference const& a, Reference const& b) {
+  return rel(std::vector<double>(a.y.begin(), a.y.end()),
+             std::vector<double>(b.y.begin(), b.y.end()));
+}
+
+}  // namespace
+
+TEST_CASE("the MoE layer with sinkhorn routing equals the single-rank layer per attention shard") {
+  // Megatron balances each rank's local [T, E] logits: the reference runs shard by shard.
+  REQUIRE(output_difference(reference<Mode::sinkhorn>(4, 0), reference<Mode::dropless>(4, 0)) >
+          1e-3);  // sinkhorn routes these tokens otherwise than plain top-k
+  for (auto const& f : router_option_foldings()) check_folding<Mode::sinkhorn>(f, 0);
+}
+
+TEST_CASE("input jitter: the MoE layer equals the single-rank layer given global token indices") {
+  // The noise is keyed by the global token index, so it does not depend on the folding: with
+  // dropless routing the reference may run shard by shard or once on all tokens.
+  REQUIRE(output_difference(reference<Mode::jitter>(4, 0), reference<Mode::dropless>(4, 0)) >
+          1e-3);  // the jitter changes the routing's probabilities
+  for (auto const& f : router_option_foldings()) {
+    check_folding<Mode::jitter>(f, 0);
+    check_folding<Mode::jitter>(f, 0, /*whole_reference=*/true);
+  }
 }
