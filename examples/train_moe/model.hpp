@@ -5,6 +5,7 @@
 #include <string>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "moefold/exec/cpu.hpp"
 #include "moefold/moe/moe_layer.hpp"
@@ -37,11 +38,12 @@ typename MlpBlock<T, Comm>::Config mlp_config(TrainOptions const& o) {
 
 /// One line for the banner.
 inline std::string mlp_description(TrainOptions const& o) {
-  return fmt::format("MoE {} experts top-{}, expert FFN {}{}, dropless all-to-all", o.num_experts,
-                     o.topk, o.moe_ffn,
-                     o.shared_expert_ffn > 0
-                         ? fmt::format(", shared expert {}", o.shared_expert_ffn)
-                         : std::string());
+  return fmt::format(
+      "MoE {} experts top-{} ({} router, {}{}{}), expert FFN {}{}, dropless all-to-all",
+      o.num_experts, o.topk, o.score_function, fmt::join(o.load_balancing, " + "),
+      o.z_loss_coeff ? ", z-loss" : "", o.expert_bias ? ", expert bias" : "", o.moe_ffn,
+      o.shared_expert_ffn > 0 ? fmt::format(", shared expert {}", o.shared_expert_ffn)
+                              : std::string());
 }
 
 template <class T, Communicator Comm>

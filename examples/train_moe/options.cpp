@@ -1,6 +1,8 @@
 #include "options.hpp"
 
+#include <algorithm>
 #include <cstdio>
+#include <iterator>
 
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
@@ -138,23 +140,17 @@ RouterConfig router_config(TrainOptions const& o) {
   r.moe_router_pre_softmax = o.pre_softmax;
   r.moe_router_load_balancing_type.clear();
   for (auto const& t : o.load_balancing) {
-    LoadBalancingType v{};
-    if (t == "aux_loss")
-      v = LoadBalancingType::aux_loss;
-    else if (t == "seq_aux_loss")
-      v = LoadBalancingType::seq_aux_loss;
-    else if (t == "global_aux_loss")
-      v = LoadBalancingType::global_aux_loss;
-    else if (t == "sinkhorn")
-      v = LoadBalancingType::sinkhorn;
-    else if (t == "none")
-      v = LoadBalancingType::none;
-    else
+    constexpr LoadBalancingType kTypes[] = {
+        LoadBalancingType::aux_loss, LoadBalancingType::seq_aux_loss,
+        LoadBalancingType::global_aux_loss, LoadBalancingType::sinkhorn, LoadBalancingType::none};
+    auto const* v = std::find_if(std::begin(kTypes), std::end(kTypes),
+                                 [&](LoadBalancingType x) { return name(x) == t; });
+    if (v == std::end(kTypes))
       throw invalid_config(fmt::format(
           "--moe-router-load-balancing-type: unknown type '{}' (aux_loss, seq_aux_loss, "
           "global_aux_loss, sinkhorn or none)",
           t));
-    r.moe_router_load_balancing_type.push_back(v);
+    r.moe_router_load_balancing_type.push_back(*v);
   }
   r.moe_aux_loss_coeff = o.aux_loss_coeff;
   r.moe_z_loss_coeff = o.z_loss_coeff;
