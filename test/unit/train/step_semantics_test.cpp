@@ -343,3 +343,41 @@ TEST_CASE("a train forward of a microbatch already counted in the step is refuse
     CHECK_NOTHROW(moe.forward(std::span<float const>(x), ctx));
   });
 }
+
+TEST_CASE("expert-bias counts are taken after token dropping, padding slots included",
+          "[train][moe][expert_bias]") {
+  using Dropping = MoELayer<Cpu, TopKRouter<SigmoidScore, float>, AllToAllDispatcher<DropByProbs>,
+                            GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+  auto const fold = FoldedMapping::from({.world = 2, .ep = 2, .etp = 1});
+  std::int64_t const tokens = 12, experts = 8;
+  for (bool pad : {false, true}) {
+    INFO("pad to capacity: " << pad);
+    std::vector<std::string> failures(2);
+    inproc::run(2, [&](Comm& world) {
+      ProcessGroups<Comm> groups(fold, world);
+      auto cfg = moe_config(expert_bias());
+      cfg.router.moe_expert_capacity_factor = 0.5;  // C = ceil(12·2/8 · 0.5) = 2 per expert
+      cfg.router.moe_pad_expert_input_to_capacity = pad;
+      Dropping moe(cfg, groups);
+      std::vector<float> x(static_cast<std::size_t>(tokens * kHidden));
+      for (std::size_t i = 0; i < x.size(); ++i)
+        x[i] = std::sin(0.7f * static_cast<float>(i) + static_cast<float>(world.rank()));
+      moe.forward(std::span<float const>(x), ForwardContext{.batch = 1, .microbatch = 0});
+      // An independent count: the router's own top-k (no dropping) …
+      auto& fail = failures[static_cast<std::size_t>(world.rank())];
+      auto const counts = moe.expert_bias_counts();
+      std::int64_t kept = 0, most = 0;
+      for (auto c : counts) kept += c, most = std::max(most, c);
+      // … holds T·K = 24 entries over 8 experts; capacity 2 keeps at most 2 per expert, and
+      // padding fills every expert to exactly 2.
+      if (most > 2) fail += fmt::format("an expert counted {} > capacity 2; ", most);
+      if (pad && kept != 2 * experts) fail += fmt::format("padded count {} != E·C = 16; ", kept);
+      if (!pad && kept >= tokens * kTopK) fail += "nothing was dropped before counting; ";
+      auto const& meta = moe.dispatch_metadata();
+      if (!std::equal(counts.begin(), counts.end(), meta.local_tokens_per_expert.begin()))
+        fail += "counts differ from the dispatcher's final routing; ";
+    });
+    for (auto const& f : failures) CHECK(f.empty());
+    if (!failures[0].empty()) FAIL_CHECK(failures[0]);
+  }
+}
