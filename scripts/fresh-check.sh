@@ -7,6 +7,7 @@
 # the temporary directory (its path is printed); FRESH_CHECK_TMP picks where it goes (/var/tmp).
 # Not part of CI: `sudo scripts/fresh-check.sh` (30-60 minutes on 2 cores).
 set -euo pipefail
+{ # read whole before it runs: editing this file during a run does not change the run
 start=$(date +%s)
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 suite=bookworm
@@ -85,7 +86,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-echo "fresh-check: debootstrap --variant=minbase ${include[*]} $suite $root $mirror"
+echo "fresh-check: debootstrap --variant=minbase ${include[*]:+${include[*]} }$suite $root $mirror"
 debootstrap --variant=minbase "${include[@]}" "$suite" "$root" "$mirror" > "$root.debootstrap.log" 2>&1 || {
   tail -n 30 "$root.debootstrap.log" >&2
   rm -f "$root.debootstrap.log"
@@ -136,3 +137,4 @@ echo "== fresh-check (Debian 12 minbase, $sha)"
 grep -E 'tests passed, [0-9]+ tests failed out of' "$root/root/ci.log" || echo "no ctest summary"
 echo "fresh-check: .ci/run exit status $status; elapsed $(( $(date +%s) - start )) s"
 exit "$status"
+}
