@@ -92,15 +92,21 @@ endif()
 set(MOEFOLD_COMPONENT_TARGETS "")
 set(MOEFOLD_BUILT_COMPONENTS "")
 
-# MOEFOLD_SANITIZER: build moefold's own tests and tools with a sanitizer (thread, address or
-# undefined); the in-process world must be clean under ThreadSanitizer.
-set(MOEFOLD_SANITIZER "" CACHE STRING "Sanitizer for moefold's tests: thread, address, undefined or empty")
+# MOEFOLD_SANITIZER: build moefold's own tests and tools with sanitizers (thread, address,
+# undefined, or address,undefined); the in-process world must be clean under ThreadSanitizer.
+# UndefinedBehaviorSanitizer does not recover: the first report ends the program.
+set(MOEFOLD_SANITIZER "" CACHE STRING
+    "Sanitizer for moefold's tests: thread, address, undefined, address,undefined or empty")
 if(MOEFOLD_SANITIZER)
-  if(NOT MOEFOLD_SANITIZER MATCHES "^(thread|address|undefined)$")
-    message(FATAL_ERROR "MOEFOLD_SANITIZER must be thread, address or undefined (got '${MOEFOLD_SANITIZER}')")
+  if(NOT MOEFOLD_SANITIZER MATCHES "^(thread|address|undefined|address,undefined)$")
+    message(FATAL_ERROR "MOEFOLD_SANITIZER must be thread, address, undefined or "
+                        "address,undefined (got '${MOEFOLD_SANITIZER}')")
   endif()
   add_compile_options($<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${MOEFOLD_SANITIZER}>
                       $<$<COMPILE_LANGUAGE:CXX>:-fno-omit-frame-pointer>)
+  if(MOEFOLD_SANITIZER MATCHES "undefined")
+    add_compile_options($<$<COMPILE_LANGUAGE:CXX>:-fno-sanitize-recover=undefined>)
+  endif()
   add_link_options(-fsanitize=${MOEFOLD_SANITIZER})
 endif()
 

@@ -2,9 +2,15 @@
 // 1F1B or interleaved pipeline) of a small Mixtral-style model on byte-level English text, with
 // checkpoints that load under another folding. By default 8 in-process ranks; `--backend mpi`
 // under mpiexec runs one rank per process. See docs/train.md.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <new>
+#include <span>
+#include <string>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -12,6 +18,7 @@
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
 #include "options.hpp"
+#include "preflight.hpp"
 #include "report.hpp"
 #include "trainer.hpp"
 
@@ -24,48 +31,83 @@ namespace {
 using namespace moefold;
 using namespace moefold::train_demo;
 
-int fail(char const* what, int status) {
+/// One line on stderr: usage errors (status 2) as they are, run-time errors (status 1) after
+/// "error: ". Line breaks inside a message become spaces, so that it stays one line.
+int fail(std::string what, int status) {
+  std::replace(what.begin(), what.end(), '\n', ' ');
   fmt::print(stderr, "moefold-train: {}{}\n", status == 1 ? "error: " : "", what);
   return status;
 }
 
+/// The last resort: an exception that escapes everything (one thrown by a destructor or a
+/// noexcept function) prints one line and ends the process with status 1.
+[[noreturn]] void terminate_handler() {
+  std::string what = "terminated without an exception";
+  if (auto const e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (std::exception const& x) {
+      what = x.what();
+    } catch (...) {
+      what = "unknown exception";
+    }
+  }
+  fail(what, 1);
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
 int run_inproc(TrainOptions const& o) {
   Report report(o);
-  // Long steps of big models must not trip the in-process world's deadlock timeout.
   inproc::run(
       o.world,
       [&](inproc::Communicator& world) {
         Trainer<inproc::Communicator> trainer(o, world, world.rank() == 0 ? &report : nullptr);
         trainer.run();
       },
-      inproc::Options{.timeout = std::chrono::minutes(30)});
+      inproc::Options{.timeout = std::chrono::minutes(o.distributed_timeout_minutes)});
   return 0;
 }
 
 #if MOEFOLD_HAS_MPI
 int run_mpi(int argc, char** argv, TrainOptions o) {
   int status = 0;
-  mpi::run(&argc, &argv, [&](mpi::Communicator& world) {
-    if (o.world > 0 && o.world != world.size()) {
-      if (world.rank() == 0)
-        fail(fmt::format("--world-size {} differs from the MPI size {}", o.world, world.size())
-                 .c_str(),
-             2);
-      status = 2;
-      return;
-    }
-    o.world = world.size();
-    try {
-      validate(o);
-    } catch (invalid_config const& e) {  // the same on every rank: all return
-      if (world.rank() == 0) fail(e.what(), 2);
-      status = 2;
-      return;
-    }
-    Report report(o);
-    Trainer<mpi::Communicator> trainer(o, world, world.rank() == 0 ? &report : nullptr);
-    trainer.run();
-  });
+  auto const timeout = std::chrono::minutes(o.distributed_timeout_minutes);
+  mpi::run(
+      &argc, &argv,
+      [&](mpi::Communicator& world) {
+        if (o.world > 0 && o.world != world.size()) {
+          if (world.rank() == 0)
+            fail(fmt::format("--world-size {} differs from the MPI size {}", o.world, world.size()),
+                 2);
+          status = 2;
+          return;
+        }
+        o.world = world.size();
+        // The paths may differ between machines: every rank learns which ranks refused the
+        // options, the first of them prints its line, and all return together.
+        std::string refused;
+        try {
+          validate(o);
+          check_paths(o);
+        } catch (invalid_config const& e) {
+          refused = e.what();
+        }
+        std::vector<double> refusing(static_cast<std::size_t>(world.size()), 0.0);
+        refusing[static_cast<std::size_t>(world.rank())] = refused.empty() ? 0.0 : 1.0;
+        world.all_reduce(std::span<double>(refusing));
+        auto const first =
+            std::find_if(refusing.begin(), refusing.end(), [](double x) { return x > 0; });
+        if (first != refusing.end()) {
+          if (first - refusing.begin() == world.rank()) fail(refused, 2);
+          status = 2;
+          return;
+        }
+        Report report(o);
+        Trainer<mpi::Communicator> trainer(o, world, world.rank() == 0 ? &report : nullptr);
+        trainer.run();
+      },
+      mpi::Options{.timeout = timeout});
   return status;
 }
 #endif
@@ -73,18 +115,24 @@ int run_mpi(int argc, char** argv, TrainOptions o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto const parsed = parse_options(argc, argv);
-  if (!parsed.options) return parsed.exit_status;
-  TrainOptions const& o = *parsed.options;
+  std::set_terminate(terminate_handler);
   try {
+    auto const parsed = parse_options(argc, argv);
+    if (!parsed.options) return parsed.exit_status;
+    TrainOptions const& o = *parsed.options;
 #if MOEFOLD_HAS_MPI
     if (o.backend == Backend::mpi) return run_mpi(argc, argv, o);
 #endif
     validate(o);
+    check_paths(o);
     return run_inproc(o);
   } catch (invalid_config const& e) {
     return fail(e.what(), 2);
+  } catch (std::bad_alloc const&) {
+    return fail("out of memory (std::bad_alloc): use a smaller model, batch or world", 1);
   } catch (std::exception const& e) {
     return fail(e.what(), 1);
+  } catch (...) {
+    return fail("unknown exception", 1);
   }
 }

@@ -58,7 +58,8 @@ inline DecoderModelConfig model_config(TrainOptions const& o) {
           .seq = o.seq,
           .micro_batch = o.micro_batch,
           .seed = o.seed,
-          .calculate_per_token_loss = o.calculate_per_token_loss};
+          .calculate_per_token_loss = o.calculate_per_token_loss,
+          .check_activations_and_grads = o.check_activations_and_grads};
 }
 
 }  // namespace moefold::train_demo

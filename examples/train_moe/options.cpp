@@ -1,14 +1,18 @@
 #include "options.hpp"
 
 #include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <iterator>
+#include <limits>
 
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
 
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
+#include "preflight.hpp"
 
 #ifndef MOEFOLD_DEFAULT_DATA_PATH
 #define MOEFOLD_DEFAULT_DATA_PATH "/usr/share/games/fortunes"
@@ -78,11 +82,14 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--train-iters", o.train_iters)->capture_default_str();
   app.add_option("--lr", o.lr)->capture_default_str();
   app.add_option("--min-lr", o.min_lr)->capture_default_str();
-  app.add_option("--lr-warmup-iters", o.warmup_iters, "Warm-up steps (default: 5% of the run)");
+  std::optional<int> warmup;
+  app.add_option("--lr-warmup-iters", warmup, "Warm-up steps (default: 5% of the run)");
   app.add_option("--weight-decay", o.weight_decay)->capture_default_str();
-  app.add_option("--clip-grad", o.clip_grad)->capture_default_str();
-  app.add_option("--seed", o.seed)->capture_default_str();
-  app.add_option("--eval-iters", o.eval_iters, "Validation batches per evaluation")
+  app.add_option("--clip-grad", o.clip_grad, "Bound of the global gradient norm (0: no clipping)")
+      ->capture_default_str();
+  std::string seed = std::to_string(o.seed);  // converted below: CLI11 wraps "-1" to 2^64 − 1
+  app.add_option("--seed", seed, "Any integer in [0, 2^64 - 1]")->capture_default_str();
+  app.add_option("--eval-iters", o.eval_iters, "Validation batches per evaluation (0: none)")
       ->capture_default_str();
   app.add_option("--eval-interval", o.eval_interval, "Steps between evaluations (0: run/4)");
   app.add_option("--data-path", o.data_path,
@@ -90,22 +97,63 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--save", o.save, "Checkpoint directory to write");
   app.add_option("--save-interval", o.save_interval, "Steps between checkpoints (and the end)");
   app.add_option("--load", o.load, "Checkpoint directory to resume from (any folding)");
-  app.add_option("--ckpt-step", o.ckpt_step,
-                 "Iteration of --load to resume from (default: latest)");
+  app.add_option("--keep-last", o.keep_last,
+                 "Keep only the newest N iterations in --save (default 0: keep all)");
+  std::optional<int> ckpt_step;
+  app.add_option("--ckpt-step", ckpt_step, "Iteration of --load to resume from (default: latest)");
   app.add_option("--backend", backend, "inproc | mpi | nccl")->capture_default_str();
   app.add_option("--output-dir", o.output_dir, "Loss curve (SVG, CSV) goes here")
       ->capture_default_str();
   app.add_option("--log-json", o.log_json, "JSON Lines per step (global rank 0)");
   app.add_flag("--quiet", o.quiet, "No per-step progress lines");
+  bool no_nan_check = false;
+  app.add_flag("--check-activations-and-grads", o.check_activations_and_grads,
+               "Check every layer's output, the logits and every input gradient for NaN/Inf "
+               "(moefold's own; names the layer)");
+  app.add_flag("--no-check-for-nan-in-loss-and-grad", no_nan_check,
+               "Keep training when the loss or the gradient norm is NaN or infinite");
+  app.add_option("--distributed-timeout-minutes", o.distributed_timeout_minutes,
+                 "Minutes a rank waits in a collective before the run fails")
+      ->capture_default_str();
+  auto usage = [](std::string const& message) {
+    fmt::print(stderr, "moefold-train: {}\n", message);
+    return ParseResult{std::nullopt, 2};
+  };
   try {
     app.parse(argc, argv);
   } catch (CLI::CallForHelp const&) {
     std::fputs(app.help().c_str(), stdout);
     return {std::nullopt, 0};
   } catch (CLI::ParseError const& e) {
-    fmt::print(stderr, "moefold-train: {}\n", e.what());
-    return {std::nullopt, 2};
+    return usage(e.what());
   }
+  // The seed: decimal digits only, in [0, 2^64 − 1] (no sign, no wrap).
+  {
+    auto const [end, ec] = std::from_chars(seed.data(), seed.data() + seed.size(), o.seed);
+    if (seed.empty() || ec != std::errc() || end != seed.data() + seed.size())
+      return usage(fmt::format("--seed must be an integer in [0, 2^64 - 1] = [0, {}] (got '{}')",
+                               std::numeric_limits<std::uint64_t>::max(), seed));
+  }
+  if (warmup) {
+    if (*warmup < 0)
+      return usage(fmt::format("--lr-warmup-iters must not be negative (got {})", *warmup));
+    o.warmup_iters = *warmup;
+  }
+  if (ckpt_step) {
+    if (*ckpt_step < 0)
+      return usage(fmt::format(
+          "--ckpt-step must be an iteration >= 0 (got {}; without --ckpt-step, --load resumes "
+          "from the latest)",
+          *ckpt_step));
+    if (o.load.empty())
+      return usage(fmt::format("--ckpt-step {} needs --load DIR (the checkpoint to resume from)",
+                               *ckpt_step));
+    o.ckpt_step = *ckpt_step;
+  }
+  o.check_for_nan = !no_nan_check;
+  for (auto const* flag : {"--data-path", "--save", "--load", "--output-dir", "--log-json"})
+    if (app.count(flag) > 0 && app.get_option(flag)->as<std::string>().empty())
+      return usage(fmt::format("{} needs a path (got '')", flag));
   if (backend == "inproc") {
     o.backend = Backend::inproc;
   } else if (backend == "mpi") {
@@ -117,6 +165,21 @@ ParseResult parse_options(int argc, char** argv) {
                backend);
     return {std::nullopt, 2};
   }
+  for (auto const& [flag, v] : {std::pair{"--world-size", world},
+                                {"--tensor-model-parallel-size", tp},
+                                {"--context-parallel-size", cp},
+                                {"--pipeline-model-parallel-size", pp},
+                                {"--expert-model-parallel-size", ep},
+                                {"--expert-tensor-parallel-size", etp}})
+    if (v && *v < 1) return usage(fmt::format("{} must be at least 1 (got {})", flag, *v));
+  // The folding multiplies sizes in int: their products must fit.
+  auto const size_of = [](std::optional<int> v) { return static_cast<double>(v.value_or(1)); };
+  for (auto const& [what, product] :
+       {std::pair{"TP·CP·PP", size_of(tp) * size_of(cp) * size_of(pp)},
+        {"EP·ETP·PP", size_of(ep) * size_of(etp) * size_of(pp)}})
+    if (product > std::numeric_limits<int>::max())
+      return usage(fmt::format("{} = {:.0f} is more than {} ranks", what, product,
+                               std::numeric_limits<int>::max()));
   if (world || tp || cp || pp || ep || etp) {
     o.tp = tp.value_or(1), o.cp = cp.value_or(1), o.pp = pp.value_or(1);
     o.ep = ep.value_or(1), o.etp = etp.value_or(1);
@@ -125,6 +188,65 @@ ParseResult parse_options(int argc, char** argv) {
   o.world = o.backend == Backend::inproc || world ? o.world : -1;  // -1: the MPI size
   return {o, 0};
 }
+
+namespace {
+
+template <class... A>
+void need(bool ok, fmt::format_string<A...> f, A&&... a) {
+  if (!ok) throw invalid_config(fmt::format(f, std::forward<A>(a)...));
+}
+
+void at_least(char const* flag, std::int64_t value, std::int64_t lo, char const* meaning = "") {
+  need(value >= lo, "{} must be at least {}{} (got {})", flag, lo, meaning, value);
+}
+
+void non_negative(char const* flag, double value, char const* meaning = "") {
+  need(std::isfinite(value) && value >= 0, "{} must be finite and >= 0{} (got {})", flag, meaning,
+       value);
+}
+
+/// Every value on its own, before the folding and the model look at them.
+void check_ranges(TrainOptions const& o) {
+  at_least("--num-layers", o.num_layers, 1);
+  at_least("--hidden-size", o.hidden, 1);
+  at_least("--num-attention-heads", o.heads, 1);
+  at_least("--num-query-groups", o.kv_groups, 1);
+  at_least("--num-experts", o.num_experts, 1);
+  at_least("--moe-ffn-hidden-size", o.moe_ffn, 1);
+  at_least("--moe-shared-expert-intermediate-size", o.shared_expert_ffn, 0, " (0: none)");
+  at_least("--num-virtual-stages-per-pipeline-rank", o.vpp, 1, " (1: plain 1F1B)");
+  at_least("--micro-batch-size", o.micro_batch, 1);
+  at_least("--global-batch-size", o.global_batch, 1);
+  at_least("--seq-length", o.seq, 1);
+  at_least("--train-iters", o.train_iters, 1);
+  at_least("--eval-iters", o.eval_iters, 0, " (0: no validation)");
+  at_least("--eval-interval", o.eval_interval, 0, " (0: a quarter of --train-iters)");
+  at_least("--save-interval", o.save_interval, 0, " (0: at the end only)");
+  at_least("--keep-last", o.keep_last, 0, " (0: keep all)");
+  at_least("--distributed-timeout-minutes", o.distributed_timeout_minutes, 1);
+  need(std::isfinite(o.lr) && o.lr > 0, "--lr must be finite and > 0 (got {})", o.lr);
+  non_negative("--min-lr", o.min_lr);
+  need(o.min_lr <= o.lr, "--min-lr {} must not exceed --lr {}", o.min_lr, o.lr);
+  non_negative("--weight-decay", o.weight_decay);
+  non_negative("--clip-grad", o.clip_grad, " (0: no clipping)");
+  non_negative("--moe-router-bias-update-rate", o.bias_update_rate);
+  for (double c : o.aux_loss_coeff) non_negative("--moe-aux-loss-coeff", c);
+  if (o.z_loss_coeff) non_negative("--moe-z-loss-coeff", *o.z_loss_coeff);
+  if (o.input_jitter_eps) non_negative("--moe-input-jitter-eps", *o.input_jitter_eps);
+  // The in-process world runs one thread per rank; the tokens of a global batch are counted in
+  // an int.
+  if (o.backend == Backend::inproc)
+    need(o.world <= kMaxInprocRanks,
+         "--world-size {} is more than the in-process world's {} ranks (one thread each; use "
+         "--backend mpi)",
+         o.world, kMaxInprocRanks);
+  need(std::int64_t{o.global_batch} * o.seq <= std::numeric_limits<int>::max(),
+       "--global-batch-size·--seq-length = {}·{} = {} tokens per step is more than {}",
+       o.global_batch, o.seq, std::int64_t{o.global_batch} * o.seq,
+       std::numeric_limits<int>::max());
+}
+
+}  // namespace
 
 RouterConfig router_config(TrainOptions const& o) {
   RouterConfig r;
@@ -172,10 +294,9 @@ void validate(TrainOptions const& o) {
                            "NCCL); use inproc or mpi");
   if (o.backend == Backend::mpi && !MOEFOLD_HAS_MPI)
     throw invalid_config("--backend mpi: this build has no MPI (install libopenmpi-dev)");
+  check_ranges(o);
   auto const fold = FoldedMapping::from(o.folding());
-  need(o.num_layers >= 1 && o.hidden >= 1 && o.heads >= 1 && o.kv_groups >= 1 && o.seq >= 1 &&
-           o.micro_batch >= 1 && o.global_batch >= 1 && o.train_iters >= 1 && o.moe_ffn >= 1,
-       "sizes, batch sizes and --train-iters must be at least 1");
+  check_memory(o);
   need(o.hidden % o.heads == 0 && (o.hidden / o.heads) % 2 == 0,
        fmt::format("--hidden-size {} must be an even multiple of --num-attention-heads {} (the "
                    "rotary head dimension is even)",
@@ -194,11 +315,11 @@ void validate(TrainOptions const& o) {
   need(o.num_layers % (o.pp * o.vpp) == 0,
        fmt::format("--num-layers {} is not divisible by PP·VPP = {}·{} = {}", o.num_layers, o.pp,
                    o.vpp, o.pp * o.vpp));
-  int const dp = fold.dp();
+  std::int64_t const dp = fold.dp();
   need(o.global_batch % (o.micro_batch * dp) == 0,
        fmt::format("--global-batch-size {} is not divisible by micro-batch-size·DP = {}·{} = {}",
                    o.global_batch, o.micro_batch, dp, o.micro_batch * dp));
-  int const m = o.global_batch / (o.micro_batch * dp);
+  std::int64_t const m = o.global_batch / (o.micro_batch * dp);
   if (o.vpp > 1)
     need(m % o.pp == 0,
          fmt::format("interleaved 1F1B needs the number of microbatches M = {} to be a multiple "
@@ -215,9 +336,9 @@ void validate(TrainOptions const& o) {
        fmt::format("--moe-shared-expert-intermediate-size {} must be divisible by TP = {}",
                    o.shared_expert_ffn, o.tp));
   router_config(o).validate();  // Megatron's router rules, with the flags' names
-  need(o.save_interval >= 0 && o.eval_iters >= 0 && o.eval_interval >= 0,
-       "--save-interval, --eval-iters and --eval-interval must not be negative");
   need(o.save_interval == 0 || !o.save.empty(), "--save-interval needs --save DIR");
+  need(o.ckpt_step < 0 || !o.load.empty(),
+       fmt::format("--ckpt-step {} needs --load DIR", o.ckpt_step));
 }
 
 std::string data_path_of(TrainOptions const& o) {

@@ -1,6 +1,8 @@
 #pragma once
 // The command line of moefold-train: Megatron's flag names, the defaults of the demo, and the
-// checks that turn an invalid combination into one line on stderr and exit status 2.
+// checks that turn an invalid value or combination into one line on stderr and exit status 2
+// before any work (every numeric flag is range-checked; integers never wrap; the memory a
+// request needs is estimated up front; the files named on the command line are checked).
 
 #include <cstdint>
 #include <optional>
@@ -14,6 +16,9 @@
 namespace moefold::train_demo {
 
 enum class Backend { inproc, mpi, nccl };
+
+/// The most ranks an in-process world runs (one thread each).
+inline constexpr int kMaxInprocRanks = 1024;
 
 struct TrainOptions {
   Backend backend = Backend::inproc;
@@ -49,15 +54,24 @@ struct TrainOptions {
   double min_lr = 3e-4;
   int warmup_iters = -1;  ///< −1: 5% of train_iters
   double weight_decay = 0.1;
-  double clip_grad = 1.0;
-  std::uint64_t seed = 1234;
-  int eval_iters = 4;
-  int eval_interval = 0;  ///< 0: a quarter of train_iters
+  double clip_grad = 1.0;     ///< --clip-grad: the global gradient norm's bound (0: no clipping)
+  std::uint64_t seed = 1234;  ///< --seed, any integer in [0, 2^64 − 1]
+  int eval_iters = 4;         ///< 0: no validation
+  int eval_interval = 0;      ///< 0: a quarter of train_iters
+  /// Megatron's check: a NaN or infinite loss or gradient norm stops training (turned off by
+  /// --no-check-for-nan-in-loss-and-grad).
+  bool check_for_nan = true;
+  /// moefold's own opt-in per-layer check (--check-activations-and-grads): names the layer.
+  bool check_activations_and_grads = false;
+  /// --distributed-timeout-minutes: how long a rank waits in a collective before the run fails
+  /// (Megatron's default, 10), in-process and under MPI.
+  int distributed_timeout_minutes = 10;
   // Files.
   std::string data_path;
   std::string save, load;
   int save_interval = 0;
   int ckpt_step = -1;  ///< --ckpt-step: the iteration to load (−1: the latest)
+  int keep_last = 0;   ///< --keep-last: keep the newest N iterations of --save (0: all)
   std::string output_dir = "./moefold-train-out";
   std::string log_json;
   bool quiet = false;  ///< no progress lines (tests)
@@ -77,8 +91,9 @@ struct ParseResult {
 /// Parses argv. On an error prints one line to stderr and returns exit status 2.
 ParseResult parse_options(int argc, char** argv);
 
-/// Checks the options against the folding (with `world` ranks) and the model's divisibility
-/// rules; throws `invalid_config` naming the broken rule.
+/// Checks every value's range, the options against the folding (with `world` ranks), the
+/// model's divisibility rules and the memory the run would need; throws `invalid_config` naming
+/// the broken rule and the numbers.
 void validate(TrainOptions const& o);
 
 /// The router's configuration from the command line (throws `invalid_config` for an unknown

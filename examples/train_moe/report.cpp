@@ -1,9 +1,14 @@
 #include "report.hpp"
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <sstream>
 
 #include <fmt/format.h>
 
@@ -26,24 +31,98 @@ std::string rate(double tokens_per_s) {
 
 }  // namespace
 
+namespace {
+
+constexpr char const* kCsvHeader =
+    "step,loss,aux_loss,validation_loss,lr,grad_norm,seconds,tokens_per_s";
+
+[[noreturn]] void file_error(char const* what, std::filesystem::path const& file, int err) {
+  throw error(errc::invalid_argument,
+              fmt::format("cannot {} '{}': {}", what, file.string(), std::strerror(err)));
+}
+
+/// The step a line of loss.csv (`12,…`) or of --log-json (`{"step": 12, …`) is about.
+std::optional<std::int64_t> step_of(std::string const& line) {
+  auto const at = line.rfind("{\"step\": ", 0) == 0 ? std::string::size_type{9} : 0;
+  std::int64_t step = 0;
+  auto const [end, ec] = std::from_chars(line.data() + at, line.data() + line.size(), step);
+  if (ec != std::errc() || end == line.data() + at) return std::nullopt;
+  return step;
+}
+
+/// Opens `file` for this run: a fresh run (`first_step` 0) starts it anew; a resumed run keeps
+/// its lines about steps ≤ `first_step` (and the CSV header) and appends. Returns the lines kept.
+std::vector<std::string> open_log(std::ofstream& out, std::filesystem::path const& file,
+                                  std::int64_t first_step, char const* header) {
+  std::vector<std::string> kept;
+  if (first_step > 0) {
+    std::ifstream in(file);
+    if (!in && std::filesystem::exists(file)) file_error("read", file, errno);
+    for (std::string line; std::getline(in, line);) {
+      auto const step = step_of(line);
+      if (step ? *step <= first_step : header != nullptr && line == header) kept.push_back(line);
+    }
+    if (in.bad()) file_error("read", file, errno);
+  }
+  out.open(file, std::ios::trunc);
+  if (!out) file_error("write", file, errno);
+  if (header != nullptr && (kept.empty() || kept.front() != header))
+    kept.insert(kept.begin(), header);
+  for (auto const& line : kept) out << line << '\n';
+  out.flush();
+  if (!out) file_error("write", file, errno);
+  return kept;
+}
+
+/// A JSON number, or null for NaN and infinities (which JSON cannot spell).
+std::string json_number(double x, char const* format) {
+  return std::isfinite(x) ? fmt::format(fmt::runtime(format), x) : std::string("null");
+}
+
+double number(std::string const& field) {
+  return field.empty() ? std::nan("") : std::strtod(field.c_str(), nullptr);
+}
+
+}  // namespace
+
 void Report::start(std::string const& banner, std::int64_t first_step) {
   first_step_ = first_step;
+  std::error_code ec;
+  std::filesystem::create_directories(o_.output_dir, ec);
+  if (ec)
+    throw error(errc::invalid_argument,
+                fmt::format("cannot create --output-dir '{}': {}", o_.output_dir, ec.message()));
+  csv_path_ = std::filesystem::path(o_.output_dir) / "loss.csv";
+  // The kept rows of a resumed run also draw the curve.
+  for (auto const& line : open_log(csv_, csv_path_, first_step, kCsvHeader)) {
+    if (line == kCsvHeader) continue;
+    std::vector<std::string> f;
+    std::stringstream fields(line);
+    for (std::string x; std::getline(fields, x, ',');) f.push_back(x);
+    f.resize(8);
+    Row row;
+    row.step.step = *step_of(line), row.step.loss = number(f[1]), row.step.aux_loss = number(f[2]);
+    if (!f[3].empty()) row.validation_loss = number(f[3]);
+    rows_.push_back(row);
+  }
+  if (!o_.log_json.empty()) open_log(json_, o_.log_json, first_step, nullptr);
   fmt::print("{}", banner);
   std::fflush(stdout);
 }
 
 void Report::step(StepRecord const& r, double elapsed) {
-  steps_.push_back(r);
-  if (!o_.log_json.empty()) {
-    if (!json_.is_open()) {
-      json_.open(o_.log_json, std::ios::trunc);
-      if (!json_) throw error(errc::invalid_argument, "cannot write --log-json " + o_.log_json);
-    }
+  if (row_pending_) write_row();
+  rows_.push_back({r, std::nullopt});
+  row_pending_ = true;
+  if (json_.is_open()) {
     json_ << fmt::format(
-        "{{\"step\": {}, \"loss\": {:.17g}, \"aux_loss\": {:.17g}, \"tokens_per_s\": {:.6g}, "
-        "\"lr\": {:.9g}, \"grad_norm\": {:.9g}}}\n",
-        r.step, r.loss, r.aux_loss, r.tokens_per_s, r.lr, r.grad_norm);
+        "{{\"step\": {}, \"loss\": {}, \"aux_loss\": {}, \"tokens_per_s\": {}, \"lr\": {}, "
+        "\"grad_norm\": {}}}\n",
+        r.step, json_number(r.loss, "{:.17g}"), json_number(r.aux_loss, "{:.17g}"),
+        json_number(r.tokens_per_s, "{:.6g}"), json_number(r.lr, "{:.9g}"),
+        json_number(r.grad_norm, "{:.9g}"));
     json_.flush();
+    if (!json_) file_error("write --log-json", o_.log_json, errno);
   }
   if (o_.quiet) return;
   auto const done = static_cast<double>(r.step - first_step_);
@@ -59,8 +138,18 @@ void Report::step(StepRecord const& r, double elapsed) {
   std::fflush(stdout);
 }
 
+void Report::write_row() {
+  auto const& [r, val] = rows_.back();
+  csv_ << fmt::format("{},{:.6f},{:.6f},{},{:.6g},{:.6g},{:.4f},{:.1f}\n", r.step, r.loss,
+                      r.aux_loss, val ? fmt::format("{:.6f}", *val) : "", r.lr, r.grad_norm,
+                      r.seconds, r.tokens_per_s);
+  csv_.flush();
+  if (!csv_) file_error("write", csv_path_, errno);
+  row_pending_ = false;
+}
+
 void Report::validation(std::int64_t step, double loss) {
-  validation_.emplace_back(step, loss);
+  if (row_pending_ && rows_.back().step.step == step) rows_.back().validation_loss = loss;
   if (!o_.quiet)
     fmt::print("validation at step {}: loss {:.4f}\n", step, loss), std::fflush(stdout);
 }
@@ -70,10 +159,26 @@ void Report::checkpoint(std::int64_t step, std::string const& dir) {
 }
 
 void Report::finish(Summary const& s) {
-  std::filesystem::create_directories(o_.output_dir);
-  write_csv();
-  write_svg(s.unigram_entropy);
-  double const steps = static_cast<double>(std::max<std::size_t>(steps_.size(), 1));
+  if (row_pending_) write_row();
+  csv_.close();
+  if (!rows_.empty()) write_svg(s.unigram_entropy);
+  std::string const validation =
+      s.final_val_loss
+          ? fmt::format("  validation loss      {:.4f}   byte-unigram entropy {:.4f} nats: {}\n",
+                        *s.final_val_loss, s.unigram_entropy,
+                        *s.final_val_loss < s.unigram_entropy ? "beats the baseline"
+                                                              : "does NOT beat the baseline")
+          : std::string("  validation           none (--eval-iters 0)\n");
+  if (s.steps == 0) {
+    fmt::print(
+        "\nsummary\n"
+        "  no step to run: the checkpoint is at step {} >= --train-iters {}\n"
+        "{}",
+        first_step_, o_.train_iters, validation);
+    std::fflush(stdout);
+    return;
+  }
+  double const steps = static_cast<double>(s.steps);
   auto pct = [&](double t) { return s.train_seconds > 0 ? 100.0 * t / s.train_seconds : 0.0; };
   PhaseTimes const& p = s.phases;
   double const attention = std::max(0.0, p.compute - p.mlp);
@@ -81,8 +186,8 @@ void Report::finish(Summary const& s) {
   double const wait = std::max(0.0, p.pipeline - p.compute);
   fmt::print(
       "\nsummary\n"
-      "  final train loss     {:.4f} (last step)\n"
-      "  validation loss      {:.4f}   byte-unigram entropy {:.4f} nats: {}\n"
+      "  final train loss     {:.4f} (step {})\n"
+      "{}"
       "  training time        {:.1f} s for {} steps ({:.2f} s/step), {} tokens/s; validation "
       "{:.1f} s\n"
       "  time per phase       (mean over ranks, per step)\n"
@@ -94,9 +199,8 @@ void Report::finish(Summary const& s) {
       "    pipeline wait      {:7.1f} ms  {:5.1f}%\n"
       "    grad sync + AdamW  {:7.1f} ms  {:5.1f}%\n"
       "  loss curve           {}/loss.svg, {}/loss.csv\n",
-      s.final_train_loss, s.final_val_loss, s.unigram_entropy,
-      s.final_val_loss < s.unigram_entropy ? "beats the baseline" : "does NOT beat the baseline",
-      s.train_seconds, steps_.size(), s.train_seconds / steps,
+      s.final_train_loss, rows_.back().step.step, validation, s.train_seconds, s.steps,
+      s.train_seconds / steps,
       rate(s.train_seconds > 0 ? static_cast<double>(s.tokens) / s.train_seconds : 0.0),
       s.eval_seconds, 1e3 * attention / steps, pct(attention), 1e3 * p.dispatch / steps,
       pct(p.dispatch), 1e3 * experts / steps, pct(experts), 1e3 * p.combine / steps, pct(p.combine),
@@ -105,26 +209,16 @@ void Report::finish(Summary const& s) {
   std::fflush(stdout);
 }
 
-void Report::write_csv() const {
-  std::ofstream out(std::filesystem::path(o_.output_dir) / "loss.csv", std::ios::trunc);
-  out << "step,loss,aux_loss,validation_loss,lr,grad_norm,seconds,tokens_per_s\n";
-  for (auto const& r : steps_) {
-    std::string val;
-    for (auto const& [s, l] : validation_)
-      if (s == r.step) val = fmt::format("{:.6f}", l);
-    out << fmt::format("{},{:.6f},{:.6f},{},{:.6g},{:.6g},{:.4f},{:.1f}\n", r.step, r.loss,
-                       r.aux_loss, val, r.lr, r.grad_norm, r.seconds, r.tokens_per_s);
-  }
-}
-
 void Report::write_svg(double baseline) const {
   double const w = 720, h = 420, left = 60, right = 20, top = 30, bottom = 50;
   double lo = baseline, hi = baseline;
-  for (auto const& r : steps_) lo = std::min(lo, r.loss), hi = std::max(hi, r.loss);
-  for (auto const& [s, l] : validation_) lo = std::min(lo, l), hi = std::max(hi, l);
+  for (auto const& [r, val] : rows_) {
+    if (std::isfinite(r.loss)) lo = std::min(lo, r.loss), hi = std::max(hi, r.loss);
+    if (val && std::isfinite(*val)) lo = std::min(lo, *val), hi = std::max(hi, *val);
+  }
   lo = std::floor(lo * 2) / 2, hi = std::ceil(hi * 2) / 2;
   if (hi <= lo) hi = lo + 1;
-  double const s0 = static_cast<double>(steps_.empty() ? 0 : steps_.front().step - 1);
+  double const s0 = static_cast<double>(rows_.empty() ? 0 : rows_.front().step.step - 1);
   double const s1 = static_cast<double>(std::max<std::int64_t>(o_.train_iters, 1));
   auto x = [&](double step) {
     return left + (step - s0) / std::max(s1 - s0, 1.0) * (w - left - right);
@@ -160,20 +254,26 @@ void Report::write_svg(double baseline) const {
       "fill=\"#c33\">byte-unigram entropy {4:.3f}</text>\n",
       left, w - right, y(baseline), y(baseline) - 5, baseline);
   std::string points;
-  for (auto const& r : steps_)
-    points += fmt::format("{:.1f},{:.1f} ", x(static_cast<double>(r.step)), y(r.loss));
+  for (auto const& [r, val] : rows_)
+    if (std::isfinite(r.loss))
+      points += fmt::format("{:.1f},{:.1f} ", x(static_cast<double>(r.step)), y(r.loss));
   svg += fmt::format(
       "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" "
       "points=\"{}\"/>\n",
       points);
-  for (auto const& [s, l] : validation_)
-    svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"4\" fill=\"#ff7f0e\"/>\n",
-                       x(static_cast<double>(s)), y(l));
+  for (auto const& [r, val] : rows_)
+    if (val && std::isfinite(*val))
+      svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"4\" fill=\"#ff7f0e\"/>\n",
+                         x(static_cast<double>(r.step)), y(*val));
   svg += fmt::format(
       "<text x=\"{0}\" y=\"{1}\" fill=\"#1f77b4\">train loss</text><text x=\"{0}\" y=\"{2}\" "
       "fill=\"#ff7f0e\">validation loss</text>\n</svg>\n",
       w - right - 130, top + 16, top + 32);
-  std::ofstream(std::filesystem::path(o_.output_dir) / "loss.svg", std::ios::trunc) << svg;
+  auto const file = std::filesystem::path(o_.output_dir) / "loss.svg";
+  std::ofstream out(file, std::ios::trunc);
+  out << svg;
+  out.flush();
+  if (!out) file_error("write", file, errno);
 }
 
 }  // namespace moefold::train_demo

@@ -1,10 +1,14 @@
 #pragma once
-// What the user sees (global rank 0 only): a progress line per step, JSON Lines (--log-json),
-// and at the end a summary, the loss curve as SVG and the per-step numbers as CSV.
+// What the user sees (global rank 0 only): a progress line per step, JSON Lines (--log-json) and
+// CSV rows (loss.csv) as the steps end, and at the end a summary and the loss curve as SVG. A
+// fresh run starts --log-json and loss.csv anew; a resumed run keeps their rows up to the
+// checkpoint's step and appends. Every file error names the file and the reason.
 
 #include <array>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,8 +44,9 @@ struct Summary {
   double train_seconds = 0;  ///< the training loop (steps only)
   double eval_seconds = 0;
   std::int64_t tokens = 0;  ///< tokens trained on in this run
+  std::int64_t steps = 0;   ///< steps run in this run (0: the checkpoint was at --train-iters)
   double final_train_loss = 0;
-  double final_val_loss = 0;
+  std::optional<double> final_val_loss;  ///< none with --eval-iters 0
   double unigram_entropy = 0;
   std::int64_t parameters = 0;
   PhaseTimes phases;  ///< mean over ranks, seconds
@@ -51,24 +56,32 @@ class Report {
  public:
   explicit Report(TrainOptions const& o) : o_(o) {}
 
-  /// Before training: the corpus, the model and the folding; `first_step` is the last step of a
-  /// loaded checkpoint (0 for a fresh run).
+  /// Before training: creates the output directory, starts (fresh run) or continues (resumed
+  /// run: `first_step` > 0 is the loaded checkpoint's step) --log-json and loss.csv, and prints
+  /// the banner (the corpus, the model and the folding).
   void start(std::string const& banner, std::int64_t first_step);
+  /// A step's progress line and JSON line; its CSV row follows with its validation, if any.
   void step(StepRecord const& r, double elapsed);
   void validation(std::int64_t step, double loss);
   void checkpoint(std::int64_t step, std::string const& dir);
-  /// Prints the summary and writes loss.csv and loss.svg into the output directory.
+  /// Prints the summary (no validation line without a validation, no train loss without a
+  /// step), ends loss.csv and writes loss.svg.
   void finish(Summary const& s);
 
  private:
-  void write_csv() const;
+  void write_row();
   void write_svg(double baseline) const;
 
   TrainOptions const& o_;
   std::int64_t first_step_ = 0;
-  std::vector<StepRecord> steps_;
-  std::vector<std::pair<std::int64_t, double>> validation_;
-  std::ofstream json_;
+  std::filesystem::path csv_path_;
+  struct Row {
+    StepRecord step;
+    std::optional<double> validation_loss;  ///< when a validation ran after this step
+  };
+  std::vector<Row> rows_;     ///< kept rows of a resumed run's CSV, then this run's steps
+  bool row_pending_ = false;  ///< rows_.back() waits for its validation
+  std::ofstream json_, csv_;
 };
 
 }  // namespace moefold::train_demo

@@ -4,6 +4,7 @@
 // checkpoints that load under any folding. Runs on every rank of the world (a thread under
 // inproc, a process under MPI); global rank 0 reports.
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <span>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "model.hpp"
 #include "moefold/comm/process_groups.hpp"
@@ -20,6 +22,7 @@
 #include "moefold/pipeline/one_f_one_b.hpp"
 #include "moefold/train/adamw.hpp"
 #include "moefold/train/checkpoint.hpp"
+#include "moefold/train/checkpoint_config.hpp"
 #include "moefold/train/finalize_model_grads.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "moefold/train/lr_schedule.hpp"
@@ -31,17 +34,22 @@
 
 namespace moefold::train_demo {
 
-/// The checkpoint's metadata: what was trained and under which folding.
-inline std::string checkpoint_metadata(TrainOptions const& o, std::int64_t step) {
-  return fmt::format(
-      "{{\"iteration\": {}, \"model\": {{\"num_layers\": {}, \"hidden_size\": {}, "
-      "\"num_attention_heads\": {}, \"num_query_groups\": {}, \"num_experts\": {}, "
-      "\"moe_router_topk\": {}, \"moe_ffn_hidden_size\": {}, \"vocab_size\": 256}}, "
-      "\"folding\": {{\"world_size\": {}, \"tp\": {}, \"cp\": {}, \"pp\": {}, \"vpp\": {}, "
-      "\"dp\": {}, \"ep\": {}, \"etp\": {}}}, \"seed\": {}, \"global_batch_size\": {}, "
-      "\"seq_length\": {}}}\n",
-      step, o.num_layers, o.hidden, o.heads, o.kv_groups, o.num_experts, o.topk, o.moe_ffn, o.world,
-      o.tp, o.cp, o.pp, o.vpp, o.dp(), o.ep, o.etp, o.seed, o.global_batch, o.seq);
+/// The checkpoint's settings: the folding, the model (checked when a checkpoint is loaded) and
+/// the run (recorded only).
+template <class T, Communicator Comm>
+CheckpointInfo checkpoint_metadata(TrainOptions const& o) {
+  CheckpointInfo info;
+  info.folding = folding_entries(FoldedMapping::from(o.folding()));
+  info.folding.set("vpp", o.vpp);
+  add_config(info, model_config(o));
+  add_config(info, mlp_config<T, Comm>(o));
+  info.run.set("global_batch_size", o.global_batch)
+      .set("train_iters", o.train_iters)
+      .set("lr", o.lr)
+      .set("min_lr", o.min_lr)
+      .set("weight_decay", o.weight_decay)
+      .set("clip_grad", o.clip_grad);
+  return info;
 }
 
 template <Communicator Comm>
@@ -50,7 +58,8 @@ class Trainer {
   using T = float;
 
   /// Builds this rank's model and optimizer and, with --load, restores the training state
-  /// (throws when the checkpoint is missing, truncated or corrupted: nothing is written then).
+  /// (throws when the checkpoint is missing, truncated, corrupted or of another model: nothing
+  /// is written then).
   /// Collective over `world`.
   Trainer(TrainOptions const& o, Comm world, Report* report)
       : o_(o),
@@ -68,6 +77,7 @@ class Trainer {
     if (!o.load.empty()) {
       auto const ckpt = o.ckpt_step >= 0 ? CheckpointReader::open(o.load, o.ckpt_step)
                                          : CheckpointReader::open(o.load);
+      ckpt.check_model(checkpoint_metadata<T, Comm>(o).model);
       restore_training_state(ckpt, opt_);
       first_step_ = opt_.steps();
     }
@@ -86,16 +96,18 @@ class Trainer {
     Stopwatch run_clock;
     for (std::int64_t step = first_step_ + 1; step <= o_.train_iters; ++step) {
       Stopwatch w;
-      StepRecord r = train_step(step);
+      StepRecord r = named(fmt::format("step {}", step), [&] { return train_step(step); });
       r.seconds = w.seconds();
       r.tokens_per_s = static_cast<double>(o_.global_batch * o_.seq) / r.seconds;
       summary.train_seconds += r.seconds;
       summary.tokens += std::int64_t{o_.global_batch} * o_.seq;
       summary.final_train_loss = r.loss;
+      ++summary.steps;
       if (report_) report_->step(r, summary.train_seconds);
       if (step % eval_every == 0 && step != o_.train_iters && o_.eval_iters > 0) {
         Stopwatch e;
-        double const val = validation_loss();
+        double const val =
+            named(fmt::format("validation after step {}", step), [&] { return validation_loss(); });
         summary.eval_seconds += e.seconds();
         if (report_) report_->validation(step, val);
       }
@@ -103,11 +115,13 @@ class Trainer {
           ((o_.save_interval > 0 && step % o_.save_interval == 0) || step == o_.train_iters))
         save(step);
     }
-    if (o_.eval_iters > 0) {
+    if (o_.eval_iters > 0) {  // of the model as it ends: at --train-iters, or the checkpoint's
       Stopwatch e;
-      summary.final_val_loss = validation_loss();
+      summary.final_val_loss = named("the final validation", [&] { return validation_loss(); });
       summary.eval_seconds += e.seconds();
-      if (report_) report_->validation(o_.train_iters, summary.final_val_loss);
+      if (report_)
+        report_->validation(std::max<std::int64_t>(first_step_, o_.train_iters),
+                            *summary.final_val_loss);
     }
     summary.phases = mean_phase_times();
     if (report_) report_->finish(summary);
@@ -127,7 +141,10 @@ class Trainer {
     Stopwatch w;
     finalize_model_grads(stage_, groups_,
                          {.calculate_per_token_loss = o_.calculate_per_token_loss});
-    r.grad_norm = clip_grad_norm(params_, groups_, o_.clip_grad);
+    // --clip-grad 0 means no clipping, as in Megatron.
+    r.grad_norm = o_.clip_grad > 0 ? clip_grad_norm(params_, groups_, o_.clip_grad)
+                                   : global_grad_norm(params_, groups_);
+    if (o_.check_for_nan) check_finite(r.loss, r.grad_norm);
     opt_.step(r.lr);
     phase_times().optimizer += w.seconds();
     std::vector<double> bytes(kTrafficGroups.size());
@@ -136,6 +153,54 @@ class Trainer {
     groups_.world().all_reduce(std::span<double>(bytes));
     for (std::size_t g = 0; g < bytes.size(); ++g) r.megabytes[g] = bytes[g] / 1e6;
     return r;
+  }
+
+  /// Returns `fn()`; an error it throws is rethrown naming `what` (the step) and this rank,
+  /// unless it only echoes another rank's failure or a timeout.
+  template <class Fn>
+  auto named(std::string const& what, Fn&& fn) {
+    try {
+      return fn();
+    } catch (error const& e) {
+      if (e.category() == errc::aborted || e.category() == errc::timeout) throw;
+      throw error(e.category(),
+                  fmt::format("{} on rank {}: {}", what, groups_.world().rank(), e.what()));
+    }
+  }
+
+  /// Megatron's --check-for-nan-in-loss-and-grad: a NaN or infinite loss or gradient norm ends
+  /// the run before the optimizer applies it. Both values are global (the same on every rank),
+  /// so every rank throws, naming the ranks whose own share of the loss, or whose gradients,
+  /// are not finite (one all-reduce, only then); run() adds the step. Clipping keeps a
+  /// non-finite gradient non-finite (a NaN norm scales nothing; an infinite one makes inf·0).
+  void check_finite(double loss, double grad_norm) {
+    if (std::isfinite(loss) && std::isfinite(grad_norm)) return;
+    auto& world = groups_.world();
+    auto const w = static_cast<std::size_t>(world.size());
+    std::vector<double> bad(2 * w, 0.0);  // [own loss | own gradients] per rank
+    bool grads_finite = true;
+    for (auto* p : params_)
+      for (T g : p->grad) grads_finite = grads_finite && std::isfinite(g);
+    bad[static_cast<std::size_t>(world.rank())] = local_loss_finite_ ? 0.0 : 1.0;
+    bad[w + static_cast<std::size_t>(world.rank())] = grads_finite ? 0.0 : 1.0;
+    world.all_reduce(std::span<double>(bad));
+    auto ranks = [&](std::size_t offset) {
+      std::vector<std::size_t> out;
+      for (std::size_t r = 0; r < w; ++r)
+        if (bad[offset + r] > 0) out.push_back(r);
+      return out;
+    };
+    auto const by_loss = ranks(0), by_grad = ranks(w);
+    std::string const where =
+        !by_loss.empty()
+            ? fmt::format("the loss is not finite on rank {}", fmt::join(by_loss, ", "))
+        : !by_grad.empty()
+            ? fmt::format("the gradients are not finite on rank {}", fmt::join(by_grad, ", "))
+            : std::string("every rank's own loss and gradients are finite, their sum is not");
+    throw error(errc::invalid_argument,
+                fmt::format("the loss is {} and the gradient norm is {}; {} (Megatron's check; "
+                            "--no-check-for-nan-in-loss-and-grad lets the run go on)",
+                            loss, grad_norm, where));
   }
 
   /// One pass of the global batch whose first stream sequence is `first` through the pipeline
@@ -160,6 +225,7 @@ class Trainer {
                   .loss
             : run_pipeline(OneFOneB{.stages = o_.pp, .microbatches = m}, groups_.pp(), timed).loss;
     phase_times().pipeline += w.seconds();
+    local_loss_finite_ = std::isfinite(loss) && std::isfinite(stage_.aux_loss());
     // The last stage holds Σ_mb mean(own tokens)/M; the mean over dp_cp replicas is the global
     // batch's mean; the other stages contribute 0 to the sum over pp.
     // The TP·CP ranks of a replica hold parts of its auxiliary loss (summed over tp_cp), each
@@ -210,7 +276,8 @@ class Trainer {
   void save(std::int64_t step) {
     auto const entries = training_state_entries<T>(
         opt_, [this](Param<T> const& p) { return writes(p); }, groups_.world().rank() == 0);
-    save_checkpoint(groups_.world(), o_.save, step, entries, checkpoint_metadata(o_, step));
+    save_checkpoint(groups_.world(), o_.save, step, entries, checkpoint_metadata<T, Comm>(o_),
+                    {.keep_last = o_.keep_last});
     if (report_) report_->checkpoint(step, o_.save);
   }
 
@@ -258,6 +325,7 @@ class Trainer {
   SequenceShard shard_;
   Report* report_;
   std::int64_t first_step_ = 0;
+  bool local_loss_finite_ = true;  ///< this rank's share of the last batch's loss
 };
 
 }  // namespace moefold::train_demo

@@ -1,6 +1,7 @@
 #include "plan_command.hpp"
 
 #include <chrono>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "groups_command.hpp"
+#include "input.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/plan/planner.hpp"
 #include "plan_json.hpp"
@@ -21,7 +23,7 @@ namespace {
 struct PlanOptions {
   std::string model;
   std::string cluster = "h100";
-  std::optional<int> gpus;
+  std::optional<long> gpus;
   std::optional<long> global_batch_size;
   std::optional<long> seq_length;
   int top = 10;
@@ -48,17 +50,16 @@ Command add_plan_command(CLI::App& app) {
                   "Model preset (mixtral-8x22b, llama3-8x70b, qwen2-57b-a14b, "
                   "mixtral-8x22b-g8t8) or JSON file")
       ->required();
-  cmd->add_option_function<int>(
-      "--gpus", [&o](int v) { o.gpus = v; }, "Number of GPUs");
-  cmd->add_option_function<long>(
-      "--global-batch-size", [&o](long v) { o.global_batch_size = v; },
-      "Sequences per training step");
-  cmd->add_option_function<long>(
-      "--seq-length", [&o](long v) { o.seq_length = v; },
-      "Tokens per sequence (default: the model's)");
+  constexpr long kMaxInt = std::numeric_limits<int>::max();
+  add_integer(*cmd, "--gpus", o.gpus, 1, kMaxInt, "Number of GPUs");
+  add_integer(*cmd, "--global-batch-size", o.global_batch_size, 1, kMaxInt,
+              "Sequences per training step");
+  add_integer(*cmd, "--seq-length", o.seq_length, 1, kMaxInt,
+              "Tokens per sequence (default: the model's)");
   cmd->add_option("--cluster", o.cluster, "Cluster preset (h100, h200) or JSON file")
       ->capture_default_str();
-  cmd->add_option("--top", o.top, "How many configurations to list")->capture_default_str();
+  add_integer(*cmd, "--top", o.top, 1, kMaxInt, "How many configurations to list")
+      ->default_str(std::to_string(o.top));
   cmd->add_flag("--json", o.json, "Print JSON");
   cmd->add_flag("--all-variants", o.all_variants,
                 "List every (VPP, micro-batch, recompute) variant, not only the best per mapping");
@@ -66,12 +67,10 @@ Command add_plan_command(CLI::App& app) {
                 "Print the cost breakdown of the folding given by the size flags");
   add_folding_flags(*cmd, o.folding, /*world_required=*/false);
   o.world_size = cmd->get_option("--world-size");
-  cmd->add_option_function<int>(
-      "--virtual-pipeline-model-parallel-size,--vpp", [&o](int v) { o.vpp = v; },
-      "--explain: virtual pipeline stages per rank (default: the best)");
-  cmd->add_option_function<int>(
-      "--micro-batch-size", [&o](int v) { o.micro_batch_size = v; },
-      "--explain: sequences per micro-batch (default: the best)");
+  add_integer(*cmd, "--virtual-pipeline-model-parallel-size,--vpp", o.vpp, 1, kMaxInt,
+              "--explain: virtual pipeline stages per rank (default: the best)");
+  add_integer(*cmd, "--micro-batch-size", o.micro_batch_size, 1, kMaxInt,
+              "--explain: sequences per micro-batch (default: the best)");
   cmd->add_option_function<std::string>(
       "--recompute", [&o](std::string const& v) { o.recompute = v; },
       "--explain: none or full (default: none when it fits)");
@@ -220,6 +219,22 @@ void print_table_header() {
       "mem GB", "folded", "comp s", "tp+cp", "ep", "etp", "dp", "pp", "bub", "opt", "step s");
 }
 
+/// Most GPUs planned for: 2^24, a hundred times the largest clusters built; the mesh algebra
+/// behind each folding's placement is linear in the world.
+constexpr long kMaxPlanGpus = 1L << 24;
+
+/// Checks the GPU count before any work: within what the model can use, then within what the
+/// tool supports.
+void check_gpus(PlanRequest const& r, std::string_view flag = "--gpus") {
+  if (r.workload.gpus < 1)
+    throw invalid_config(fmt::format("{} must be at least 1 (got {})", flag, r.workload.gpus));
+  if (auto why = too_many_gpus(r.model, r.workload)) throw invalid_config(*why);
+  if (r.workload.gpus > kMaxPlanGpus)
+    throw invalid_config(fmt::format(
+        "{} {}: at most {} GPUs are supported (FoldedMapping checks each folding rank by rank)",
+        flag, r.workload.gpus, kMaxPlanGpus));
+}
+
 int run_explain(PlanOptions const& o, PlanRequest r) {
   FoldingConfig f = o.folding;
   bool const world_given = o.world_size->count() > 0;
@@ -228,8 +243,9 @@ int run_explain(PlanOptions const& o, PlanRequest r) {
   if (world_given && o.gpus && *o.gpus != f.world)
     throw invalid_config(
         fmt::format("--gpus ({}) and --world-size ({}) disagree", *o.gpus, f.world));
-  if (!world_given) f.world = *o.gpus;
+  if (!world_given) f.world = static_cast<int>(*o.gpus);
   r.workload.gpus = f.world;
+  check_gpus(r, world_given ? "--world-size" : "--gpus");
   FoldedMapping const fold = FoldedMapping::from(f);  // validates sizes and order
   FoldingPlacement const placement = place(fold, r.cluster.gpus_per_node);
 
@@ -237,7 +253,7 @@ int run_explain(PlanOptions const& o, PlanRequest r) {
   if (o.vpp) {
     vpps = {*o.vpp};
   } else {
-    for (int v = 1; v <= r.model.num_layers; ++v)
+    for (int v : detail::divisors(r.model.num_layers / fold.pp()))
       if (fold.pp() > 1 || v == 1) vpps.push_back(v);
   }
   if (o.micro_batch_size) {
@@ -296,10 +312,10 @@ int run_plan(PlanOptions const& o) {
   if (!o.global_batch_size) throw invalid_config("--global-batch-size is required");
   r.workload.global_batch_size = *o.global_batch_size;
   r.workload.seq_length = o.seq_length.value_or(r.model.seq_length);
-  if (o.top < 1) throw invalid_config(fmt::format("--top must be at least 1 (got {})", o.top));
   if (o.explain) return run_explain(o, r);
   if (!o.gpus) throw invalid_config("--gpus is required");
-  r.workload.gpus = *o.gpus;
+  r.workload.gpus = static_cast<int>(*o.gpus);
+  check_gpus(r);
 
   auto const start = std::chrono::steady_clock::now();
   PlanResult const result = plan(r);
@@ -318,8 +334,21 @@ int run_plan(PlanOptions const& o) {
   }
   print_header(r);
   fmt::print(
-      "{} foldings, {} configurations priced, {} fit in memory; enumeration took {:.0f} ms\n\n",
-      result.mappings, result.configurations, result.fitting, ms);
+      "{} foldings ({} dropped by a memory lower bound), {} configurations priced, {} fit in "
+      "memory; {} cost-model evaluations in {:.0f} ms\n\n",
+      result.mappings, result.pruned_by_memory, result.configurations, result.fitting,
+      result.evaluations, ms);
+  if (result.mappings == 0) {
+    fmt::print(
+        "no folding of {} GPUs meets the model's rules: TP divides num_attention_heads ({}) and "
+        "num_query_groups ({}), PP divides num_layers ({}), DP divides the global batch ({}), "
+        "TP·CP(·2) divides seq_length ({}), EP divides num_experts ({}), ETP divides "
+        "moe_ffn_hidden_size ({}), and TP·CP·DP·PP = ETP·EP·EDP·PP = {}\n",
+        r.workload.gpus, r.model.num_attention_heads, r.model.num_query_groups, r.model.num_layers,
+        r.workload.global_batch_size, r.workload.seq_length, r.model.num_experts,
+        r.model.moe_ffn_hidden_size, r.workload.gpus);
+    return 0;
+  }
   if (result.ranked.empty()) {
     fmt::print("no configuration fits in {} GB per GPU\n", r.cluster.hbm_gb);
     return 0;

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <fstream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -11,6 +11,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "input.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/pipeline/interleaved.hpp"
 #include "moefold/pipeline/one_f_one_b.hpp"
@@ -21,12 +22,19 @@
 namespace moefold::cli {
 
 namespace {
+/// Largest schedule: 2^20 forward and backward computations (a text timeline of ~20 MB; a
+/// pipeline of 1024 stages with 512 micro-batches each).
+constexpr long kMaxComputations = 1L << 20;
+constexpr double kBytesPerComputation = 300;  // simulation records, labels and timeline text
+/// Largest schedule drawn with --svg, and the SVG bytes per computation (a box and a label).
+constexpr long kMaxSvgComputations = 1L << 16;
+constexpr double kSvgBytesPerComputation = 200;
 struct ScheduleOptions {
   int pp = 1;
   int microbatches = 1;
   std::optional<int> vpp;
   std::optional<int> group_size;
-  std::string svg_path;
+  std::optional<std::string> svg_path;
   bool json = false;
 };
 int run_schedule(ScheduleOptions const& o);
@@ -37,18 +45,21 @@ Command add_schedule_command(CLI::App& app) {
   ScheduleOptions& o = *options;
   CLI::App* cmd = app.add_subcommand(
       "schedule", "Print a pipeline schedule (1F1B, or interleaved with --vpp >= 2) per stage");
-  cmd->add_option("--pipeline-model-parallel-size,--pp", o.pp, "Pipeline stages (PP)")->required();
-  cmd->add_option("--num-microbatches,--microbatches", o.microbatches,
-                  "Microbatches per step on each stage (M)")
+  // Type and int range here; the schedules' validate() names the rule for sizes below 1.
+  constexpr long lo = std::numeric_limits<int>::min(), hi = std::numeric_limits<int>::max();
+  add_integer(*cmd, "--pipeline-model-parallel-size,--pp", o.pp, lo, hi, "Pipeline stages (PP)")
       ->required();
-  cmd->add_option_function<int>(
-      "--num-virtual-stages-per-pipeline-rank,--vpp", [&o](int v) { o.vpp = v; },
-      "Model chunks per stage (VPP); 2 or more selects the interleaved schedule");
-  cmd->add_option_function<int>(
-      "--microbatch-group-size-per-vp-stage,--microbatch-group-size",
-      [&o](int g) { o.group_size = g; },
-      "Interleaved only: microbatches per chunk before switching chunk (default PP)");
-  cmd->add_option("--svg", o.svg_path, "Write the timeline to this SVG file");
+  add_integer(*cmd, "--num-microbatches,--microbatches", o.microbatches, lo, hi,
+              "Microbatches per step on each stage (M)")
+      ->required();
+  add_integer(*cmd, "--num-virtual-stages-per-pipeline-rank,--vpp", o.vpp, lo, hi,
+              "Model chunks per stage (VPP); 2 or more selects the interleaved schedule");
+  add_integer(*cmd, "--microbatch-group-size-per-vp-stage,--microbatch-group-size", o.group_size,
+              lo, hi,
+              "Interleaved only: microbatches per chunk before switching chunk (default PP)");
+  cmd->add_option_function<std::string>(
+      "--svg", [&o](std::string const& path) { o.svg_path = path; },
+      "Write the timeline to this SVG file");
   cmd->add_flag("--json", o.json, "Print {\"per_rank\": {rank: {warmup, ops}}}");
   return {cmd, [options] { return run_schedule(*options); }};
 }
@@ -128,20 +139,36 @@ int show(S const& s, ScheduleOptions const& o, std::string const& title, std::st
   if (o.json) {
     print_json(s);
   }
-  if (!o.json || !o.svg_path.empty()) {
+  if (!o.json || o.svg_path) {
     PipelineTimeline const tl = simulate(s, {}, SendMode::rendezvous);
-    if (!o.svg_path.empty()) {
-      std::ofstream out(o.svg_path);
-      if (!out)
-        throw error(errc::invalid_argument, fmt::format("cannot write --svg {}", o.svg_path));
-      out << schedule_svg(tl, title, s.num_chunks() > 1);
-    }
+    if (o.svg_path)
+      write_text_file("--svg", *o.svg_path, schedule_svg(tl, title, s.num_chunks() > 1));
     if (!o.json) print_text(s, title, tl, ideal);
   }
   return 0;
 }
 
+/// Checks the size before any work: 2·PP·VPP·M computations, each a few hundred bytes in the
+/// simulation, the text timeline and the SVG.
+void check_size(ScheduleOptions const& o) {
+  if (o.pp < 1 || o.microbatches < 1 || o.vpp.value_or(1) < 1) return;  // validate() says why
+  double const computations = 2.0 * o.pp * o.vpp.value_or(1) * o.microbatches;
+  if (computations > kMaxComputations)
+    throw invalid_config(fmt::format(
+        "PP·VPP·M = {}·{}·{}: the schedule has {:.0f} computations and would need ~{:.1f} GB to "
+        "simulate and print; at most {} computations (forward and backward) are supported",
+        o.pp, o.vpp.value_or(1), o.microbatches, computations,
+        computations * kBytesPerComputation / 1e9, kMaxComputations));
+  if (o.svg_path && computations > kMaxSvgComputations)
+    throw invalid_config(fmt::format(
+        "--svg: a timeline of {:.0f} computations would take ~{:.0f} MB; at most {} are drawn",
+        computations, computations * kSvgBytesPerComputation / 1e6, kMaxSvgComputations));
+}
+
 int run_schedule(ScheduleOptions const& o) {
+  if (o.svg_path && o.svg_path->empty())
+    throw error(errc::invalid_argument, "--svg needs a file name (got '')");
+  check_size(o);
   if (o.vpp && *o.vpp < 1)
     throw invalid_config(
         fmt::format("--num-virtual-stages-per-pipeline-rank must be at least 1 (got {})", *o.vpp));

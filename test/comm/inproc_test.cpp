@@ -8,6 +8,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moefold/comm/inproc/run.hpp"
@@ -77,13 +78,16 @@ TEST_CASE("a rank that never arrives makes the world fail within the timeout, na
   auto const o = run_catching(
       8,
       [](inproc::Communicator& c) {
-        if (c.rank() == 3) return;  // never calls the barrier
+        if (c.rank() == 3) {
+          std::this_thread::sleep_for(900ms);  // stuck past the timeout, then late
+        }
         c.barrier();
       },
       300ms);
   auto const elapsed = std::chrono::steady_clock::now() - start;
-  CHECK_THAT(o.rethrown, Contains("barrier on group [0,1,2,3,4,5,6,7] timed out after 300 ms"));
-  CHECK_THAT(o.rethrown, Contains("world rank(s) 3 did not arrive"));
+  CHECK_THAT(o.rethrown, Contains("inproc: collective barrier over the group of world ranks "
+                                  "0 1 2 3 4 5 6 7 timed out after 300 ms: ranks 0 1 2 4 5 6 7 "
+                                  "arrived, rank 3 did not"));
   CHECK(elapsed < 60s);  // not a timing threshold: a hang would never get here
   int timeouts = 0;
   for (int r = 0; r < 8; ++r)
@@ -95,15 +99,48 @@ TEST_CASE("a rank that never arrives makes the world fail within the timeout, na
   CHECK(timeouts >= 1);
 }
 
+TEST_CASE("a rank that has returned from its function fails its waiting peers at once, named") {
+  // The timeout is far away: the failure comes from rank 3's return, not from the clock.
+  auto const o = run_catching(4, [](inproc::Communicator& c) {
+    if (c.rank() == 3) return;  // never calls the barrier
+    c.barrier();
+  });
+  // Who else had arrived is a snapshot (ranks 1 and 2 may not have come yet); rank 3 is named.
+  CHECK_THAT(o.rethrown, Contains("inproc: collective barrier over the group of world ranks "
+                                  "0 1 2 3 cannot complete: "));
+  CHECK_THAT(o.rethrown, Contains("did not (rank 3 has returned from its rank function)"));
+  CHECK(o.messages[3].empty());
+  for (int r = 0; r < 3; ++r) {
+    auto const cat = o.categories[static_cast<std::size_t>(r)];
+    CHECK((cat == errc::communication || cat == errc::aborted));
+  }
+}
+
 TEST_CASE("a receive whose message never comes times out naming both ranks") {
   auto const o = run_catching(
       2,
       [](inproc::Communicator& c) {
         std::vector<float> x(3);
+        if (c.rank() == 0) std::this_thread::sleep_for(600ms);  // alive, but never sends
         if (c.rank() == 1) c.recv(std::span<float>(x), 0, 5);
       },
       200ms);
-  CHECK_THAT(o.rethrown, Contains("world rank 1 waited for a message from world rank 0 (tag 5)"));
+  CHECK_THAT(o.rethrown, Contains("timed out after 200 ms: world rank 1 waited for a message "
+                                  "from world rank 0 (tag 5) that never came"));
+}
+
+TEST_CASE("a receive from a rank that has returned from its function fails at once, naming it") {
+  auto const o = run_catching(2, [](inproc::Communicator& c) {
+    std::vector<float> x(3);
+    if (c.rank() == 1) c.recv(std::span<float>(x), 0, 5);
+  });
+  CHECK_THAT(o.rethrown, Contains("cannot complete (world rank 0 has returned from its rank "
+                                  "function): world rank 1 waited for a message from world rank "
+                                  "0 (tag 5) that never came"));
+}
+
+TEST_CASE("the world's default timeout is Megatron's, 10 minutes") {
+  CHECK(inproc::Options{}.timeout == std::chrono::minutes(10));
 }
 
 TEST_CASE("mismatched collectives fail on every rank with a message naming both calls") {
@@ -112,7 +149,7 @@ TEST_CASE("mismatched collectives fail on every rank with a message naming both 
     if (c.rank() == 0) c.all_reduce(std::span<float>(x));
     else c.broadcast(std::span<float>(x), 0);
   });
-  CHECK_THAT(o.rethrown, Contains("mismatched collectives on group [0,1]"));
+  CHECK_THAT(o.rethrown, Contains("mismatched collectives on the group of world ranks 0 1"));
   CHECK_THAT(o.rethrown, Contains("all_reduce<float>"));
   CHECK_THAT(o.rethrown, Contains("broadcast<float>"));
 }

@@ -52,7 +52,8 @@ TEST_CASE("mpi: the world communicator duplicates MPI_COMM_WORLD, every rank in 
   std::vector<int> expected(static_cast<std::size_t>(world.size()));
   for (int r = 0; r < world.size(); ++r) expected[static_cast<std::size_t>(r)] = r;
   CHECK(world.world_ranks() == expected);
-  CHECK(world.timeout() == std::chrono::seconds(120));
+  CHECK(world.timeout() == std::chrono::minutes(10));  // Megatron's default
+  CHECK(Comm::world({.timeout = std::chrono::seconds(7)}).timeout() == std::chrono::seconds(7));
   world.barrier();
 }
 

@@ -1,8 +1,9 @@
 // A rank that never calls a collective: every other rank must get moefold::error with category
-// errc::timeout, naming the collective, the group's world ranks and the timeout, and the
-// communicator must refuse later calls. The verdicts travel over a second, healthy communicator;
-// the job exits 0 only when every waiting rank saw exactly that error. Run with mpiexec -n 4
-// (any n ≥ 2).
+// errc::timeout, naming the collective, the group's world ranks, the timeout, the ranks that
+// arrived and the one that did not, and the communicator must refuse later calls. A receive
+// whose sender never sends must time out naming that sender. The verdicts travel over a second,
+// healthy communicator; the job exits 0 only when every waiting rank saw exactly that error. Run
+// with mpiexec -n 4 (any n ≥ 2).
 
 #include <chrono>
 #include <cstdint>
@@ -26,10 +27,13 @@ constexpr auto kTimeout = std::chrono::milliseconds(1500);
 // Empty when `e` is the expected timeout error, else what is wrong with it.
 std::string judge(error const& e, int size) {
   std::string const what = e.what();
-  std::string ranks;
-  for (int r = 0; r < size; ++r) ranks += fmt::format("{}{}", r == 0 ? "" : ", ", r);
-  for (std::string const& part : {std::string("mpi all_reduce timed out after 1500 ms"),
-                                  fmt::format("on the group of world ranks [{}]", ranks)})
+  std::string ranks, arrived;
+  for (int r = 0; r < size; ++r) ranks += fmt::format("{}{}", r == 0 ? "" : " ", r);
+  for (int r = 0; r < size - 1; ++r) arrived += fmt::format("{}{}", r == 0 ? "" : " ", r);
+  for (std::string const& part :
+       {fmt::format("mpi: collective all_reduce over the group of world ranks {} timed out after "
+                    "1500 ms: ranks {} arrived, rank {} did not",
+                    ranks, arrived, size - 1)})
     if (what.find(part) == std::string::npos)
       return fmt::format("message lacks \"{}\": {}", part, what);
   if (e.category() != errc::timeout)
@@ -46,6 +50,9 @@ int main(int argc, char** argv) {
   {
     auto world = mpi::Communicator::world();
     auto verdicts = world.split(0, world.rank());  // stays healthy
+    auto p2p = world.split(0, world.rank());       // for the receive that never completes
+    p2p.set_group_name("p2p");
+    p2p.set_timeout(kTimeout);
     size = world.size();
     rank = world.rank();
     int const absent = size - 1;  // never calls the all_reduce
@@ -74,6 +81,28 @@ int main(int argc, char** argv) {
         }
       }
     }
+    // A receive whose message never comes names the peer it waits for.
+    if (problem.empty() && rank == 1) {
+      std::vector<float> y(4);
+      try {
+        p2p.recv(std::span<float>(y), 0, /*tag=*/7);
+        problem = "a receive completed although rank 0 never sent";
+      } catch (error const& e) {
+        std::string const expected = fmt::format(
+            "on group p2p (world ranks {}) timed out after 1500 ms: world rank 1 still waits for "
+            "the receive from world rank 0 (tag 7)",
+            [&] {
+              std::string r;
+              for (int q = 0; q < size; ++q) r += fmt::format("{}{}", q == 0 ? "" : " ", q);
+              return r;
+            }());
+        if (std::string(e.what()).find(expected) == std::string::npos ||
+            e.category() != errc::timeout)
+          problem = fmt::format("the receive's error lacks \"{}\": {}", expected, e.what());
+        std::fprintf(stderr, "rank %d got, as expected: [%s] %s\n", rank,
+                     std::string(to_string(e.category())).c_str(), e.what());
+      }
+    }
     if (!problem.empty()) {
       std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, problem.c_str());
       ok = 0;
@@ -84,7 +113,8 @@ int main(int argc, char** argv) {
   }
   if (rank == 0)
     std::printf("timeout test: %s\n", ok ? "every waiting rank got errc::timeout naming the "
-                                           "collective, its group and the timeout"
+                                           "collective, its group, the timeout and who arrived; "
+                                           "a lone receive named the peer it waited for"
                                          : "FAILED");
   return ok ? 0 : 1;
 }

@@ -1,9 +1,11 @@
 // ProcessGroups: every group holds exactly the ranks that FoldedMapping (and so
 // `moefold groups`) names — proven by communicating: each rank all-gathers its world rank over
-// every group and compares with the group's members. Run on each backend.
+// every group and compares with the group's members. Each group carries its name ("ep") for
+// error messages. Run on each backend.
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "comm/backends.hpp"
@@ -48,6 +50,7 @@ TEMPLATE_LIST_TEST_CASE("every group of ProcessGroups holds exactly the ranks th
           checks.check(!comm.valid(), fmt::format("{}: rank {} should be in no group", name(g), me));
           continue;
         }
+        checks.equal(comm.group_name(), std::string(name(g)), "the group's name in messages");
         checks.equal(comm.size(), static_cast<int>(expected.size()), fmt::format("{} size", name(g)));
         checks.equal(comm.rank(), *fold.rank_in_group(g, me), fmt::format("{} rank", name(g)));
         std::vector<std::int32_t> mine{me}, members(expected.size());

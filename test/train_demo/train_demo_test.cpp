@@ -4,10 +4,14 @@
 // and nothing is written; invalid flags exit with status 2 and one line; under mpiexec the losses
 // equal the in-process run's.
 
+#include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -164,7 +168,7 @@ TEST_CASE("a checkpoint resumes bit-identically, and within 1e-4 under another f
   auto const full =
       train("--train-iters 6 --save " + ckpt + " --save-interval 3", dir, "full");  // default fold
   REQUIRE(full.size() == 6);
-  CHECK(fs::exists(fs::path(ckpt) / "iter_0000003" / "metadata.json"));
+  CHECK(fs::exists(fs::path(ckpt) / "iter_0000003" / "metadata.txt"));
   CHECK(slurp(fs::path(ckpt) / "latest_checkpointed_iteration.txt") == "6\n");
   std::vector<StepLog> const tail(full.begin() + 3, full.end());
 
@@ -229,6 +233,80 @@ TEST_CASE("a corrupted or truncated checkpoint is refused and nothing is written
   fs::remove_all(dir);
 }
 
+namespace {
+/// The names in directory `d`, sorted.
+std::vector<std::string> names_in(fs::path const& d) {
+  std::vector<std::string> out;
+  for (auto const& e : fs::directory_iterator(d)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+/// Runs moefold-train with the small model, `from` in its flags replaced by `to`, and `args`.
+moefold::test::CommandResult train_raw(std::string const& from, std::string const& to,
+                                       std::string const& args, fs::path const& out) {
+  std::string flags = kSmall;
+  if (!from.empty()) flags.replace(flags.find(from), from.size(), to);
+  return run_command(fmt::format("{} {} {} --output-dir {}", MOEFOLD_TRAIN, flags, args,
+                                 out.string()));
+}
+}  // namespace
+
+TEST_CASE("saves of one iteration under two foldings into one directory never mix",
+          "[train][checkpoint]") {
+  auto const dir = scratch("mix");
+  auto const mixed = (dir / "mixed").string(), clean = (dir / "clean").string();
+  // Iteration 3 from 8 ranks with other optimizer settings (other weights), then from 1 rank.
+  train("--train-iters 3 --weight-decay 0.5 --clip-grad 0.05 --save " + mixed, dir, "eight");
+  train("--world-size 1 --train-iters 3 --save " + mixed, dir, "one");
+  train("--world-size 1 --train-iters 3 --save " + clean, dir, "clean");
+  CHECK(names_in(fs::path(mixed) / "iter_0000003") ==
+        std::vector<std::string>{"metadata.txt", "rank_00000.bin"});
+  auto const from_mixed = train("--world-size 1 --train-iters 5 --load " + mixed, dir, "rm");
+  auto const from_clean = train("--world-size 1 --train-iters 5 --load " + clean, dir, "rc");
+  REQUIRE(from_mixed.size() == 2);
+  REQUIRE(from_clean.size() == 2);
+  for (std::size_t i = 0; i < 2; ++i)
+    CHECK(from_mixed[i].loss_text == from_clean[i].loss_text);  // the 1-rank save, whole
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a checkpoint of another model, or a latest file that is not an integer, is refused",
+          "[train][checkpoint]") {
+  auto const dir = scratch("refused");
+  auto const ckpt = dir / "ckpt";
+  train("--world-size 1 --train-iters 1 --save " + ckpt.string(), dir, "save");
+
+  auto r = train_raw("--num-layers 4", "--num-layers 2",
+                     "--world-size 1 --train-iters 2 --load " + ckpt.string(), dir / "o1");
+  INFO("stderr: " << r.err);
+  CHECK(r.status == 1);
+  CHECK(r.err.find("checkpoint has num_layers = 4, the model 2") != std::string::npos);
+
+  r = train_raw("--moe-router-topk 2", "--moe-router-topk 1 --moe-router-pre-softmax",
+                "--world-size 1 --train-iters 2 --load " + ckpt.string(), dir / "o2");
+  CHECK(r.status == 1);
+  CHECK(r.err.find("checkpoint has moe_router_topk = 2, the model 1") != std::string::npos);
+
+  std::ofstream(ckpt / "latest_checkpointed_iteration.txt", std::ios::trunc) << "1abc\n";
+  r = train_raw("", "", "--world-size 1 --train-iters 2 --load " + ckpt.string(), dir / "o3");
+  CHECK(r.status == 1);
+  CHECK(r.err.find("latest_checkpointed_iteration.txt must hold exactly an iteration number, "
+                   "but holds '1abc\\n'") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "o3"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("moefold-train --keep-last N keeps the newest N iterations", "[train][checkpoint]") {
+  auto const dir = scratch("keep");
+  auto const ckpt = dir / "ckpt";
+  train("--world-size 1 --train-iters 5 --save-interval 1 --keep-last 2 --save " + ckpt.string(),
+        dir, "keep");
+  CHECK(names_in(ckpt) == std::vector<std::string>{"iter_0000004", "iter_0000005",
+                                                   "latest_checkpointed_iteration.txt"});
+  fs::remove_all(dir);
+}
+
 TEST_CASE("invalid flag combinations exit with status 2 and one line", "[train][cli]") {
   for (std::string const args :
        {"--tp 3 --world-size 3",                // heads 8 not divisible by TP 3
@@ -254,6 +332,169 @@ TEST_CASE("invalid flag combinations exit with status 2 and one line", "[train][
   }
 }
 
+namespace {
+
+/// The small model with `from` in its flags replaced by `to`, then `args`; output in dir/tag.
+moefold::test::CommandResult run_small(std::string const& from, std::string const& to,
+                                       std::string const& args, fs::path const& dir,
+                                       std::string const& tag) {
+  std::string flags = kSmall;
+  if (!from.empty()) flags.replace(flags.find(from), from.size(), to);
+  return run_command(fmt::format("{} {} {} --output-dir {} --log-json {}", MOEFOLD_TRAIN, flags,
+                                 args, (dir / tag).string(), (dir / (tag + ".jsonl")).string()));
+}
+
+/// The steps of loss.csv, in order.
+std::vector<std::int64_t> csv_steps(fs::path const& csv) {
+  std::vector<std::int64_t> out;
+  std::ifstream in(csv);
+  std::string line;
+  std::getline(in, line);
+  CHECK(line == "step,loss,aux_loss,validation_loss,lr,grad_norm,seconds,tokens_per_s");
+  while (std::getline(in, line)) out.push_back(std::stoll(line.substr(0, line.find(','))));
+  return out;
+}
+
+std::vector<std::int64_t> steps_of(std::vector<StepLog> const& log) {
+  std::vector<std::int64_t> out;
+  for (auto const& s : log) out.push_back(s.step);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("with --eval-iters 0 no validation runs and no verdict is printed", "[train][report]") {
+  auto const dir = scratch("no_eval");
+  auto const r =
+      run_small("--eval-iters 1", "--eval-iters 0", "--world-size 1 --train-iters 2", dir, "run");
+  INFO("stdout: " << r.out << "\nstderr: " << r.err);
+  REQUIRE(r.status == 0);
+  CHECK(r.out.find("validation loss") == std::string::npos);
+  CHECK(r.out.find("baseline") == std::string::npos);
+  CHECK(r.out.find("validation           none (--eval-iters 0)") != std::string::npos);
+  CHECK(r.out.find("final train loss") != std::string::npos);
+  CHECK(csv_steps(dir / "run" / "loss.csv") == std::vector<std::int64_t>{1, 2});
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a resumed run appends to --log-json and loss.csv and a fresh run starts them anew",
+          "[train][report][checkpoint]") {
+  auto const dir = scratch("append");
+  auto const ckpt = (dir / "ckpt").string();
+  auto const full =
+      train("--world-size 1 --train-iters 4 --save-interval 2 --save " + ckpt, dir, "log");
+  REQUIRE(steps_of(full) == std::vector<std::int64_t>{1, 2, 3, 4});
+
+  // Resumed from step 2 into the same files: steps 1–2 are kept, 3–4 written again.
+  auto const resumed =
+      train("--world-size 1 --train-iters 4 --load " + ckpt + " --ckpt-step 2", dir, "log");
+  REQUIRE(steps_of(resumed) == std::vector<std::int64_t>{1, 2, 3, 4});
+  for (std::size_t i = 0; i < 4; ++i) CHECK(resumed[i].loss_text == full[i].loss_text);
+  CHECK(csv_steps(dir / "log" / "loss.csv") == std::vector<std::int64_t>{1, 2, 3, 4});
+
+  // A fresh run into the same files starts them anew.
+  auto const fresh = train("--world-size 1 --train-iters 1", dir, "log");
+  CHECK(steps_of(fresh) == std::vector<std::int64_t>{1});
+  CHECK(csv_steps(dir / "log" / "loss.csv") == std::vector<std::int64_t>{1});
+  fs::remove_all(dir);
+}
+
+TEST_CASE("resuming at or past --train-iters runs no step and says so", "[train][report]") {
+  auto const dir = scratch("no_step");
+  auto const ckpt = (dir / "ckpt").string();
+  train("--world-size 1 --train-iters 2 --save " + ckpt, dir, "save");
+  for (int iters : {2, 1}) {
+    auto const r =
+        run_small("", "", fmt::format("--world-size 1 --train-iters {} --load {}", iters, ckpt),
+                  dir, "resume");
+    INFO("--train-iters " << iters << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.status == 0);
+    CHECK(r.out.find(fmt::format("no step to run: the checkpoint is at step 2 >= --train-iters {}",
+                                 iters)) != std::string::npos);
+    CHECK(r.out.find("final train loss") == std::string::npos);
+    CHECK(r.out.find("validation loss") != std::string::npos);  // of the loaded model
+    CHECK(read_log(dir / "resume.jsonl").empty());
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a --clip-grad of 0 means no clipping, as in Megatron", "[train]") {
+  auto const dir = scratch("no_clip");
+  auto const off = train("--world-size 1 --train-iters 4 --clip-grad 0", dir, "off");
+  auto const huge = train("--world-size 1 --train-iters 4 --clip-grad 1e30", dir, "huge");
+  REQUIRE(off.size() == 4);
+  REQUIRE(huge.size() == 4);
+  for (std::size_t i = 0; i < 4; ++i) CHECK(off[i].loss_text == huge[i].loss_text);
+  fs::remove_all(dir);
+}
+
+TEST_CASE(
+    "a non-finite gradient norm stops training before the update, naming the step and the "
+    "ranks, unless --no-check-for-nan-in-loss-and-grad",
+    "[train][nan]") {
+  auto const dir = scratch("nan");
+  // A z-loss coefficient of 1e45 overflows the router's fp32 gradients in step 1.
+  std::string const overflow = "--moe-z-loss-coeff 1e45 --train-iters 3";
+  auto const checked = run_small("", "", "--world-size 1 " + overflow, dir, "checked");
+  INFO("stderr: " << checked.err);
+  CHECK(checked.status == 1);
+  CHECK(std::regex_search(checked.err,
+                          std::regex("step 1 on rank 0: the loss is [0-9.]+ and the gradient norm "
+                                     "is -?(nan|inf); the gradients are not finite on rank 0 ")));
+  CHECK(checked.err.find("--no-check-for-nan-in-loss-and-grad") != std::string::npos);
+  CHECK(read_log(dir / "checked.jsonl").empty());  // step 1 was not applied
+
+  // Under 8 ranks every rank holds a non-finite router gradient.
+  auto const folded = run_small("", "", overflow, dir, "folded");
+  INFO("stderr: " << folded.err);
+  CHECK(folded.status == 1);
+  CHECK(folded.err.find("the gradients are not finite on rank 0, 1, 2, 3, 4, 5, 6, 7") !=
+        std::string::npos);
+
+  // Unchecked, step 1 is applied and logged (a NaN as JSON null); step 2's router then refuses
+  // the NaN weights, naming the step (no validation in between).
+  auto const unchecked =
+      run_small("--eval-iters 1", "--eval-iters 0",
+                "--world-size 1 --no-check-for-nan-in-loss-and-grad " + overflow, dir, "free");
+  INFO("stderr: " << unchecked.err);
+  std::ifstream in(dir / "free.jsonl");
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  REQUIRE_FALSE(lines.empty());
+  CHECK(lines[0].at("step") == 1);
+  CHECK(lines[0].at("grad_norm").is_null());
+  CHECK(unchecked.status == 1);
+  CHECK(unchecked.err.find("step 2 on rank 0: ") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("file errors name the file and the reason, and too big a model the memory it needs",
+          "[train][cli]") {
+  auto const dir = scratch("files");
+  std::ofstream(dir / "plain") << "x";
+  struct Bad {
+    std::string from, args, expected;
+  };
+  for (auto const& bad : {
+           Bad{"", "--data-path /proc/self/mem",
+               "--data-path '/proc/self/mem': cannot read: " + std::string(std::strerror(EIO))},
+           Bad{"", "--data-path " + (dir / "none").string(),
+               fmt::format("'{}': {}", (dir / "none").string(), std::strerror(ENOENT))},
+           Bad{"", "--save " + (dir / "plain" / "ckpt").string(),
+               fmt::format("'{}' is not a directory", (dir / "plain").string())},
+           Bad{"--hidden-size 64", "--hidden-size 1048576", "the run needs at least"},
+       }) {
+    auto const r = run_small(bad.from, bad.from.empty() ? "" : bad.args,
+                             "--world-size 1 " + (bad.from.empty() ? bad.args : ""), dir, "out");
+    INFO(bad.args << "\nstderr: " << r.err);
+    CHECK(r.status == 2);
+    CHECK(r.err.find(bad.expected) != std::string::npos);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  }
+  CHECK_FALSE(fs::exists(dir / "out"));  // refused before any work
+  fs::remove_all(dir);
+}
+
 #ifdef MOEFOLD_MPIEXEC
 TEST_CASE("mpiexec -n 8 with --backend mpi gives the in-process run's losses", "[.mpi]") {
   auto const dir = scratch("mpi");
@@ -269,3 +510,19 @@ TEST_CASE("mpiexec -n 8 with --backend mpi gives the in-process run's losses", "
   fs::remove_all(dir);
 }
 #endif
+
+TEST_CASE("--check-activations-and-grads names the first layer whose output or gradient is not "
+          "finite",
+          "[train][nan]") {
+  auto const dir = scratch("layer_check");
+  auto const r = run_small("", "",
+                           "--world-size 1 --check-activations-and-grads "
+                           "--moe-z-loss-coeff 1e45 --train-iters 2",
+                           dir, "layers");
+  INFO("stderr: " << r.err);
+  CHECK(r.status == 1);
+  CHECK(std::regex_search(r.err, std::regex("non-finite input gradient \\(-?(nan|inf)\\) at "
+                                            "element [0-9]+ of decoder\\.layers\\.3, microbatch "
+                                            "[0-9]+, on world rank 0")));
+  fs::remove_all(dir);
+}

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
@@ -25,7 +26,9 @@ template <Communicator Comm>
 class ProcessGroups {
  public:
   /// Builds a communicator for every group kind of `fold.catalogue()` (the 16 core groups, and
-  /// the distributed-optimizer groups when there are several instances) with one `split` each.
+  /// the distributed-optimizer groups when there are several instances) with one `split` each,
+  /// named after its group kind ("ep", …) for error messages where the backend has
+  /// `set_group_name` (inproc, mpi).
   /// Collective over `world`: every rank must call it, with the same folding.
   /// Throws `invalid_config` when `world.size()` differs from the folding's world size.
   ProcessGroups(FoldedMapping fold, Comm world) : fold_(std::move(fold)), world_(std::move(world)) {
@@ -50,6 +53,9 @@ class ProcessGroups {
         }
       }
       comms_[static_cast<std::size_t>(g)] = world_.split(color, key);
+      // Backends that name their groups in error messages get Megatron's names ("ep", …).
+      if constexpr (requires(Comm& c) { c.set_group_name(std::string()); })
+        comms_[static_cast<std::size_t>(g)]->set_group_name(std::string(name(g)));
     }
   }
 

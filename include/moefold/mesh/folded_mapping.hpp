@@ -14,6 +14,7 @@
 ///   the EP group {0,2,4,6} crosses CP and DP replicas: CP and DP are folded into EP.
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -73,7 +74,7 @@ class FoldedMapping {
     m.ndoi_ = c.num_distributed_optimizer_instances;
 
     // 1. world divisible by the model-parallel size.
-    long const model_size = long{c.tp} * c.pp * c.cp;
+    long const model_size = product(c.tp, c.pp, c.cp);
     if (c.world % model_size != 0) {
       throw invalid_config(fmt::format(
           "world_size ({}) is not divisible by model_size TP·PP·CP = {} (TP={}, PP={}, CP={})",
@@ -96,7 +97,7 @@ class FoldedMapping {
       if (auto axis = dense_axis(a)) m.attention_.push(*axis, m.dense_size(a));
     // 4. the expert generator.
     m.etp_ = c.etp.value_or(c.tp);
-    long const expert_size = long{m.etp_} * c.ep * c.pp;
+    long const expert_size = product(m.etp_, c.ep, c.pp);
     if (c.world % expert_size != 0) {
       throw invalid_config(fmt::format(
           "world_size ({}) is not divisible by expert_tensor_model_pipeline_parallel size "
@@ -236,6 +237,13 @@ class FoldedMapping {
 
  private:
   FoldedMapping() = default;
+
+  /// a·b·c for positive ints, saturated at LONG_MAX (three ints can overflow a long; a saturated
+  /// product never divides the world).
+  static long product(long a, long b, long c) noexcept {
+    return a * b > std::numeric_limits<long>::max() / c ? std::numeric_limits<long>::max()
+                                                         : a * b * c;
+  }
 
   int dense_size(OrderAxis a) const noexcept {
     switch (a) {

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -71,8 +72,11 @@ struct Routing {
 
   /// Throws unless map and probs have `num_tokens · num_experts` entries.
   void check_shape(std::string_view who) const {
-    auto const n = static_cast<std::size_t>(num_tokens * num_experts);
-    MOEFOLD_EXPECTS(num_tokens >= 0 && num_experts >= 1 && map.size() == n && probs.size() == n,
+    // T·E only once T and E are in range (a lying shape could overflow the product).
+    bool const shaped = num_tokens >= 0 && num_experts >= 1 &&
+                        num_tokens <= std::numeric_limits<std::int64_t>::max() / num_experts;
+    auto const n = shaped ? static_cast<std::size_t>(num_tokens * num_experts) : std::size_t{0};
+    MOEFOLD_EXPECTS(shaped && map.size() == n && probs.size() == n,
                     "{}: routing of {} tokens × {} experts needs {} map and prob entries (got {} "
                     "and {})",
                     who, num_tokens, num_experts, n, map.size(), probs.size());

@@ -177,9 +177,12 @@ class StageBuffers {
 /// Collective over `pp`: every rank of the group must call it with the same schedule and
 /// options; `pp.size()` must equal the schedule's PP. Throws `invalid_config` for an invalid
 /// schedule or a mismatched group, and rethrows whatever the model throws: under
-/// `inproc::run` or `mpi::run` that fails the world, so the other stages' pending receives
-/// fail (`errc::aborted`) instead of waiting. Tied weights are not reduced here: call
-/// `all_reduce_tied` after the step.
+/// `inproc::run` that fails the world, so the other stages' pending receives fail at once
+/// (`errc::aborted`, "… because rank R failed: <what>"), and a stage that has returned from its
+/// rank function fails the receives waiting for it, naming it; under `mpi::run` the failing
+/// rank prints "moefold: rank R failed: <what>" and aborts the job. A stage that stalls fails
+/// its neighbours' receives after the communicator's timeout, naming the peer they wait for.
+/// Tied weights are not reduced here: call `all_reduce_tied` after the step.
 template <PipelineSchedule S, Communicator Comm, PipelineStageModel Model>
 PipelineStepResult<typename Model::value_type> run_pipeline(
     S const& schedule, Comm& pp, Model& model, PipelineExecutorOptions const& options = {}) {

@@ -28,7 +28,11 @@ struct ClusterSpec {
   double network_gb_per_s = 50.0;    ///< inter-node bandwidth per GPU per direction (400 Gb/s = 50)
   double network_latency_us = 20.0;  ///< latency of one collective step across nodes
 
-  /// Throws `invalid_config` naming the first field that is not positive.
+  /// Largest NVLink domain accepted: 1024 GPUs (NVL72 has 72, the announced NVL576 has 576).
+  /// Placement work grows with its square.
+  static constexpr int kMaxGpusPerNode = 1024;
+
+  /// Throws `invalid_config` naming the first field that is not positive (or too large).
   void validate() const {
     auto positive = [&](double v, std::string_view what) {
       if (!(v > 0))
@@ -36,6 +40,9 @@ struct ClusterSpec {
             fmt::format("cluster '{}': {} must be positive (got {})", name, what, v));
     };
     positive(gpus_per_node, "gpus_per_node");
+    if (gpus_per_node > kMaxGpusPerNode)
+      throw invalid_config(fmt::format("cluster '{}': gpus_per_node must be at most {} (got {})",
+                                       name, kMaxGpusPerNode, gpus_per_node));
     positive(peak_tflops, "peak_tflops");
     positive(hbm_gb, "hbm_gb");
     positive(hbm_tb_per_s, "hbm_tb_per_s");

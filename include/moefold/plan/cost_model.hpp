@@ -23,6 +23,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -191,6 +192,36 @@ inline std::optional<std::string> shape_violation(ModelSpec const& model, Worklo
   return std::nullopt;
 }
 
+/// Parameters one rank holds (the stage with the embedding or output layer): dense (sharded
+/// over TP) and expert (E/EP local experts sharded over ETP).
+inline std::pair<double, double> params_per_rank(ModelSpec const& model, ParallelConfig const& c) {
+  double const tp = c.tp;
+  int const layers = model.num_layers / c.pp;
+  double const dense_per_layer =
+      (model.attention_params_per_layer() + model.shared_expert_params_per_layer()) / tp +
+      model.replicated_params_per_layer();
+  double const embedding =
+      double(padded_vocab_size(model.vocab_size, c.tp)) * model.hidden_size / tp;
+  double const dense =
+      layers * dense_per_layer + embedding * (c.pp == 1 && model.untie_embeddings ? 2 : 1);
+  double const expert =
+      layers * (double(model.num_experts) / c.ep) * model.params_per_expert() / c.etp;
+  return {dense, expert};
+}
+
+/// The memory that does not depend on activations (bytes): BF16 weights, FP32 gradients, FP32
+/// master weights and Adam moments sharded over dp_cp (dense) and edp (experts), the reserve.
+/// A lower bound on any variant's memory: the planner prunes mappings with it before pricing.
+inline MemoryEstimate state_memory(double dense_params, double expert_params, double dp_cp,
+                                   double edp, CostConstants const& k) {
+  MemoryEstimate mem;
+  mem.weights = 2 * (dense_params + expert_params);
+  mem.gradients = 4 * (dense_params + expert_params);
+  mem.optimizer = 12 * (dense_params / dp_cp + expert_params / edp);
+  mem.reserve = 1e9 * k.memory_reserve_gb;
+  return mem;
+}
+
 /// Prices collectives on a placement.
 struct Links {
   ClusterSpec const& cluster;
@@ -346,13 +377,7 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   double const bubble = (c.pp - 1) / double(c.vpp) * stage_time;
 
   // ---- Parameters per rank (the stage holding the embedding or output layer).
-  double const dense_per_layer =
-      (model.attention_params_per_layer() + model.shared_expert_params_per_layer()) / tp +
-      model.replicated_params_per_layer();
-  double const embedding = V * h / tp;
-  double const dense_params =
-      layers * dense_per_layer + embedding * (c.pp == 1 && model.untie_embeddings ? 2 : 1);
-  double const expert_params = layers * local_experts * model.params_per_expert() / etp;
+  auto const [dense_params, expert_params] = detail::params_per_rank(model, c);
 
   // ---- Gradient reduction and parameter gather (distributed optimizer), per step.
   double const dp_rs = links.ring(4 * dense_params, place.dp_cp);
@@ -402,9 +427,7 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
 
   // ---- Memory per GPU (bytes).
   MemoryEstimate& mem = e.memory;
-  mem.weights = 2 * (dense_params + expert_params);
-  mem.gradients = 4 * (dense_params + expert_params);
-  mem.optimizer = 12 * (dense_params / (e.dp * cp) + expert_params / e.edp);
+  mem = detail::state_memory(dense_params, expert_params, e.dp * cp, e.edp, k);
   // Activations of one layer and micro-batch.
   double const attn_act = t_loc * 4 * h  // norm input, QKV input
                           + t_attn * (2 * (a + 2 * g) * d + 2 * a * d + 4 * a) / tp  // q,k,v,o,lse
@@ -442,7 +465,6 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   }
   mem.activations = c.recompute == Recompute::full ? mem.activations_with_recompute
                                                    : mem.activations_without_recompute;
-  mem.reserve = 1e9 * k.memory_reserve_gb;
   e.fits = mem.total() <= 1e9 * cluster.hbm_gb;
   return e;
 }

@@ -88,6 +88,9 @@ struct ModelSpec {
     positive(moe_router_topk, "moe_router_topk");
     positive(vocab_size, "vocab_size");
     positive(seq_length, "seq_length");
+    if (kv_channels < 0)
+      throw invalid_config(
+          fmt::format("model '{}': kv_channels must not be negative (got {})", name, kv_channels));
     if (shared_expert_ffn_hidden_size < 0)
       throw invalid_config(
           fmt::format("model '{}': shared_expert_ffn_hidden_size must not be "

@@ -33,6 +33,7 @@
 /// Megatron's CP/M (1 in per-token mode), set here for every microbatch. After the
 /// microbatches, `finalize_model_grads` (finalize_model_grads.hpp) ends the step.
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -74,6 +75,10 @@ struct DecoderModelConfig {
   /// global token count in `finalize_model_grads` (spec §4.1). The MLP slot's router must be
   /// configured alike.
   bool calculate_per_token_loss = false;
+  /// moefold's own opt-in check (`--check-activations-and-grads`): every layer's output, the
+  /// logits and every layer's input gradient must be finite; the first that is not throws,
+  /// naming the layer, the microbatch and the rank.
+  bool check_activations_and_grads = false;
 };
 
 /// This rank's token ids and labels of one microbatch: its CP-local tokens [S/CP · B]
@@ -111,6 +116,7 @@ class DecoderStage {
     chunks_.resize(static_cast<std::size_t>(chunks));
     for (int c = 0; c < chunks; ++c) {
       std::int64_t const first = (std::int64_t{c} * pp_ + pp_rank_) * per;
+      chunks_[static_cast<std::size_t>(c)].first_layer = first;
       for (std::int64_t i = first; i < first + per; ++i)
         chunks_[static_cast<std::size_t>(c)].layers.push_back(
             std::make_unique<Layer>(layer_config(i, mlp), groups));
@@ -208,8 +214,10 @@ class DecoderStage {
     } else {
       dy.assign(out_grad.begin(), out_grad.end());
     }
-    for (auto it = ch.layers.rbegin(); it != ch.layers.rend(); ++it)
-      dy = (*it)->backward(std::span<T const>(dy));
+    for (std::size_t j = ch.layers.size(); j-- > 0;) {
+      dy = ch.layers[j]->backward(std::span<T const>(dy));
+      check_finite(dy, "input gradient", ch.first_layer + static_cast<std::int64_t>(j), mb);
+    }
     if (is_first(chunk))
       embedding_->backward(std::span<T const>(dy));
     else
@@ -261,8 +269,24 @@ class DecoderStage {
  private:
   struct Chunk {
     std::vector<std::unique_ptr<Layer>> layers;
+    std::int64_t first_layer = 0;  ///< global index of layers[0]
     int fresh = -1;  ///< the microbatch whose forward state the layers hold, or −1
   };
+
+  /// With `check_activations_and_grads`: throws at the first non-finite value of `v`, naming
+  /// the layer (−1: the output layer's logits), the microbatch and the rank.
+  void check_finite(std::vector<T> const& v, char const* what, std::int64_t layer, int mb) const {
+    if (!cfg_.check_activations_and_grads) return;
+    for (std::size_t i = 0; i < v.size(); ++i)
+      if (!std::isfinite(static_cast<double>(v[i])))
+        throw error(errc::invalid_argument,
+                    fmt::format("non-finite {} ({}) at element {} of {}, microbatch {}, on world "
+                                "rank {}",
+                                what, static_cast<double>(v[i]), i,
+                                layer < 0 ? std::string("output_layer")
+                                          : fmt::format("decoder.layers.{}", layer),
+                                mb, groups_->world().rank()));
+  }
 
   template <class F>
   void for_each_mlp(int chunk, F&& f) {
@@ -320,11 +344,15 @@ class DecoderStage {
         .aux_loss_scale = aux_loss_gradient_scale(groups_->cp().size(), microbatches_,
                                                   cfg_.calculate_per_token_loss),
         .token_index = index};
-    for (auto& l : ch.layers) x = l->forward(std::span<T const>(x), ctx);
+    for (std::size_t j = 0; j < ch.layers.size(); ++j) {
+      x = ch.layers[j]->forward(std::span<T const>(x), ctx);
+      check_finite(x, "output", ch.first_layer + static_cast<std::int64_t>(j), mb);
+    }
     ch.fresh = mb;
     if (!is_last(chunk)) return x;
     auto const z = final_norm_->forward(std::span<T const>(x));
     auto const logits = output_->forward(std::span<T const>(z));
+    check_finite(logits, "logits", -1, mb);
     auto const losses = cross_entropy_->forward(std::span<T const>(logits),
                                                 std::span<std::int64_t const>(tokens(mb).labels));
     double sum = 0;

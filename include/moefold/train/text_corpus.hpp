@@ -9,7 +9,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cerrno>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -47,14 +50,28 @@ class TextCorpus {
                               "--data-path)",
                               path.string()));
     TextCorpus c;
-    for (auto const& f : files) {
-      std::ifstream in(f, std::ios::binary);
-      c.bytes_.insert(c.bytes_.end(), std::istreambuf_iterator<char>(in), {});
-    }
+    for (auto const& f : files) read_file(f, c.bytes_);
     c.files_ = files.size();
     c.train_end_ = static_cast<std::size_t>(static_cast<double>(c.bytes_.size()) * (1.0 - validation_fraction));
     return c;
   }
+  /// Appends the bytes of `file` to `out`; throws naming the file and the system's reason.
+  static void read_file(std::filesystem::path const& file, std::vector<unsigned char>& out) {
+    std::FILE* fp = std::fopen(file.c_str(), "rb");
+    if (!fp)
+      throw error(errc::invalid_argument,
+                  fmt::format("cannot read '{}': {}", file.string(), std::strerror(errno)));
+    std::array<char, 1 << 16> buf;
+    std::size_t n = 0;
+    while ((n = std::fread(buf.data(), 1, buf.size(), fp)) > 0)
+      out.insert(out.end(), buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(n));
+    int const err = std::ferror(fp) ? errno : 0;
+    std::fclose(fp);
+    if (err != 0)
+      throw error(errc::invalid_argument,
+                  fmt::format("cannot read '{}': {}", file.string(), std::strerror(err)));
+  }
+
   /// A corpus over the given text (for tests).
   static TextCorpus from_text(std::string const& text, double validation_fraction = 0.05) {
     TextCorpus c;

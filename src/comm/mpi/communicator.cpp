@@ -3,8 +3,12 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <climits>
+#include <cstdint>
+#include <deque>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -15,6 +19,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "moefold/comm/detail/fault_message.hpp"
 #include "moefold/comm/mpi/environment.hpp"
 #include "moefold/core/bf16.hpp"
 #include "moefold/core/error.hpp"
@@ -120,24 +125,81 @@ std::string list_ranks(std::vector<int> const& ranks) {
                      fmt::join(ranks.end() - kTail, ranks.end(), ", "), ranks.size());
 }
 
+// ---- the side channel: who arrived at a collective that timed out --------------------------
+//
+// Each owned communicator has a duplicate, `side`. A rank whose collective times out sends a
+// Position (the collective's sequence number on the communicator and which collective it is)
+// to every peer over `side`; a rank waiting in a collective of the communicator serves `side`
+// while it polls, recording the positions it hears and answering each peer once per collective
+// with its own. So after a short grace period the rank that timed out knows every peer still
+// polling this communicator; the silent ones are stopped, gone or stuck elsewhere. Positions
+// travel only on that failure path: a healthy step sends nothing on `side`.
+
+// The collectives, by the code a Position carries; `finish` is the final barrier of `run`.
+constexpr std::array<std::string_view, 8> kCollectives = {
+    "barrier",          "all_reduce",   "broadcast", "all_gather_v",
+    "reduce_scatter_v", "all_to_all_v", "split",     "finish"};
+constexpr int kFinish = 7;
+constexpr int kPositionTag = 1;  // a Position, on a communicator's side channel
+constexpr int kInquiryTag = 2;   // "where do you wait?", on the world's side channel
+constexpr int kWhereTag = 3;     // the answer, a text, on the world's side channel
+
+std::int64_t collective_code(std::string_view call) {
+  for (std::size_t i = 0; i < kCollectives.size(); ++i)
+    if (kCollectives[i] == call) return static_cast<std::int64_t>(i);
+  throw error(errc::internal, fmt::format("mpi: no side-channel code for collective {}", call));
+}
+
+// What a peer told about where it waits: its collective's sequence number and code.
+using Position = std::array<std::int64_t, 2>;
+
+// A Position in flight: MPI reads it until the (freed) send completes, maybe never when the
+// peer is gone, so it lives for the rest of the process. Only failures send positions.
+Position const* keep_position(Position p) {
+  static std::mutex mutex;
+  static auto* kept = new std::deque<Position>();
+  std::lock_guard const lock(mutex);
+  kept->push_back(p);
+  return &kept->back();
+}
+
+// An answer in flight (see keep_position).
+std::string const& keep_text(std::string text) {
+  static std::mutex mutex;
+  static auto* kept = new std::deque<std::string>();
+  std::lock_guard const lock(mutex);
+  kept->push_back(std::move(text));
+  return kept->back();
+}
+
 }  // namespace
 
 // ---- Impl ----------------------------------------------------------------------------------
 
 struct Communicator::Impl {
   MPI_Comm comm = MPI_COMM_NULL;
-  bool owned = false;  // freed by the destructor
+  MPI_Comm side = MPI_COMM_NULL;  // duplicate of comm for positions (owned communicators)
+  bool owned = false;             // freed by the destructor
   int rank = -1;
   int size = 0;
   std::vector<int> world_ranks;
+  std::string name;  // the group's name in messages ("ep"), may be empty
   milliseconds timeout = kDefaultTimeout;
   Traffic traffic;
   std::string broken;  // why the communicator is unusable; empty while it is usable
+  // The collective in progress (or the last one): its sequence number on this communicator and
+  // its code in kCollectives.
+  Position position{0, -1};
+  std::vector<Position> heard;     // per peer: its last position heard over `side`
+  std::vector<std::int64_t> told;  // per peer: the sequence number we last told it about
 
   Impl() = default;  // a null communicator
 
-  // Takes `c` (freeing it at the end when `own`), with errors returned, not fatal.
-  Impl(MPI_Comm c, milliseconds t, bool own) : comm(c), owned(own), timeout(t) {
+  // Takes `c` (freeing it at the end when `own`), with errors returned, not fatal. An owned
+  // communicator gets its side channel (`MPI_Comm_idup`, completed against the deadline: every
+  // rank of `c` is here already, since it just took part in making `c`).
+  Impl(MPI_Comm c, milliseconds t, bool own, std::string_view call)
+      : comm(c), owned(own), timeout(t) {
     if (owned)
       detail::check(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
     detail::check(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank");
@@ -153,20 +215,33 @@ struct Communicator::Impl {
     MPI_Group_free(&group);
     MPI_Group_free(&world_group);
     detail::check(code, "MPI_Group_translate_ranks");
+    heard.assign(static_cast<std::size_t>(size), Position{-1, -1});
+    told.assign(static_cast<std::size_t>(size), -1);
+    if (owned) {
+      // `side` stays null until the duplicate is complete: the wait does not serve it before.
+      MPI_Comm dup = MPI_COMM_NULL;
+      MPI_Request request = MPI_REQUEST_NULL;
+      post(MPI_Comm_idup(comm, &dup, &request), call, "MPI_Comm_idup");
+      complete(request, call);
+      side = dup;
+      detail::check(MPI_Comm_set_errhandler(side, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    }
   }
 
   ~Impl() {
+    if (current == this) current = nullptr;
+    if (world_impl == this) world_impl = nullptr;
     if (!owned || comm == MPI_COMM_NULL) return;
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (!finalized) MPI_Comm_free(&comm);
+    if (finalized) return;
+    if (side != MPI_COMM_NULL) MPI_Comm_free(&side);
+    MPI_Comm_free(&comm);
   }
   Impl(Impl const&) = delete;
   Impl& operator=(Impl const&) = delete;
 
-  std::string group() const {
-    return fmt::format("the group of world ranks {}", list_ranks(world_ranks));
-  }
+  std::string group() const { return moefold::detail::group_description(name, world_ranks); }
 
   // Throws unless collectives may run on this communicator.
   void expect_usable(std::string_view call) const {
@@ -182,6 +257,13 @@ struct Communicator::Impl {
                               call, group(), broken));
   }
 
+  // Starts collective `call`: it is usable, and the side channels tell peers that we are here.
+  void begin(std::string_view call) {
+    expect_usable(call);
+    position = {position[0] + 1, collective_code(call)};
+    current = this;
+  }
+
   // An MPI error on this communicator: it becomes unusable, and the error names the call.
   [[noreturn]] void fail(int code, std::string_view call, std::string_view mpi_call) {
     broken = fmt::format("mpi {} on {} (rank {} of {}): {} failed: {} (MPI error {})", call,
@@ -192,14 +274,183 @@ struct Communicator::Impl {
     if (code != MPI_SUCCESS) fail(code, call, mpi_call);
   }
 
-  // Completes `requests` with MPI_Testall and growing sleeps (10 µs … 1 ms) until they are done
-  // or the deadline passes; then the communicator is unusable and `errc::timeout` is thrown.
-  // `staging` holds buffers MPI writes, kept alive forever after a timeout.
-  void complete(std::span<MPI_Request> requests, std::string_view call,
-                std::vector<std::vector<float>>* staging = nullptr) {
+  // ---- the side channel ----
+
+  // Sends our position to `peer` once per collective. Failures to send are ignored: the side
+  // channel only adds detail to an error that is being raised anyway.
+  void tell(int peer) {
+    auto const p = static_cast<std::size_t>(peer);
+    if (side == MPI_COMM_NULL || told[p] == position[0]) return;
+    told[p] = position[0];
+    Position const* buffer = keep_position(position);
+    MPI_Request request = MPI_REQUEST_NULL;
+    if (MPI_Isend(buffer->data(), 2, MPI_INT64_T, peer, kPositionTag, side, &request) ==
+        MPI_SUCCESS)
+      MPI_Request_free(&request);
+  }
+
+  // Records every position that has come in, and answers each sender with ours.
+  void serve() {
+    if (side == MPI_COMM_NULL) return;
+    for (;;) {
+      int flag = 0;
+      MPI_Status status;
+      if (MPI_Iprobe(MPI_ANY_SOURCE, kPositionTag, side, &flag, &status) != MPI_SUCCESS || !flag)
+        return;
+      Position p{-1, -1};
+      int const peer = status.MPI_SOURCE;
+      if (MPI_Recv(p.data(), 2, MPI_INT64_T, peer, kPositionTag, side, MPI_STATUS_IGNORE) !=
+          MPI_SUCCESS)
+        return;
+      heard[static_cast<std::size_t>(peer)] = p;
+      tell(peer);
+    }
+  }
+
+  // ---- the world's inquiry: where does a silent rank wait? ----
+  //
+  // A peer that says nothing on a communicator's side channel may wait in a collective of
+  // another communicator, or at the end of `run`. A rank that timed out asks such peers over
+  // the side channel of the world communicator ("where do you wait?"); every rank waiting in any
+  // collective answers there with a line, e.g. "waits in all_reduce over group dp (world ranks
+  // 2 3)". MPI runs one thread at a time (MPI_THREAD_SERIALIZED), like these statics.
+
+  static inline Impl* world_impl = nullptr;  // the world of `run` (the last `world()`)
+  static inline Impl* current = nullptr;     // the communicator of the collective in progress
+  static inline std::map<int, std::string> answers;  // world rank → where it said it waits
+
+  std::string whereabouts() const {
+    if (position[1] == kFinish) return "has returned from the function given to moefold::mpi::run";
+    if (position[1] < 0) return fmt::format("is setting up a communicator over {}", group());
+    return fmt::format("waits in {} over {}", kCollectives[static_cast<std::size_t>(position[1])],
+                       group());
+  }
+
+  // Answers the questions that have come in over the world's side channel and records the
+  // answers to ours.
+  static void serve_world() {
+    Impl const* w = world_impl;
+    if (w == nullptr || w->side == MPI_COMM_NULL) return;
+    for (;;) {
+      int flag = 0;
+      MPI_Status status;
+      if (MPI_Iprobe(MPI_ANY_SOURCE, kInquiryTag, w->side, &flag, &status) != MPI_SUCCESS || !flag)
+        break;
+      std::int64_t question = 0;
+      if (MPI_Recv(&question, 1, MPI_INT64_T, status.MPI_SOURCE, kInquiryTag, w->side,
+                   MPI_STATUS_IGNORE) != MPI_SUCCESS)
+        break;
+      std::string const& text =
+          keep_text(current ? current->whereabouts() : std::string("is between collectives"));
+      MPI_Request request = MPI_REQUEST_NULL;
+      if (MPI_Isend(text.data(), static_cast<int>(text.size()), MPI_CHAR, status.MPI_SOURCE,
+                    kWhereTag, w->side, &request) == MPI_SUCCESS)
+        MPI_Request_free(&request);
+    }
+    for (;;) {
+      int flag = 0, count = 0;
+      MPI_Status status;
+      if (MPI_Iprobe(MPI_ANY_SOURCE, kWhereTag, w->side, &flag, &status) != MPI_SUCCESS || !flag ||
+          MPI_Get_count(&status, MPI_CHAR, &count) != MPI_SUCCESS)
+        break;
+      std::string text(static_cast<std::size_t>(count), '\0');
+      if (MPI_Recv(text.data(), count, MPI_CHAR, status.MPI_SOURCE, kWhereTag, w->side,
+                   MPI_STATUS_IGNORE) != MPI_SUCCESS)
+        break;
+      answers[status.MPI_SOURCE] = std::move(text);
+    }
+  }
+
+  // Asks the given world ranks where they wait, and listens until `until` for the answers.
+  template <class TimePoint>
+  void ask_world(std::vector<int> const& silent, TimePoint until) {
+    Impl const* w = world_impl;
+    if (w == nullptr || w->side == MPI_COMM_NULL || silent.empty()) return;
+    static std::int64_t const question = 0;
+    for (int r : silent) {
+      answers.erase(r);
+      MPI_Request request = MPI_REQUEST_NULL;
+      if (MPI_Isend(&question, 1, MPI_INT64_T, r, kInquiryTag, w->side, &request) == MPI_SUCCESS)
+        MPI_Request_free(&request);
+    }
+    auto answered = [&] {
+      for (int r : silent)
+        if (!answers.contains(r)) return false;
+      return true;
+    };
+    while (!answered() && std::chrono::steady_clock::now() < until) {
+      serve();
+      serve_world();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+
+  // After a timeout: tells every peer where we wait and listens for a grace period (a tenth of
+  // the timeout, 0.25 … 10 s) until every peer has told its position. Returns what is known:
+  // "ranks 0 1 3 arrived, rank 2 did not (…)", in world ranks.
+  std::string who_arrived() {
+    if (side == MPI_COMM_NULL) return "which ranks arrived is unknown";
+    for (int q = 0; q < size; ++q)
+      if (q != rank) tell(q);
+    using clock = std::chrono::steady_clock;
+    auto const grace =
+        std::clamp<milliseconds>(timeout / 10, milliseconds(250), milliseconds(10'000));
+    auto const until = clock::now() + grace;
+    auto heard_all = [&] {
+      for (int q = 0; q < size; ++q)
+        if (q != rank && heard[static_cast<std::size_t>(q)][0] < position[0]) return false;
+      return true;
+    };
+    while (!heard_all() && clock::now() < until) {
+      serve();
+      serve_world();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    // The peers silent here may wait elsewhere: ask them over the world.
+    std::vector<int> silent;
+    for (int q = 0; q < size; ++q)
+      if (q != rank && heard[static_cast<std::size_t>(q)][0] < position[0])
+        silent.push_back(world_ranks[static_cast<std::size_t>(q)]);
+    ask_world(silent, clock::now() + grace);
+    std::vector<int> arrived, missing;
+    std::vector<std::string> notes;
+    for (int q = 0; q < size; ++q) {
+      int const w = world_ranks[static_cast<std::size_t>(q)];
+      Position const& p = heard[static_cast<std::size_t>(q)];
+      if (q == rank || p == position) {
+        arrived.push_back(w);
+        continue;
+      }
+      missing.push_back(w);
+      if (std::find(silent.begin(), silent.end(), w) != silent.end() && answers.contains(w))
+        notes.push_back(fmt::format("rank {} {}", w, answers[w]));
+      else if (p[1] == kFinish)
+        notes.push_back(
+            fmt::format("rank {} has returned from the function given to moefold::mpi::run", w));
+      else if (p[0] == position[0] && p[1] >= 0 &&
+               p[1] < static_cast<std::int64_t>(kCollectives.size()))
+        notes.push_back(fmt::format("rank {} called {} as collective #{} on this group instead", w,
+                                    kCollectives[static_cast<std::size_t>(p[1])], p[0]));
+      else if (p[0] >= 0 && p[1] >= 0 && p[1] < static_cast<std::int64_t>(kCollectives.size()))
+        notes.push_back(
+            fmt::format("rank {} waits in {}, its collective #{} on this group, "
+                        "while this is #{}",
+                        w, kCollectives[static_cast<std::size_t>(p[1])], p[0], position[0]));
+    }
+    return moefold::detail::arrival_text(arrived, missing, notes);
+  }
+
+  // ---- completion against the deadline ----
+
+  // Polls `requests` with MPI_Testall and growing sleeps (10 µs … 1 ms) until they are done
+  // (MPI_SUCCESS), an MPI error comes back (its code) or the deadline passes (kTimedOut). Once
+  // the sleeps are long, it serves the side channel.
+  static constexpr int kTimedOut = -1;
+  int wait(std::span<MPI_Request> requests) {
     using clock = std::chrono::steady_clock;
     auto const deadline = clock::now() + timeout;
     auto pause = std::chrono::microseconds(10);
+    constexpr auto kLongest = std::chrono::microseconds(1000);
     std::vector<MPI_Status> statuses(requests.size());
     int const n = static_cast<int>(requests.size());
     for (;;) {
@@ -207,25 +458,70 @@ struct Communicator::Impl {
       int const code = MPI_Testall(n, requests.data(), &done, statuses.data());
       if (code == MPI_ERR_IN_STATUS) {
         for (auto const& s : statuses)
-          if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING)
-            fail(s.MPI_ERROR, call, "MPI_Testall");
+          if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) return s.MPI_ERROR;
       }
-      if (code != MPI_SUCCESS) fail(code, call, "MPI_Testall");
-      if (done) return;
-      if (clock::now() >= deadline) break;
+      if (code != MPI_SUCCESS) return code;
+      if (done) return MPI_SUCCESS;
+      if (clock::now() >= deadline) return kTimedOut;
+      if (pause == kLongest) {
+        serve();
+        serve_world();
+      }
       std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(1000));
+      pause = std::min(pause * 2, kLongest);
     }
+  }
+
+  // Completes the requests of collective `call` against the deadline. On a timeout or an MPI
+  // error the communicator is unusable and the error (`errc::timeout` or
+  // `errc::communication`) names the ranks that arrived and those that did not, with where the
+  // latter wait when they said. `staging` holds buffers MPI writes, kept alive forever then.
+  void complete(std::span<MPI_Request> requests, std::string_view call,
+                std::vector<std::vector<float>>* staging = nullptr) {
+    int const code = wait(requests);
+    if (code == MPI_SUCCESS) return;
     if (staging) keep_forever(*staging);
+    std::string const what =
+        code == kTimedOut
+            ? fmt::format("timed out after {}", moefold::detail::duration_text(timeout))
+            : fmt::format("failed: MPI_Testall failed: {} (MPI error {})", detail::error_text(code),
+                          code);
     broken = fmt::format(
-        "mpi {} timed out after {} ms on {} (rank {} of {}): a peer never called it or is stuck; "
-        "this communicator is now unusable",
-        call, timeout.count(), group(), rank, size);
-    throw error(errc::timeout, broken);
+        "mpi: collective {} over {} {}: {} (this is world rank {}); this communicator is now "
+        "unusable",
+        call, group(), what, who_arrived(), world_ranks[static_cast<std::size_t>(rank)]);
+    throw error(code == kTimedOut ? errc::timeout : errc::communication, broken);
   }
   void complete(MPI_Request& request, std::string_view call,
                 std::vector<std::vector<float>>* staging = nullptr) {
     complete(std::span<MPI_Request>(&request, 1), call, staging);
+  }
+
+  // Completes the point-to-point operations of `exchange` against the deadline; on a timeout
+  // the error names the peers whose sends or receives did not complete.
+  void complete_exchange(std::span<MPI_Request> requests, std::span<P2POp const> ops,
+                         std::string_view call) {
+    int const code = wait(requests);
+    if (code == MPI_SUCCESS) return;
+    if (code != kTimedOut) fail(code, call, "MPI_Testall");
+    std::vector<std::string> pending;
+    for (std::size_t i = 0; i < ops.size(); ++i) {
+      int flag = 0;
+      if (requests[i] != MPI_REQUEST_NULL &&
+          MPI_Test(&requests[i], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag)
+        continue;
+      int const peer = world_ranks[static_cast<std::size_t>(ops[i].peer)];
+      pending.push_back(
+          ops[i].kind == P2POp::Kind::send
+              ? fmt::format("the send to world rank {} (tag {})", peer, ops[i].tag)
+              : fmt::format("the receive from world rank {} (tag {})", peer, ops[i].tag));
+    }
+    broken = fmt::format(
+        "mpi: {} on {} timed out after {}: world rank {} still waits for {}; this communicator "
+        "is now unusable",
+        call, group(), moefold::detail::duration_text(timeout),
+        world_ranks[static_cast<std::size_t>(rank)], fmt::join(pending, ", "));
+    throw error(errc::timeout, broken);
   }
 };
 
@@ -234,17 +530,22 @@ struct Communicator::Impl {
 Communicator::Communicator() : impl_(std::make_shared<Impl>()) {}
 Communicator::Communicator(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Communicator Communicator::world() {
+Communicator Communicator::world(Options const& options) {
+  MOEFOLD_EXPECTS(options.timeout.count() > 0,
+                  "mpi world: the timeout must be positive (got {} ms)", options.timeout.count());
   if (!Environment::active())
     throw error(errc::unavailable,
                 "mpi world: MPI is not initialized (create a moefold::mpi::Environment first, "
                 "or run inside moefold::mpi::run)");
-  Impl world_view(MPI_COMM_WORLD, kDefaultTimeout, /*own=*/false);
+  constexpr std::string_view call = "world (duplicating MPI_COMM_WORLD)";
+  Impl world_view(MPI_COMM_WORLD, options.timeout, /*own=*/false, call);
   MPI_Comm dup = MPI_COMM_NULL;
   MPI_Request request = MPI_REQUEST_NULL;
-  world_view.post(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &request), "world", "MPI_Comm_idup");
-  world_view.complete(request, "world (duplicating MPI_COMM_WORLD)");
-  return Communicator(std::make_shared<Impl>(dup, kDefaultTimeout, /*own=*/true));
+  world_view.post(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &request), call, "MPI_Comm_idup");
+  world_view.complete(request, call);
+  auto impl = std::make_shared<Impl>(dup, options.timeout, /*own=*/true, call);
+  Impl::world_impl = impl.get();
+  return Communicator(std::move(impl));
 }
 
 int Communicator::rank() const { return impl_->rank; }
@@ -252,6 +553,8 @@ int Communicator::size() const { return impl_->size; }
 bool Communicator::valid() const { return impl_->comm != MPI_COMM_NULL; }
 std::vector<int> const& Communicator::world_ranks() const { return impl_->world_ranks; }
 std::chrono::milliseconds Communicator::timeout() const { return impl_->timeout; }
+std::string const& Communicator::group_name() const { return impl_->name; }
+void Communicator::set_group_name(std::string name) { impl_->name = std::move(name); }
 
 void Communicator::set_timeout(std::chrono::milliseconds timeout) {
   MOEFOLD_EXPECTS(timeout.count() > 0, "mpi set_timeout: the timeout must be positive (got {} ms)",
@@ -264,16 +567,25 @@ Traffic const& Communicator::traffic_counters() const { return impl_->traffic; }
 
 void Communicator::raw_barrier() {
   Impl& m = *impl_;
-  m.expect_usable("barrier");
+  m.begin("barrier");
   MPI_Request request = MPI_REQUEST_NULL;
   m.post(MPI_Ibarrier(m.comm, &request), "barrier", "MPI_Ibarrier");
   m.complete(request, "barrier");
 }
 
+void Communicator::finish() {
+  Impl& m = *impl_;
+  constexpr std::string_view call = "finish";
+  m.begin(call);
+  MPI_Request request = MPI_REQUEST_NULL;
+  m.post(MPI_Ibarrier(m.comm, &request), call, "MPI_Ibarrier");
+  m.complete(request, "barrier (at the end of moefold::mpi::run)");
+}
+
 void Communicator::raw_all_reduce(void* data, std::size_t count, DType dtype, ReduceOp op) {
   Impl& m = *impl_;
   constexpr std::string_view call = "all_reduce";
-  m.expect_usable(call);
+  m.begin(call);
   int const n = to_int(count, call, "count");
   MPI_Request request = MPI_REQUEST_NULL;
   if (dtype == DType::bf16) {
@@ -293,7 +605,7 @@ void Communicator::raw_all_reduce(void* data, std::size_t count, DType dtype, Re
 void Communicator::raw_broadcast(void* data, std::size_t count, DType dtype, int root) {
   Impl& m = *impl_;
   constexpr std::string_view call = "broadcast";
-  m.expect_usable(call);
+  m.begin(call);
   MPI_Request request = MPI_REQUEST_NULL;
   m.post(MPI_Ibcast(data, to_int(count, call, "count"), mpi_type(dtype), root, m.comm, &request),
          call, "MPI_Ibcast");
@@ -304,7 +616,7 @@ void Communicator::raw_all_gather_v(void const* send, void* recv,
                                     std::span<std::size_t const> counts, DType dtype) {
   Impl& m = *impl_;
   constexpr std::string_view call = "all_gather_v";
-  m.expect_usable(call);
+  m.begin(call);
   IntLayout const l = int_layout(counts, call, "counts");
   MPI_Datatype const type = mpi_type(dtype);
   MPI_Request request = MPI_REQUEST_NULL;
@@ -319,7 +631,7 @@ void Communicator::raw_reduce_scatter_v(void const* send, void* recv,
                                         ReduceOp op) {
   Impl& m = *impl_;
   constexpr std::string_view call = "reduce_scatter_v";
-  m.expect_usable(call);
+  m.begin(call);
   IntLayout const l = int_layout(counts, call, "counts");
   MPI_Request request = MPI_REQUEST_NULL;
   if (dtype == DType::bf16) {
@@ -344,7 +656,7 @@ void Communicator::raw_all_to_all_v(void const* send, std::span<std::size_t cons
                                     DType dtype) {
   Impl& m = *impl_;
   constexpr std::string_view call = "all_to_all_v";
-  m.expect_usable(call);
+  m.begin(call);
   IntLayout const s = int_layout(send_counts, call, "send_counts");
   IntLayout const r = int_layout(recv_counts, call, "recv_counts");
   MPI_Datatype const type = mpi_type(dtype);
@@ -373,12 +685,12 @@ void Communicator::raw_exchange(std::span<P2POp const> ops) {
       m.post(MPI_Irecv(op.data, n, mpi_type(op.dtype), op.peer, op.tag, m.comm, &requests[i]), call,
              "MPI_Irecv");
   }
-  m.complete(requests, call);
+  m.complete_exchange(requests, ops, call);
 }
 
 Communicator Communicator::raw_split(int color, int key) {
   Impl& m = *impl_;
-  m.expect_usable("split");
+  m.begin("split");
   // MPI_Comm_split blocks: a barrier against the deadline first turns a missing peer into a
   // timeout instead of a hang.
   MPI_Request request = MPI_REQUEST_NULL;
@@ -388,7 +700,7 @@ Communicator Communicator::raw_split(int color, int key) {
   m.post(MPI_Comm_split(m.comm, color == kUndefinedColor ? MPI_UNDEFINED : color, key, &out),
          "split", "MPI_Comm_split");
   if (out == MPI_COMM_NULL) return Communicator();
-  return Communicator(std::make_shared<Impl>(out, m.timeout, /*own=*/true));
+  return Communicator(std::make_shared<Impl>(out, m.timeout, /*own=*/true, "split"));
 }
 
 }  // namespace mpi

@@ -21,13 +21,17 @@ void abort_job(int rank, char const* what) noexcept {
 
 }  // namespace
 
-int run(int* argc, char*** argv, std::function<void(Communicator&)> const& fn) {
+int run(int* argc, char*** argv, std::function<void(Communicator&)> const& fn,
+        Options const& options) {
   Environment environment(argc, argv);
   int rank = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   try {
-    Communicator world = Communicator::world();
+    Communicator world = Communicator::world(options);
     fn(world);
+    // Peers that still wait for this rank in a collective learn, over the side channel, that it
+    // has returned; a peer that never comes here times this barrier out.
+    world.finish();
   } catch (std::exception const& e) {
     abort_job(rank, e.what());
     return 1;

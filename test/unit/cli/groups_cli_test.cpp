@@ -1,5 +1,5 @@
 // `moefold groups`: JSON equal to the group generator, exit status 2 with one line on stderr for
-// any invalid input.
+// any invalid input (sizes bounded before any work), status 1 and one line for any other failure.
 
 #include <algorithm>
 #include <filesystem>
@@ -21,7 +21,8 @@ std::string cli(std::string const& args) { return std::string(MOEFOLD_CLI) + " "
 }  // namespace
 
 TEST_CASE("groups --json prints the config and the 16 groups of the generator") {
-  auto const r = run_command(cli("groups --world-size 16 --tp 2 --cp 2 --pp 2 --ep 4 --etp 2 --json"));
+  auto const r =
+      run_command(cli("groups --world-size 16 --tp 2 --cp 2 --pp 2 --ep 4 --etp 2 --json"));
   REQUIRE(r.status == 0);
   auto const doc = nlohmann::ordered_json::parse(r.out);
   REQUIRE(doc.size() == 2);
@@ -46,10 +47,10 @@ TEST_CASE("groups --json prints the config and the 16 groups of the generator") 
 }
 
 TEST_CASE("groups --json lists the optimizer-instance groups only with several instances") {
-  auto const r = run_command(cli(
-      "groups --world-size 16 --cp 2 --pipeline-model-parallel-size 2 "
-      "--expert-model-parallel-size 4 --expert-tensor-parallel-size 1 "
-      "--num-distributed-optimizer-instances 2 --order TP-CP-EP-DP-PP --json"));
+  auto const r =
+      run_command(cli("groups --world-size 16 --cp 2 --pipeline-model-parallel-size 2 "
+                      "--expert-model-parallel-size 4 --expert-tensor-parallel-size 1 "
+                      "--num-distributed-optimizer-instances 2 --order TP-CP-EP-DP-PP --json"));
   REQUIRE(r.status == 0);
   auto const doc = nlohmann::json::parse(r.out);
   CHECK(doc.at("config").at("order") == "tp-cp-ep-dp-pp");
@@ -65,14 +66,16 @@ TEST_CASE("groups prints a table, one rank's view, and an SVG picture") {
   CHECK(table.out.find("attention  TP2 x CP2 x DP1 x PP2") != std::string::npos);
   CHECK(table.out.find("[0,1,2,3]") != std::string::npos);
 
-  auto const one = run_command(cli("groups --world-size 8 --tp 2 --cp 2 --pp 2 --ep 4 --etp 1 --rank 5"));
+  auto const one =
+      run_command(cli("groups --world-size 8 --tp 2 --cp 2 --pp 2 --ep 4 --etp 1 --rank 5"));
   REQUIRE(one.status == 0);
   CHECK(one.out.find("attention coordinates: tp 1, cp 0, dp 0, pp 1") != std::string::npos);
   CHECK(one.out.find("MoE coordinates:       etp 0, ep 1, edp 0, pp 1") != std::string::npos);
 
   std::string const svg_path =
       (std::filesystem::temp_directory_path() / "moefold_groups_test.svg").string();
-  auto const svg = run_command(cli("groups --world-size 8 --tp 2 --cp 2 --pp 2 --ep 4 --etp 1 --svg " + svg_path));
+  auto const svg = run_command(
+      cli("groups --world-size 8 --tp 2 --cp 2 --pp 2 --ep 4 --etp 1 --svg " + svg_path));
   REQUIRE(svg.status == 0);
   std::string const text = moefold::test::read_text(svg_path);
   CHECK(text.rfind("<svg", 0) == 0);
@@ -97,5 +100,65 @@ TEST_CASE("invalid input exits with status 2 and one line on stderr naming the r
     auto const r = run_command(cli(c.args));
     INFO(c.args << " -> " << r.err);
     moefold::test::check_usage_error(r, c.expected);
+  }
+}
+
+TEST_CASE("integer flags are checked for type and int range, naming the flag and the value") {
+  struct Case {
+    std::string args, expected;
+  };
+  for (auto const& c : {
+           Case{"groups --world-size 2.5", "--world-size must be an integer (got '2.5')"},
+           Case{"groups --world-size 1e3", "--world-size must be an integer (got '1e3')"},
+           Case{"groups --world-size 2147483648",
+                "--world-size must be at most 2147483647 (got 2147483648)"},
+           Case{"groups --world-size 99999999999999999999",
+                "--world-size must be an integer between"},
+           Case{"groups --world-size 8 --etp 4294967298",
+                "--expert-tensor-parallel-size must be at most 2147483647 (got 4294967298)"},
+           Case{"groups --world-size 8 --rank ''", "--rank must be an integer (got '')"},
+       }) {
+    auto const r = run_command(cli(c.args));
+    INFO(c.args << " -> " << r.err);
+    moefold::test::check_usage_error(r, c.expected);
+  }
+}
+
+TEST_CASE("sizes are bounded before any work, with the memory the request would need") {
+  // 2^26 ranks: 16 group kinds of 2^26 members, ~9.7 GB of text; it used to end in bad_alloc.
+  auto const big = run_command(cli("groups --world-size 67108864 --json"));
+  INFO(big.err);
+  moefold::test::check_usage_error(
+      big,
+      "--world-size 67108864: the group table would need ~9.7 GB (16 group kinds x 67108864 "
+      "ranks); at most 1048576 ranks are supported");
+  auto const svg = run_command(cli("groups --world-size 8192 --svg never-written.svg"));
+  INFO(svg.err);
+  moefold::test::check_usage_error(svg, "at most 4096 ranks are drawn");
+  CHECK_FALSE(std::filesystem::exists("never-written.svg"));
+}
+
+TEST_CASE("an empty --svg is rejected; an unwritable one is named with the reason") {
+  moefold::test::check_usage_error(run_command(cli("groups --world-size 8 --svg ''")),
+                                   "--svg needs a file name (got '')");
+  auto const r = run_command(cli("groups --world-size 8 --svg /nonexistent-dir/folding.svg"));
+  INFO(r.err);
+  moefold::test::check_usage_error(
+      r, "cannot write --svg '/nonexistent-dir/folding.svg': No such file or directory");
+}
+
+TEST_CASE("a failure that is not a usage error is one line 'moefold: error: ...' and status 1") {
+  if (!std::filesystem::exists("/dev/full")) {
+    WARN("no /dev/full here: skipped");
+    return;
+  }
+  // Small output fails when flushed at exit, large output while printing: both are reported.
+  for (std::string const world : {"8", "4096"}) {
+    auto const r = run_command(cli("groups --world-size " + world + " > /dev/full"));
+    INFO(world << " -> " << r.err);
+    CHECK(r.status == 1);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    CHECK(r.err.rfind("moefold: error: ", 0) == 0);
+    CHECK(r.err.find("No space left on device") != std::string::npos);
   }
 }

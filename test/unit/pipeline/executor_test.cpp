@@ -1,8 +1,9 @@
 // The pipeline executor over real rank threads and real messages: it computes the gradients of
 // the same model run on one rank (PP ∈ {2, 4}, VPP ∈ {1, 2}, a weight tied between the first and
 // the last stage, with and without data parallelism); its logical clock measures the bubble of
-// the formula (1F1B) and of the simulation (interleaved); and a stage that throws fails the world
-// at once instead of leaving the other stages waiting.
+// the formula (1F1B) and of the simulation (interleaved); and a stage that throws in a forward or
+// a backward, or returns before its step, fails the world at once instead of leaving the other
+// stages waiting, every stage's error naming the failing rank.
 //
 // Rank threads never assert (Catch2 v2 is not thread-safe): they store what they computed, and
 // the main thread compares.
@@ -546,50 +547,120 @@ struct FailingStage {
   }
 };
 
-// Runs the failing pipeline; returns the error `inproc::run` rethrew and each rank's ending.
-template <PipelineSchedule S>
-std::pair<std::string, std::vector<std::string>> run_failing(S const& s, FailingStage proto) {
-  std::vector<std::string> ending(static_cast<std::size_t>(s.num_stages()), "finished");
+// How a failing pipeline step ended: the error `inproc::run` rethrew, and on each rank how it
+// ended ("finished", "threw" for the model's own exception, or the category of a
+// `moefold::error`) and with which message.
+struct FailedStep {
   std::string what = "nothing thrown";
+  std::vector<std::string> ending;
+  std::vector<std::string> messages;
+};
+
+template <PipelineSchedule S>
+FailedStep run_failing(S const& s, FailingStage proto) {
+  auto const n = static_cast<std::size_t>(s.num_stages());
+  FailedStep out{.ending = std::vector<std::string>(n, "finished"),
+                 .messages = std::vector<std::string>(n)};
   try {
     inproc::run(s.num_stages(),
                 [&](inproc::Communicator& world) {
-                  auto& mine = ending[static_cast<std::size_t>(world.rank())];
+                  auto const me = static_cast<std::size_t>(world.rank());
                   FailingStage model = proto;
                   model.stage = world.rank();
                   try {
                     run_pipeline(s, world, model);
                   } catch (error const& e) {
-                    mine = e.category() == errc::aborted ? "aborted"
-                                                         : std::string(to_string(e.category()));
+                    out.ending[me] = std::string(to_string(e.category()));
+                    out.messages[me] = e.what();
                     throw;
-                  } catch (std::exception const&) {
-                    mine = "threw";
+                  } catch (std::exception const& e) {
+                    out.ending[me] = "threw";
+                    out.messages[me] = e.what();
                     throw;
                   }
                 },
                 {.timeout = kTimeout});
   } catch (std::exception const& e) {
-    what = e.what();
+    out.what = e.what();
   }
-  return {what, ending};
+  return out;
 }
 
 }  // namespace
 
-TEST_CASE("a stage that throws makes every stage fail fast", "[pipeline][executor]") {
+TEST_CASE("a stage that throws makes every stage fail fast, each naming the failing rank",
+          "[pipeline][executor][fault]") {
   SECTION("1F1B, a forward on stage 1") {
-    auto const [what, ending] =
-        run_failing(OneFOneB{.stages = 4, .microbatches = 8}, {.fail_stage = 1});
-    CHECK(what == "stage 1 cannot run forward of microbatch 2");
-    CHECK(ending == std::vector<std::string>{"aborted", "threw", "aborted", "aborted"});
+    auto const r = run_failing(OneFOneB{.stages = 4, .microbatches = 8}, {.fail_stage = 1});
+    CHECK(r.what == "stage 1 cannot run forward of microbatch 2");
+    CHECK(r.ending == std::vector<std::string>{"aborted", "threw", "aborted", "aborted"});
+    for (std::size_t stage : {0u, 2u, 3u}) {
+      INFO("stage " << stage << ": " << r.messages[stage]);
+      CHECK_THAT(r.messages[stage],
+                 Catch::Matchers::Contains(
+                     "because rank 1 failed: stage 1 cannot run forward of microbatch 2"));
+    }
+  }
+  SECTION("1F1B, a backward on stage 2") {
+    auto const r = run_failing(OneFOneB{.stages = 4, .microbatches = 8},
+                               {.fail_stage = 2, .fail_microbatch = 1, .in_backward = true});
+    CHECK(r.what == "stage 2 cannot run backward of microbatch 1");
+    CHECK(r.ending == std::vector<std::string>{"aborted", "aborted", "threw", "aborted"});
+    for (std::size_t stage : {0u, 1u, 3u}) {
+      INFO("stage " << stage << ": " << r.messages[stage]);
+      CHECK_THAT(r.messages[stage],
+                 Catch::Matchers::Contains(
+                     "because rank 2 failed: stage 2 cannot run backward of microbatch 1"));
+    }
   }
   SECTION("interleaved, a backward on the last stage") {
-    auto const [what, ending] =
-        run_failing(Interleaved{.stages = 4, .virtual_stages = 2, .microbatches = 8},
-                    {.fail_stage = 3, .fail_microbatch = 0, .in_backward = true});
-    CHECK(what == "stage 3 cannot run backward of microbatch 0");
-    CHECK(ending == std::vector<std::string>{"aborted", "aborted", "aborted", "threw"});
+    auto const r = run_failing(Interleaved{.stages = 4, .virtual_stages = 2, .microbatches = 8},
+                               {.fail_stage = 3, .fail_microbatch = 0, .in_backward = true});
+    CHECK(r.what == "stage 3 cannot run backward of microbatch 0");
+    CHECK(r.ending == std::vector<std::string>{"aborted", "aborted", "aborted", "threw"});
+    for (std::size_t stage : {0u, 1u, 2u}) {
+      INFO("stage " << stage << ": " << r.messages[stage]);
+      CHECK_THAT(r.messages[stage], Catch::Matchers::Contains("because rank 3 failed: stage 3"));
+    }
+  }
+  SECTION("interleaved, a forward on the first stage") {
+    auto const r = run_failing(Interleaved{.stages = 4, .virtual_stages = 2, .microbatches = 8},
+                               {.fail_stage = 0, .fail_microbatch = 3});
+    CHECK(r.what == "stage 0 cannot run forward of microbatch 3");
+    CHECK(r.ending == std::vector<std::string>{"threw", "aborted", "aborted", "aborted"});
+    for (std::size_t stage : {1u, 2u, 3u}) {
+      INFO("stage " << stage << ": " << r.messages[stage]);
+      CHECK_THAT(r.messages[stage], Catch::Matchers::Contains("because rank 0 failed: stage 0"));
+    }
+  }
+}
+
+TEST_CASE("a stage that returns before its step fails its neighbours at once, naming it",
+          "[pipeline][executor][fault]") {
+  // Stage 2 stops as a crashed stage would. The timeout is far away: the neighbours learn at
+  // once that stage 2 will never send.
+  std::vector<std::string> messages(4);
+  std::string what = "nothing thrown";
+  try {
+    inproc::run(4,
+                [&](inproc::Communicator& world) {
+                  if (world.rank() == 2) return;
+                  UnitStage model;
+                  try {
+                    run_pipeline(OneFOneB{.stages = 4, .microbatches = 4}, world, model);
+                  } catch (error const& e) {
+                    messages[static_cast<std::size_t>(world.rank())] = e.what();
+                    throw;
+                  }
+                },
+                {.timeout = std::chrono::minutes(10)});
+  } catch (error const& e) {
+    what = e.what();
+  }
+  CHECK_THAT(what, Catch::Matchers::Contains("world rank 2 has returned from its rank function"));
+  for (std::size_t r : {0u, 1u, 3u}) {
+    INFO("rank " << r);
+    CHECK_THAT(messages[r], Catch::Matchers::Contains("rank 2"));
   }
 }
 

@@ -136,3 +136,43 @@ TEST_CASE("invalid schedule input exits with status 2 and one line on stderr nam
     moefold::test::check_usage_error(r, c.expected);
   }
 }
+
+TEST_CASE("schedule sizes are bounded before any work, with the memory they would need") {
+  // 2·10^10 computations used to end in "std::bad_alloc".
+  auto const r = run_command(cli("schedule --pp 100000 --microbatches 100000 --json"));
+  INFO(r.err);
+  moefold::test::check_usage_error(
+      r,
+      "PP·VPP·M = 100000·1·100000: the schedule has 20000000000 computations and would need "
+      "~6000.0 GB to simulate and print; at most 1048576 computations");
+  auto const vpp = run_command(cli("schedule --pp 1024 --vpp 2 --microbatches 1024"));
+  INFO(vpp.err);
+  moefold::test::check_usage_error(vpp, "PP·VPP·M = 1024·2·1024");
+  auto const svg = run_command(cli("schedule --pp 64 --microbatches 1024 --svg never-drawn.svg"));
+  INFO(svg.err);
+  moefold::test::check_usage_error(svg, "--svg: a timeline of 131072 computations");
+  CHECK_FALSE(std::filesystem::exists("never-drawn.svg"));
+  // The largest allowed schedule still runs.
+  CHECK(run_command(cli("schedule --pp 8 --microbatches 65536 --json")).status == 0);
+}
+
+TEST_CASE("schedule flags are integers in the int range, and --svg names its file") {
+  struct Case {
+    std::string args, expected;
+  };
+  for (auto const& c : {
+           Case{"schedule --pp 2.5 --microbatches 8",
+                "--pipeline-model-parallel-size must be an integer (got '2.5')"},
+           Case{"schedule --pp 4 --microbatches 4294967296",
+                "--num-microbatches must be at most 2147483647 (got 4294967296)"},
+           Case{"schedule --pp 4 --vpp 1e9 --microbatches 8",
+                "--num-virtual-stages-per-pipeline-rank must be an integer (got '1e9')"},
+           Case{"schedule --pp 2 --microbatches 2 --svg ''", "--svg needs a file name (got '')"},
+           Case{"schedule --pp 2 --microbatches 2 --svg /nonexistent-dir/s.svg",
+                "cannot write --svg '/nonexistent-dir/s.svg': No such file or directory"},
+       }) {
+    auto const r = run_command(cli(c.args));
+    INFO(c.args << " -> " << r.err);
+    moefold::test::check_usage_error(r, c.expected);
+  }
+}

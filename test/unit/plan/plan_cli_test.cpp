@@ -146,3 +146,137 @@ TEST_CASE("invalid plan input exits with status 2 and one line naming the rule")
   std::filesystem::remove(bad_key);
   std::filesystem::remove(missing);
 }
+
+namespace {
+/// A model file: Mixtral-like, with `field` set to the raw JSON `value`.
+std::string model_file_with(std::string const& name, std::string const& field,
+                            std::string const& value) {
+  nlohmann::ordered_json doc = {
+      {"num_layers", 32},      {"hidden_size", 4096},          {"num_attention_heads", 32},
+      {"num_query_groups", 8}, {"moe_ffn_hidden_size", 14336}, {"num_experts", 8},
+      {"moe_router_topk", 2},  {"vocab_size", 32000}};
+  std::string text = doc.dump();
+  std::string const key = "\"" + field + "\":";
+  auto const at = text.find(key);
+  if (at == std::string::npos) {
+    text.insert(text.size() - 1, "," + key + value);
+  } else {
+    auto const end = text.find_first_of(",}", at);
+    text.replace(at + key.size(), end - at - key.size(), value);
+  }
+  auto const path = (std::filesystem::temp_directory_path() / name).string();
+  std::ofstream(path) << text;
+  return path;
+}
+}  // namespace
+
+TEST_CASE("every numeric field of a model or cluster file is checked for type and range") {
+  struct Case {
+    std::string field, value, expected;
+  };
+  // Each used to be read by wrapping or truncating: 2^32+4096 as 4096, -4294967264 as 32,
+  // 32.7 as 32, 1e30 as -2147483648.
+  Case const cases[] = {
+      {"hidden_size", "4294971392",
+       "\"hidden_size\" must be an integer between 1 and 2147483647 (got 4294971392)"},
+      {"num_layers", "-4294967264",
+       "\"num_layers\" must be an integer between 1 and 2147483647 (got -4294967264)"},
+      {"num_layers", "32.7",
+       "\"num_layers\" must be an integer between 1 and 2147483647 (got 32.7)"},
+      {"num_layers", "1e30",
+       "\"num_layers\" must be an integer between 1 and 2147483647 (got 1e+30)"},
+      {"num_layers", "0", "\"num_layers\" must be an integer between 1 and 2147483647 (got 0)"},
+      {"num_experts", "\"8\"",
+       "\"num_experts\" must be an integer between 1 and 2147483647 (got \"8\")"},
+      {"kv_channels", "-128",
+       "\"kv_channels\" must be an integer between 0 and 2147483647 (got -128)"},
+      {"swiglu", "1", "\"swiglu\" must be true or false (got 1)"},
+      {"name", "7", "\"name\" must be a string (got 7)"},
+  };
+  for (auto const& c : cases) {
+    auto const path = model_file_with("moefold_plan_field.json", c.field, c.value);
+    auto const r = run_command(cli("plan --model " + path + " --gpus 8 --global-batch-size 8"));
+    INFO(c.field << " = " << c.value << " -> " << r.err);
+    moefold::test::check_usage_error(r, "model file '" + path + "': " + c.expected);
+    std::filesystem::remove(path);
+  }
+  auto const cluster =
+      (std::filesystem::temp_directory_path() / "moefold_cluster_field.json").string();
+  for (auto const& [text, expected] : {
+           std::pair<std::string, std::string>{
+               R"({"gpus_per_node": 1e9, "peak_tflops": 989, "hbm_gb": 80, "hbm_tb_per_s": 3.35,
+                   "nvlink_gb_per_s": 450, "network_gb_per_s": 50})",
+               "\"gpus_per_node\" must be an integer between 1 and 1024 (got 1000000000.0)"},
+           {R"({"gpus_per_node": 8, "peak_tflops": "989", "hbm_gb": 80, "hbm_tb_per_s": 3.35,
+                "nvlink_gb_per_s": 450, "network_gb_per_s": 50})",
+            "\"peak_tflops\" must be a number between 0 and 1000000000000 (got \"989\")"},
+       }) {
+    std::ofstream(cluster) << text;
+    auto const r = run_command(
+        cli("plan --model mixtral-8x22b --cluster " + cluster + " --gpus 8 --global-batch-size 8"));
+    INFO(r.err);
+    moefold::test::check_usage_error(r, expected);
+  }
+  std::filesystem::remove(cluster);
+}
+
+TEST_CASE("plan flags are integers in range, and a missing file is named with the reason") {
+  struct Case {
+    std::string args, expected;
+  };
+  for (auto const& c : {
+           Case{"plan --model mixtral-8x22b --gpus 1e3 --global-batch-size 8",
+                "--gpus must be an integer (got '1e3')"},
+           Case{"plan --model mixtral-8x22b --gpus 2147483648 --global-batch-size 8",
+                "--gpus must be at most 2147483647 (got 2147483648)"},
+           Case{"plan --model mixtral-8x22b --gpus 0 --global-batch-size 8",
+                "--gpus must be at least 1 (got 0)"},
+           Case{"plan --model mixtral-8x22b --gpus 8 --global-batch-size 8.5",
+                "--global-batch-size must be an integer (got '8.5')"},
+           Case{"plan --model mixtral-8x22b --gpus 8 --global-batch-size 8 --seq-length -1",
+                "--seq-length must be at least 1 (got -1)"},
+           Case{"plan --explain --model mixtral-8x22b --gpus 8 --global-batch-size 8 --vpp 0",
+                "--virtual-pipeline-model-parallel-size must be at least 1 (got 0)"},
+           Case{"plan --model /nonexistent-dir/model.json --gpus 8 --global-batch-size 8",
+                "cannot read model file '/nonexistent-dir/model.json': No such file or directory"},
+       }) {
+    auto const r = run_command(cli(c.args));
+    INFO(c.args << " -> " << r.err);
+    moefold::test::check_usage_error(r, c.expected);
+  }
+}
+
+TEST_CASE("more GPUs than the model can use is answered at once, with the model's limits") {
+  // 2^31 - 1 GPUs used to search for 36 s and answer "no configuration fits in 80 GB".
+  for (std::string const mode : {"", "--explain "}) {
+    auto const r = run_command(cli("plan " + mode +
+                                   "--model mixtral-8x22b --gpus 2147483647 "
+                                   "--global-batch-size 256 --seq-length 4096"));
+    INFO(r.err);
+    moefold::test::check_usage_error(
+        r,
+        "--gpus 2147483647: at most 29360128 GPUs can hold model 'mixtral-8x22b' usefully: "
+        "TP·CP ≤ 2048");
+  }
+  // Within the limit but with no valid folding: said as such, not as a memory problem.
+  auto const prime = run_command(
+      cli("plan --model mixtral-8x22b --gpus 1021 --global-batch-size 256 --seq-length 4096"));
+  REQUIRE(prime.status == 0);
+  CHECK(prime.out.find("no folding of 1021 GPUs meets the model's rules") != std::string::npos);
+}
+
+TEST_CASE("plan of a model with 10^9 layers answers at once, every mapping over the HBM") {
+  auto const path = model_file_with("moefold_plan_deep.json", "num_layers", "1000000000");
+  auto const r = run_command(cli("plan --model " + path + " --gpus 4096 --global-batch-size 256"));
+  std::filesystem::remove(path);
+  REQUIRE(r.status == 0);
+  CHECK(r.out.find("0 configurations priced") != std::string::npos);
+  CHECK(r.out.find("no configuration fits in 80 GB per GPU") != std::string::npos);
+  // --explain tries each VPP that divides the layers per stage, not every VPP up to 10^9.
+  auto const deep = model_file_with("moefold_plan_deep.json", "num_layers", "1000000000");
+  auto const e = run_command(cli("plan --explain --model " + deep +
+                                 " --gpus 4096 --global-batch-size 256 --tp 8 --pp 512 --json"));
+  std::filesystem::remove(deep);
+  REQUIRE(e.status == 0);
+  CHECK(nlohmann::json::parse(e.out).at("fits") == false);
+}

@@ -51,3 +51,12 @@ TEST_CASE("the corpus gives the same sequences for the same index and its unigra
   CHECK(c.unigram_entropy() == Approx(std::log(4.0)));
   CHECK_THROWS_AS(c.sequence(Split::validation, 0, 500, 1), error);
 }
+
+TEST_CASE("a corpus file that cannot be read is named with the system's reason",
+          "[train][data]") {
+  // /proc/self/mem is a regular file whose read at offset 0 fails with EIO.
+  CHECK_THROWS_WITH(TextCorpus::load("/proc/self/mem"),
+                    Catch::Contains("cannot read '/proc/self/mem': Input/output error"));
+  CHECK_THROWS_WITH(TextCorpus::load("/nonexistent/moefold/corpus"),
+                    Catch::Contains("no text found at '/nonexistent/moefold/corpus'"));
+}

@@ -9,6 +9,7 @@
 #include <memory>
 #include <numeric>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -43,6 +44,13 @@ class Communicator : public CollectiveApi<Communicator> {
   }
   /// The world rank of this rank.
   int world_rank() const { return world_ranks()[static_cast<std::size_t>(rank_)]; }
+
+  /// The name of the group in error messages ("ep", "tp", …; `ProcessGroups` names the groups
+  /// it makes); empty by default and for the result of `split`.
+  std::string const& group_name() const noexcept { return *name_; }
+  /// Names the group for this rank's error messages (shared by this handle's copies; each rank
+  /// names its own handle). Not collective.
+  void set_group_name(std::string name) { *name_ = std::move(name); }
 
   // ---- the type-erased interface of CollectiveApi -------------------------------------------
   Traffic& traffic_counters() const noexcept { return *traffic_; }
@@ -103,8 +111,8 @@ class Communicator : public CollectiveApi<Communicator> {
           fail(errc::invalid_argument,
                fmt::format("inproc: all_to_all_v on {}: world rank {} sends {} elements to world "
                            "rank {}, which expects {} from it",
-                           group_->describe(), group_->world_rank(q), sent_to_me, world_rank(),
-                           recv_counts[idx(q)]));
+                           group_->describe(*name_), group_->world_rank(q), sent_to_me,
+                           world_rank(), recv_counts[idx(q)]));
         }
         std::size_t const offset =
             std::accumulate(peer.counts, peer.counts + rank_, std::size_t{0}) * size_of(t);
@@ -122,13 +130,13 @@ class Communicator : public CollectiveApi<Communicator> {
         group_->post_message(rank_, op.peer, op.tag, op.data, op.bytes());
     for (auto const& op : ops)
       if (op.kind == P2POp::Kind::recv)
-        group_->take_message(op.peer, rank_, op.tag, op.data, op.bytes());
+        group_->take_message(op.peer, rank_, op.tag, op.data, op.bytes(), *name_);
   }
 
   Communicator raw_split(int color, int key) {
     require_valid("split");
     Communicator out;
-    group_->arrive(rank_, {.op = "split", .root = color, .key = key});
+    group_->arrive(rank_, {.op = "split", .label = *name_, .root = color, .key = key});
     {
       check_same_signature();
       // My new group: the ranks with my colour, ordered by (key, old rank).
@@ -142,13 +150,13 @@ class Communicator : public CollectiveApi<Communicator> {
         for (int q : mine) world_ranks.push_back(group_->world_rank(q));
         group_->publish_group(rank_, group_->make_subgroup(std::move(world_ranks)));
       }
-      group_->depart(rank_, "split");  // the leaders have published
+      group_->depart(rank_, "split", *name_);  // the leaders have published
       if (!mine.empty()) {
         auto const pos = std::find(mine.begin(), mine.end(), rank_) - mine.begin();
         out = Communicator(group_->slot(mine.front()).new_group, static_cast<int>(pos));
       }
     }
-    group_->depart(rank_, "split");  // everyone has taken its group
+    group_->depart(rank_, "split", *name_);  // everyone has taken its group
     return out;
   }
 
@@ -165,6 +173,7 @@ class Communicator : public CollectiveApi<Communicator> {
   void meet(detail::Slot slot, Work&& work) {
     require_valid(slot.op);
     std::string_view const op = slot.op;
+    slot.label = *name_;
     group_->arrive(rank_, slot);
     try {
       work();
@@ -172,12 +181,12 @@ class Communicator : public CollectiveApi<Communicator> {
       // This rank's buffers must outlive the peers' reads: depart before leaving, then report
       // this rank's own error rather than the abort it caused.
       try {
-        group_->depart(rank_, op);
+        group_->depart(rank_, op, *name_);
       } catch (error const&) {
       }
       throw;
     }
-    group_->depart(rank_, op);
+    group_->depart(rank_, op, *name_);
   }
 
   /// The posted send buffers in rank order.
@@ -201,7 +210,7 @@ class Communicator : public CollectiveApi<Communicator> {
         fail(errc::invalid_argument,
              fmt::format("inproc: mismatched collectives on {}: world rank {} called {}<{}> "
                          "while world rank {} called {}<{}>",
-                         group_->describe(), world_rank(), mine.op, name(mine.dtype),
+                         group_->describe(*name_), world_rank(), mine.op, name(mine.dtype),
                          group_->world_rank(q), s.op, name(s.dtype)));
       }
     }
@@ -215,7 +224,7 @@ class Communicator : public CollectiveApi<Communicator> {
         fail(errc::invalid_argument,
              fmt::format("inproc: {} on {}: world rank {} passed count {} / {} {} but world rank "
                          "{} passed count {} / {} {}",
-                         op, group_->describe(), world_rank(), mine.count,
+                         op, group_->describe(*name_), world_rank(), mine.count,
                          op == "broadcast" ? "root" : "op", mine.root, group_->world_rank(q),
                          s.count, op == "broadcast" ? "root" : "op", s.root));
       }
@@ -230,7 +239,7 @@ class Communicator : public CollectiveApi<Communicator> {
         fail(errc::invalid_argument,
              fmt::format("inproc: {} on {}: world ranks {} and {} passed different counts or "
                          "operators",
-                         op, group_->describe(), world_rank(), group_->world_rank(q)));
+                         op, group_->describe(*name_), world_rank(), group_->world_rank(q)));
       }
     }
   }
@@ -238,6 +247,7 @@ class Communicator : public CollectiveApi<Communicator> {
   std::shared_ptr<detail::GroupState> group_;
   int rank_ = -1;
   std::shared_ptr<Traffic> traffic_ = std::make_shared<Traffic>();
+  std::shared_ptr<std::string> name_ = std::make_shared<std::string>();
 };
 
 static_assert(::moefold::Communicator<Communicator>);

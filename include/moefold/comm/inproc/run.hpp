@@ -24,8 +24,10 @@ namespace inproc {
 /// Runs `fn(Communicator& world)` on `world_size` threads and returns when all have finished.
 /// When a rank throws, the world aborts: the other ranks' pending and later collectives throw
 /// `moefold::error` (category aborted) naming the failing rank, and `run` rethrows the first
-/// error on the caller's thread. A rank that waits longer than `options.timeout` in a
-/// collective fails the world with an error naming the ranks that did not arrive.
+/// error on the caller's thread. A rank that waits longer than `options.timeout` (default 10
+/// minutes) in a collective fails the world with an error naming the ranks that arrived and
+/// those that did not; a rank that waits for a peer which has already returned from `fn` fails
+/// the world at once, naming that peer.
 template <class Fn>
 void run(int world_size, Fn&& fn, Options options = {}) {
   MOEFOLD_EXPECTS(world_size >= 1, "inproc::run needs at least one rank (got {})", world_size);
@@ -42,6 +44,7 @@ void run(int world_size, Fn&& fn, Options options = {}) {
     try {
       Communicator comm(group, rank);
       fn(comm);
+      world->finish(rank);
     } catch (...) {
       std::string what = "unknown exception";
       bool cause = true;

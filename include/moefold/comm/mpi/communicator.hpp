@@ -4,19 +4,31 @@
 /// (component `moefold::mpi`; mpi.h stays out of public headers).
 ///
 /// Every collective is issued non-blocking and completed against a deadline (`timeout()`), so a
-/// peer that never arrives becomes a `moefold::error` with category `errc::timeout` naming the
-/// collective, the group (its ranks in MPI_COMM_WORLD) and the timeout, instead of a hang. MPI
-/// errors are returned, not fatal (MPI_ERRORS_RETURN), and thrown as `moefold::error` with
-/// category `errc::communication` and MPI's message. After a timeout or an MPI error the
-/// communicator is unusable (its collective may still be pending): later calls on it throw, and
-/// the job should end, e.g. through `moefold::mpi::run`, which aborts it.
+/// peer that never arrives becomes a `moefold::error` with category `errc::timeout` instead of a
+/// hang. The message names the collective, the group (its name and its ranks in
+/// MPI_COMM_WORLD), the timeout, the ranks that arrived and the ranks that did not, e.g.
+/// "mpi: collective all_to_all_v over group ep (world ranks 0 1 2 3) timed out after 600 s:
+/// ranks 0 1 3 arrived, rank 2 did not". Who arrived is learnt over a side channel, a duplicate
+/// of the communicator made at construction: a rank whose collective times out sends its
+/// position (the collective's sequence number and name) to every peer, and a rank still waiting
+/// in a collective of the same communicator answers with its own. Peers silent there are asked
+/// over the world communicator's side channel where they wait (another group's collective, or
+/// the end of `moefold::mpi::run`); a rank that answers nothing is stopped, busy or gone. The
+/// side channels carry nothing while collectives complete in time. MPI errors are returned,
+/// not fatal (MPI_ERRORS_RETURN), and thrown as `moefold::error` with category
+/// `errc::communication` and MPI's message (in a collective, with who arrived, as above). After
+/// a timeout or an MPI error the communicator is unusable (its collective may still be
+/// pending): later calls on it throw, and the job should end, e.g. through `moefold::mpi::run`,
+/// which aborts it.
 ///
 /// Counts are MPI `int`s: a single message holds at most 2^31 − 1 elements.
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
@@ -26,6 +38,14 @@
 namespace moefold {
 inline namespace v0 {
 namespace mpi {
+
+/// Settings of the MPI communicators a program starts from (`Communicator::world`,
+/// `moefold::mpi::run`).
+struct Options {
+  /// How long a collective may take before it throws `errc::timeout`; the default is Megatron's
+  /// `--distributed-timeout-minutes` default, 10 minutes. Must be positive.
+  std::chrono::milliseconds timeout{std::chrono::minutes(10)};
+};
 
 /// A handle to an MPI communicator (an `MPI_Comm` with MPI_ERRORS_RETURN). Copies share the
 /// communicator, its timeout and its traffic counters; the `MPI_Comm` is freed when the last copy
@@ -37,17 +57,19 @@ namespace mpi {
 /// double follow MPI's reduction order, which is not necessarily rank order.
 class Communicator : public CollectiveApi<Communicator> {
  public:
-  /// The default timeout of every collective.
-  static constexpr std::chrono::milliseconds kDefaultTimeout{120'000};
+  /// The default timeout of every collective (10 minutes, `Options{}.timeout`).
+  static constexpr std::chrono::milliseconds kDefaultTimeout{std::chrono::minutes(10)};
 
   /// A null communicator (`valid() == false`): what `split` gives a rank that passes
   /// `kUndefinedColor`.
   Communicator();
 
-  /// A duplicate of MPI_COMM_WORLD, so that moefold's messages never match the program's own.
-  /// Requires MPI to be initialized (`Environment`, or inside `moefold::mpi::run`).
+  /// A duplicate of MPI_COMM_WORLD, so that moefold's messages never match the program's own,
+  /// with `options.timeout` (its splits inherit it). Requires MPI to be initialized
+  /// (`Environment`, or inside `moefold::mpi::run`). Throws `errc::invalid_argument` for a
+  /// timeout that is not positive.
   /// Collective over MPI_COMM_WORLD: every process must call it.
-  static Communicator world();
+  static Communicator world(Options const& options = {});
 
   /// This process's rank in the group, or −1 for a null communicator.
   int rank() const;
@@ -58,7 +80,13 @@ class Communicator : public CollectiveApi<Communicator> {
   /// The group's members as ranks of MPI_COMM_WORLD, in group rank order (empty when null).
   std::vector<int> const& world_ranks() const;
 
-  /// How long a collective may take before it throws `errc::timeout` (default 120 s).
+  /// The name of the group in error messages ("ep", "tp", …; `ProcessGroups` names the groups
+  /// it makes); empty by default and for the result of `split`.
+  std::string const& group_name() const;
+  /// Names the group for error messages (shared by this handle's copies). Not collective.
+  void set_group_name(std::string name);
+
+  /// How long a collective may take before it throws `errc::timeout` (default 10 minutes).
   std::chrono::milliseconds timeout() const;
   /// Sets the timeout of this communicator (shared by its copies; inherited by `split`).
   /// Precondition: `timeout > 0`.
@@ -99,6 +127,12 @@ class Communicator : public CollectiveApi<Communicator> {
   Traffic const& traffic_counters() const;
 
  private:
+  // `run` ends with `finish`, a barrier over the world that peers report as "returned from the
+  // function given to moefold::mpi::run" when it is where a rank waits.
+  friend int run(int* argc, char*** argv, std::function<void(Communicator&)> const& fn,
+                 Options const& options);
+  void finish();
+
   struct Impl;  // the MPI state (src/comm/mpi/communicator.cpp)
   explicit Communicator(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;
