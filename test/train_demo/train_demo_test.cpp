@@ -511,8 +511,8 @@ TEST_CASE("mpiexec -n 8 with --backend mpi gives the in-process run's losses", "
 }
 #endif
 
-TEST_CASE("--check-activations-and-grads names the first layer whose output or gradient is not "
-          "finite",
+TEST_CASE("the opt-in --check-activations-and-grads names the first layer whose output or "
+          "gradient is not finite",
           "[train][nan]") {
   auto const dir = scratch("layer_check");
   auto const r = run_small("", "",
