@@ -197,8 +197,9 @@ class TopKRouter {
     std::vector<Real> dx(static_cast<std::size_t>(t_count * h), Real(0));
     gemm<Real>(Trans::no, Trans::no, t_count, h, e, Real(1), d_logits.data(), e,
                weight_.value.data(), h, Real(0), dx.data(), h);
-    if (!jitter_.empty())  // x_ holds the jittered input: d x = d x_jittered · noise
-      for (std::size_t i = 0; i < dx.size(); ++i) dx[i] *= jitter_[i];
+    if (!jitter_tokens_.empty())  // x_ is x ⊙ noise: d x = d x_jittered ⊙ noise (same map)
+      apply_input_jitter<Real>(jitter_key_, dx, jitter_tokens_, h, *cfg_.moe_input_jitter_eps,
+                               std::span<Real>(dx));
     return dx;
   }
 
@@ -298,21 +299,17 @@ class TopKRouter {
     tokens_ = tokens;
     tp_cp_size_ = tp_cp_size;
     x_.assign(x.begin(), x.end());
-    jitter_.clear();
+    jitter_tokens_.clear();
     if (cfg_.moe_input_jitter_eps && *cfg_.moe_input_jitter_eps > 0 && training) {
       MOEFOLD_EXPECTS(ctx.token_index.size() == static_cast<std::size_t>(tokens),
                       "TopKRouter::forward: moe_input_jitter_eps needs the global index of each "
                       "of the {} tokens (ForwardContext::token_index has {})",
                       tokens, ctx.token_index.size());
-      jitter_.resize(x_.size());
-      for (std::size_t i = 0; i < x_.size(); ++i) {
-        auto const t = i / static_cast<std::size_t>(h);
-        double const f = jitter_factor(seed_, static_cast<std::uint64_t>(ctx.step), layer_key_,
-                                       static_cast<std::uint64_t>(ctx.token_index[t]),
-                                       i % static_cast<std::size_t>(h), *cfg_.moe_input_jitter_eps);
-        jitter_[i] = static_cast<Real>(f);
-        x_[i] = static_cast<Real>(static_cast<double>(x[i]) * f);  // rounded once
-      }
+      jitter_key_ = JitterKey{
+          .seed = seed_, .step = static_cast<std::uint64_t>(ctx.step), .layer_key = layer_key_};
+      jitter_tokens_.assign(ctx.token_index.begin(), ctx.token_index.end());
+      apply_input_jitter<Real>(jitter_key_, x, jitter_tokens_, h, *cfg_.moe_input_jitter_eps,
+                               std::span<Real>(x_));
     }
     logits_.assign(static_cast<std::size_t>(tokens) * e_count, Real(0));
     gemm<Real>(Trans::no, Trans::yes, tokens, e, h, Real(1), x_.data(), h, weight_.value.data(), h,
@@ -468,12 +465,10 @@ class TopKRouter {
           aux_d_scores_[a] += static_cast<Real>(w * n[(t % b_count) * e_count + a % e_count]);
         }
       } else {  // global_aux_loss: the running mean of the step's reduced counts
-        if (replay) {
-          n = statistics(i, counts, reduce_tp_dp_cp);
-        } else {
-          auto const reduced = statistics(i, counts, reduce_tp_dp_cp);
+        n = statistics(i, counts, reduce_tp_dp_cp);
+        if (!replay) {  // a train forward: the running mean over the step's microbatches
+          auto const reduced = std::exchange(n, std::vector<double>(e_count));
           ++global_steps_;
-          n.resize(e_count);
           for (std::size_t c = 0; c < e_count; ++c) {
             global_counts_[c] += reduced[c];
             n[c] = global_counts_[c] / static_cast<double>(global_steps_);
@@ -506,7 +501,9 @@ class TopKRouter {
   int tp_cp_size_ = 1;
   bool has_aux_ = false, has_z_ = false;
   double per_token_factor_ = 1.0;
-  std::vector<Real> x_, jitter_, logits_, aux_scores_, aux_d_scores_;
+  JitterKey jitter_key_;
+  std::vector<std::int64_t> jitter_tokens_;  // empty: no jitter in the last forward
+  std::vector<Real> x_, logits_, aux_scores_, aux_d_scores_;
   std::vector<int> topk_;
 };
 

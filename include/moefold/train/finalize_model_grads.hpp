@@ -73,30 +73,30 @@ std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
   } else {
     reduce_gradients(params, groups);
   }
+  // f(mlp) for every MLP slot with router state.
+  auto each_router = [&stage](auto&& f) {
+    stage.for_each_mlp([&](auto& mlp) {
+      if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) f(mlp);
+    });
+  };
   // Expert bias: every router's counters in one all-reduce over tp_dp_cp (the same layers, in
   // the same order, on every rank of the group: it lies within one pipeline stage).
   std::vector<std::int64_t> counts;
-  stage.for_each_mlp([&](auto& mlp) {
-    if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) {
-      auto const c = mlp.expert_bias_counts();
-      counts.insert(counts.end(), c.begin(), c.end());
-    }
+  each_router([&](auto& mlp) {
+    auto const c = mlp.expert_bias_counts();
+    counts.insert(counts.end(), c.begin(), c.end());
   });
   if (!counts.empty()) {
     groups.tp_dp_cp().all_reduce(std::span<std::int64_t>(counts));
     std::size_t at = 0;
-    stage.for_each_mlp([&](auto& mlp) {
-      if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) {
-        auto c = mlp.expert_bias_counts();
-        std::copy_n(counts.begin() + static_cast<std::ptrdiff_t>(at), c.size(), c.begin());
-        at += c.size();
-        mlp.apply_expert_bias_update();
-      }
+    each_router([&](auto& mlp) {
+      auto c = mlp.expert_bias_counts();
+      std::copy_n(counts.begin() + static_cast<std::ptrdiff_t>(at), c.size(), c.begin());
+      at += c.size();
+      mlp.apply_expert_bias_update();
     });
   }
-  stage.for_each_mlp([&](auto& mlp) {
-    if constexpr (RouterStateBlock<std::remove_cvref_t<decltype(mlp)>>) mlp.reset_step_state();
-  });
+  each_router([](auto& mlp) { mlp.reset_step_state(); });
   return tokens;
 }
 
