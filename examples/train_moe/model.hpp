@@ -8,20 +8,29 @@
 #include <fmt/ranges.h>
 
 #include "moefold/exec/cpu.hpp"
+#include "moefold/exec/shuffled_cpu.hpp"
 #include "moefold/moe/moe_layer.hpp"
 #include "moefold/train/decoder_stage.hpp"
 #include "options.hpp"
 #include "phase_times.hpp"
 #include "timed_dispatcher.hpp"
 
+#ifndef MOEFOLD_TEST_EXEC
+#define MOEFOLD_TEST_EXEC ::moefold::Cpu
+#endif
+
 namespace moefold::train_demo {
+
+/// The execution instance of every layer: `Cpu` (a build with MOEFOLD_TEST_EXECUTION=ShuffledCpu
+/// runs the demo on the order-scrambling test instance instead).
+using Exec = MOEFOLD_TEST_EXEC;
 
 /// The MLP slot of every decoder layer: Megatron's MoE block (top-k router whose score
 /// function the command line picks, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts,
 /// optional shared expert), timed for the summary's phases.
 template <class T, Communicator Comm>
 using MlpBlock = TimedBlock<
-    MoELayer<Cpu, TopKRouter<ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
+    MoELayer<Exec, TopKRouter<ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
              GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>>;
 
 /// The MLP slot's config from the command line (EP and ETP come from the folding).

@@ -9,7 +9,7 @@
 
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/nn/forward_context.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold::train_demo {
 

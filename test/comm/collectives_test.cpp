@@ -6,6 +6,7 @@
 #include <numeric>
 #include <span>
 #include <vector>
+#include <fmt/format.h>
 
 #include "comm/backends.hpp"
 #include "support/error_of.hpp"

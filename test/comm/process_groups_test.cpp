@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "comm/backends.hpp"
 #include "moefold/comm/process_groups.hpp"

@@ -16,6 +16,7 @@
 #include <span>
 #include <string_view>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/traffic.hpp"
 #include "moefold/core/dtype.hpp"

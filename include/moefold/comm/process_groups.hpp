@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/mesh/folded_mapping.hpp"

@@ -8,9 +8,8 @@
 #include <string>
 #include <string_view>
 
-#include <fmt/format.h>
-
 #include "moefold/config.hpp"
+#include "moefold/core/format.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -62,7 +61,8 @@ namespace detail {
 [[noreturn]] inline void throw_precondition(char const* condition, char const* file, int line,
                                             std::string const& message) {
   throw error(errc::invalid_argument,
-              fmt::format("{} (precondition `{}` failed at {}:{})", message, condition, file, line));
+              message + " (precondition `" + condition + "` failed at " + file + ":" +
+                  std::to_string(line) + ")");
 }
 }  // namespace detail
 
@@ -70,12 +70,13 @@ namespace detail {
 }  // namespace moefold
 
 /// Checks a precondition of a public call; on failure throws `moefold::error` (invalid_argument)
-/// with the formatted message, the condition and the place. Usage:
+/// with the message (`{}` placeholders, core/format.hpp: no fmt, so the macro works in CUDA
+/// translation units), the condition and the place. Usage:
 /// `MOEFOLD_EXPECTS(n >= 0, "count {} must not be negative", n);`
 #define MOEFOLD_EXPECTS(condition, ...)                                                          \
   do {                                                                                           \
     if (!(condition)) {                                                                          \
       ::moefold::detail::throw_precondition(#condition, __FILE__, __LINE__,                      \
-                                            ::fmt::format(__VA_ARGS__));                         \
+                                            ::moefold::detail::format_message(__VA_ARGS__));                         \
     }                                                                                            \
   } while (false)

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include <fmt/ranges.h>
+#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 #include "moefold/mesh/group.hpp"

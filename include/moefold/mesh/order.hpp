@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 

@@ -11,6 +11,7 @@
 #include <span>
 #include <type_traits>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/moe/capacity.hpp"

@@ -11,6 +11,7 @@
 #include <numeric>
 #include <optional>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/moe/router_config.hpp"
 #include "moefold/moe/routing.hpp"

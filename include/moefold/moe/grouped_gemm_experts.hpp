@@ -17,11 +17,12 @@
 #include <span>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 #include "moefold/moe/expert_activations.hpp"
-#include "moefold/moe/expert_gemm.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/exec/grouped_gemm.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -217,12 +218,7 @@ class GroupedGemmExperts {
   }
 
   void run(std::vector<GemmProblem<T>> const& ps) {
-    std::span<GemmProblem<T> const> batch(ps);
-    if (auto status = Gemm::template can_implement<T>(batch); !status)
-      throw error(errc::invalid_argument,
-                  fmt::format("grouped GEMM '{}' cannot run this batch: {}", Gemm::name, status.reason));
-    workspace_.resize(Gemm::template workspace_size<T>(batch));
-    Gemm::template run<T>(batch, std::span<std::byte>(workspace_));
+    grouped_gemm<Gemm>(Cpu{}, std::span<GemmProblem<T> const>(ps), workspace_);
   }
 
   ExpertsConfig cfg_;
@@ -231,7 +227,7 @@ class GroupedGemmExperts {
   std::int64_t rows_ = 0;
   std::vector<std::int64_t> counts_;
   std::vector<T> x_, probs_, h1_, act_, scaled_;
-  std::vector<std::byte> workspace_;
+  Buffer<std::byte> workspace_;
 };
 
 }  // namespace v0

@@ -36,6 +36,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/exec/cpu.hpp"
@@ -45,7 +46,7 @@
 #include "moefold/moe/router.hpp"
 #include "moefold/nn/dense_mlp.hpp"
 #include "moefold/nn/forward_context.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -127,7 +128,7 @@ concept MoEExpertsPolicy = requires(E& e, std::span<typename E::value_type const
   { e.parameters() } -> std::same_as<ParamList<typename E::value_type>>;
 } && std::constructible_from<E, ExpertsConfig, std::uint64_t>;
 
-template <ExecutionPolicy Exec, MoERouterPolicy Router, class Dispatcher, MoEExpertsPolicy Experts,
+template <ExecutionInstance Exec, MoERouterPolicy Router, class Dispatcher, MoEExpertsPolicy Experts,
           Communicator Comm>
   requires std::same_as<typename detail::router_traits<Router>::real_type,
                         typename Experts::value_type> &&

@@ -17,6 +17,7 @@
 #include <span>
 #include <utility>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/core/init.hpp"
@@ -29,7 +30,7 @@
 #include "moefold/moe/sinkhorn.hpp"
 #include "moefold/moe/top_k.hpp"
 #include "moefold/nn/forward_context.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string_view>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 

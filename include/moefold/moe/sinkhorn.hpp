@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <span>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 

@@ -21,6 +21,7 @@
 #include <span>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/exec/blas.hpp"

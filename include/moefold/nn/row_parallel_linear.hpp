@@ -18,7 +18,7 @@
 #include "moefold/exec/blas.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/detail/tensor.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {

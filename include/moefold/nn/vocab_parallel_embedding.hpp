@@ -18,7 +18,7 @@
 #include "moefold/comm/communicator.hpp"
 #include "moefold/core/init.hpp"
 #include "moefold/nn/detail/tensor.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {

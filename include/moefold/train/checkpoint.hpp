@@ -40,7 +40,7 @@
 #include "moefold/core/bf16.hpp"
 #include "moefold/core/dtype.hpp"
 #include "moefold/core/error.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 #include "moefold/train/checkpoint_metadata.hpp"
 #include "moefold/train/detail/checkpoint_io.hpp"
 

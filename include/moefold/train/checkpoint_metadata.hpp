@@ -31,7 +31,7 @@
 
 #include "moefold/core/dtype.hpp"
 #include "moefold/core/error.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {

@@ -17,6 +17,7 @@
 #include <fstream>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/init.hpp"

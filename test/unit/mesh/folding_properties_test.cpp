@@ -6,6 +6,7 @@
 #include <numeric>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/mesh/folded_mapping.hpp"
 #include "support/catch.hpp"

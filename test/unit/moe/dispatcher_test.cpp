@@ -7,6 +7,7 @@
 #include <set>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "comm/backends.hpp"
 #include "moe_test_support.hpp"

@@ -98,7 +98,7 @@ TEMPLATE_TEST_CASE("ETP shards of the experts sum to the unsharded experts, grad
     for (int l = 0; l < 3; ++l) {
       for (auto [mine, whole] : {std::pair{&shard.fc1(l), &full.fc1(l)}, std::pair{&shard.fc2(l), &full.fc2(l)}}) {
         CHECK(mine->value == mine->local_of(std::span<double const>(whole->value)));
-        CHECK(rel_err(mine->grad, mine->local_of(std::span<double const>(whole->grad))) < 1e-13);
+        CHECK(rel_err(mine->grad.vector(), mine->local_of(std::span<double const>(whole->grad))) < 1e-13);
       }
     }
   }

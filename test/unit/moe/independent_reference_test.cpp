@@ -72,8 +72,8 @@ std::vector<T> as(std::vector<double> const& v) {
   return std::vector<T>(v.begin(), v.end());
 }
 
-template <class T>
-std::vector<double> to_double(std::vector<T> const& v) {
+template <class Range>
+std::vector<double> to_double(Range const& v) {
   return std::vector<double>(v.begin(), v.end());
 }
 

@@ -9,6 +9,7 @@
 #include <span>
 #include <string>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/moe/moe_layer.hpp"

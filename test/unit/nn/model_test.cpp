@@ -5,6 +5,7 @@
 // errors for shapes a folding cannot split.
 
 #include <cmath>
+#include <fmt/format.h>
 
 #include "moefold/nn/decoder_layer.hpp"
 #include "moefold/nn/vocab_parallel_cross_entropy.hpp"

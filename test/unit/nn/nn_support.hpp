@@ -16,7 +16,7 @@
 #include "support/error_of.hpp"
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/core/init.hpp"
-#include "moefold/nn/parameter.hpp"
+#include "moefold/core/param.hpp"
 #include "moefold/nn/sequence_shard.hpp"
 
 namespace moefold::test {

@@ -7,6 +7,7 @@
 #include <string>
 #include <tuple>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/plan/planner.hpp"
 #include "support/catch.hpp"

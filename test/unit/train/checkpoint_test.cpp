@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/train/training_state.hpp"

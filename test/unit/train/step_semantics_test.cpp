@@ -301,7 +301,7 @@ TEST_CASE("statistics are counted once per microbatch: never on a recompute or a
             if (p->name.find("router") != std::string::npos) {
               static std::mutex mu;
               std::lock_guard lock(mu);
-              grads[static_cast<std::size_t>(with_eval)][p->name] = p->grad;
+              grads[static_cast<std::size_t>(with_eval)][p->name] = p->grad.vector();
             }
         for (auto* p : params)
           for (std::size_t i = 0; i < p->value.size(); ++i) p->value[i] -= 0.05f * p->grad[i];

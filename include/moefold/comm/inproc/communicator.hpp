@@ -12,6 +12,7 @@
 #include <string>
 #include <string_view>
 #include <vector>
+#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/comm/detail/reduce.hpp"

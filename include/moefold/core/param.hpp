@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// `Param`: a named parameter shard with its gradient, its reduction class and where its local
+/// `Param<T, Space>`: a named parameter shard with its gradient, its reduction class and where its local
 /// elements sit in the global tensor. Every layer of `nn/` (and the MoE layer's experts) keeps
 /// its weights as `Param`s and lists them with `parameters()`, so that the gradient reduction
 /// (`train/`) reduces by class and a checkpoint can be resharded under another folding.
@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/core/init.hpp"
 
@@ -52,17 +53,17 @@ struct ParamBlock {
   std::int64_t size() const noexcept { return rows * cols; }
 };
 
-/// One rank's shard of a parameter: value and gradient (same size), class, and the blocks of the
-/// global `[global_rows, global_cols]` tensor it holds, in storage order.
-template <class T>
+/// One rank's shard of a parameter: value and gradient (same size, `Buffer`s in `Space`), class,
+/// and the blocks of the global `[global_rows, global_cols]` tensor it holds, in storage order.
+template <class T, MemorySpace Space = HostSpace>
 struct Param {
   std::string name;
   ParamClass cls = ParamClass::dense;
   std::int64_t global_rows = 0;
   std::int64_t global_cols = 0;
   std::vector<ParamBlock> blocks;
-  std::vector<T> value;
-  std::vector<T> grad;
+  Buffer<T, Space> value;
+  Buffer<T, Space> grad;
 
   Param() = default;
   /// A shard of `blocks`; throws when a block leaves the global tensor.
@@ -77,8 +78,8 @@ struct Param {
                       k.row0, k.row0 + k.rows, k.col0, k.col0 + k.cols, rows, cols);
       size += k.size();
     }
-    value.assign(static_cast<std::size_t>(size), T{});
-    grad.assign(static_cast<std::size_t>(size), T{});
+    value = Buffer<T, Space>(size);
+    grad = Buffer<T, Space>(size);
   }
   /// A parameter held whole (one block over the whole tensor).
   static Param whole(std::string n, ParamClass c, std::int64_t rows, std::int64_t cols) {
@@ -88,7 +89,9 @@ struct Param {
   std::size_t size() const noexcept { return value.size(); }
   /// Sets every local element to its global initial value (core/init.hpp): a function of
   /// (seed, name, global index) only, so every folding holds slices of the same tensor.
-  void init(std::uint64_t seed, InitDist dist, double scale) {
+  void init(std::uint64_t seed, InitDist dist, double scale)
+    requires(Space::host_accessible)
+  {
     std::size_t off = 0;
     for (auto const& k : blocks) {
       init_block(std::span<T>(value).subspan(off, static_cast<std::size_t>(k.size())), seed, name,
@@ -96,7 +99,11 @@ struct Param {
       off += static_cast<std::size_t>(k.size());
     }
   }
-  void zero_grad() { std::fill(grad.begin(), grad.end(), T{}); }
+  void zero_grad()
+    requires(Space::host_accessible)
+  {
+    std::fill(grad.begin(), grad.end(), T{});
+  }
 
   /// This rank's elements of a global row-major tensor of this parameter's shape.
   template <class U>
