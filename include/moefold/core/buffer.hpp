@@ -127,6 +127,7 @@ class Buffer<T, HostSpace> {
   }
   /// The elements as a vector: moved out of an rvalue buffer, copied otherwise.
   operator std::vector<T>() && noexcept { return std::move(v_); }  // NOLINT: implicit by design
+  operator std::vector<T>() const& { return v_; }                   // NOLINT: implicit by design
   std::vector<T> const& vector() const& noexcept { return v_; }
   std::vector<T>& vector() & noexcept { return v_; }
 

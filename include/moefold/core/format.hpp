@@ -43,7 +43,7 @@ std::string format_message(std::string_view f, Args const&... args) {
   std::string out;
   out.reserve(f.size() + 16 * sizeof...(Args));
   std::size_t pos = 0;
-  auto next = [&](auto const& a) {
+  [[maybe_unused]] auto next = [&](auto const& a) {
     while (pos < f.size()) {
       char const c = f[pos];
       if (c == '{' && pos + 1 < f.size() && f[pos + 1] == '{') {

@@ -20,7 +20,7 @@
 #include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
-#include "moefold/moe/expert_activations.hpp"
+#include "moefold/ops/activations.hpp"
 #include "moefold/exec/grouped_gemm.hpp"
 #include "moefold/core/param.hpp"
 
@@ -121,7 +121,7 @@ class GroupedGemmExperts {
     // activation, then the routing probability
     for (std::int64_t i = 0; i < rows_; ++i) {
       T* a = act_.data() + i * fr;
-      Activation::forward(h1_.data() + i * g, fr, a);
+      for (std::int64_t j = 0; j < fr; ++j) Activation::forward(h1_.data() + i * g, fr, j, a);
       T const p = probs_[static_cast<std::size_t>(i)];
       for (std::int64_t j = 0; j < fr; ++j) scaled_[static_cast<std::size_t>(i * fr + j)] = a[j] * p;
     }
@@ -167,7 +167,8 @@ class GroupedGemmExperts {
         d_act[static_cast<std::size_t>(j)] = ds * p;
       }
       out.probs[static_cast<std::size_t>(i)] = dp;
-      Activation::backward(h1_.data() + i * g, d_act.data(), fr, dh1.data() + i * g);
+      for (std::int64_t j = 0; j < fr; ++j)
+        Activation::backward(h1_.data() + i * g, d_act.data(), fr, j, dh1.data() + i * g);
     }
     // dW1_l += dh1_lᵀ · x_l ;  dx_l = dh1_l · W1_l
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {

@@ -43,7 +43,7 @@ std::vector<double> direct(E& experts, int l, double const* x, double p) {
   auto const& w2 = experts.fc2(l).value;
   for (std::int64_t o = 0; o < g; ++o)
     for (std::int64_t i = 0; i < kH; ++i) h1[static_cast<std::size_t>(o)] += w1[static_cast<std::size_t>(o * kH + i)] * x[i];
-  Act::forward(h1.data(), kF, a.data());
+  for (std::int64_t j = 0; j < kF; ++j) Act::forward(h1.data(), kF, j, a.data());
   for (std::int64_t o = 0; o < kH; ++o)
     for (std::int64_t j = 0; j < kF; ++j)
       y[static_cast<std::size_t>(o)] += w2[static_cast<std::size_t>(o * kF + j)] * a[static_cast<std::size_t>(j)] * p;
