@@ -63,10 +63,14 @@ fi
 # exhaustive factorization sweep (pure rank algebra, ~0.5 s normally but 500 s under ASan on 2
 # busy cores; the fuzz phase covers FoldedMapping::from under ASan instead) and the whole
 # moefold-train runs of test_train_demo (dozens of training runs; the in-process world's runs are
-# covered under ThreadSanitizer by train.tsan.world64, bad inputs by test_bad_inputs here).
+# covered under ThreadSanitizer by train.tsan.world64, bad inputs by test_bad_inputs here) but the
+# serial-vs-folded equality. This build runs every layer on ShuffledCpu (exec/shuffled_cpu.hpp):
+# op bodies in a scrambled index order, so a body that depends on iteration order (a race on a
+# GPU) fails the suite here.
 if [ "${MOEFOLD_SKIP_ASAN:-0}" != 1 ] && [ $# -eq 0 ]; then
   asan_build="$MOEFOLD_BUILD-asan"
-  configure_sanitized "$asan_build" -DMOEFOLD_SANITIZER=address,undefined
+  configure_sanitized "$asan_build" -DMOEFOLD_SANITIZER=address,undefined \
+      -DMOEFOLD_TEST_EXECUTION=ShuffledCpu
   # shellcheck disable=SC2046
   cmake --build "$asan_build" -j "$MOEFOLD_JOBS" --target $(test_targets "$asan_build")
   (cd "$asan_build" && ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 \
@@ -74,7 +78,11 @@ if [ "${MOEFOLD_SKIP_ASAN:-0}" != 1 ] && [ $# -eq 0 ]; then
       ctest --output-on-failure -j "$MOEFOLD_JOBS" -L '^cpu$' \
       -E '^(headers\.|compile_fail\.|test_mesh:every factorization of every world size|test_train_demo)') \
       || status=$?
-  phase_done "asan+ubsan"
+  (cd "$asan_build" && ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 \
+      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+      ctest --output-on-failure -R '^test_train_demo: every folding trains with the serial') \
+      || status=$?
+  phase_done "asan+ubsan (ShuffledCpu)"
 fi
 
 # libFuzzer (clang): each target replays its committed corpus test/fuzz/corpus/<target>/, then
