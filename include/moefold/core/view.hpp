@@ -75,7 +75,7 @@ class View {
   constexpr View(std::span<U, N> s) noexcept  // NOLINT: implicit by design
       : View(s.data(), static_cast<std::int64_t>(s.size())) {}
   template <class R>
-    requires(Space::host_accessible && !std::is_same_v<std::remove_cvref_t<R>, View> &&
+    requires(Space::host_accessible && !is_view_v<std::remove_cvref_t<R>> &&
              requires(R& r) { std::span<T>(r); })
   constexpr View(R& r) noexcept  // NOLINT: implicit by design (std::vector, Buffer)
       : View(std::span<T>(r)) {}
