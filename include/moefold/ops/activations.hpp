@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <numbers>
 #include <string_view>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
@@ -108,7 +109,8 @@ struct ActivationBackward {
 
 /// out [rows, f] = Act(h [rows, G·f]).
 template <ExpertActivation Act, class Exec, class T>
-void activation_forward(Exec const& exec, View<T const, typename Exec::memory_space> h,
+void activation_forward(Exec const& exec,
+                        std::type_identity_t<View<T const, typename Exec::memory_space>> h,
                         View<T, typename Exec::memory_space> out) {
   MOEFOLD_EXPECTS(h.contiguous() && out.contiguous() && h.rows() == out.rows() &&
                       h.cols() == Act::kGates * out.cols(),
@@ -118,8 +120,9 @@ void activation_forward(Exec const& exec, View<T const, typename Exec::memory_sp
 }
 /// dh [rows, G·f] from d_out [rows, f] and the saved h.
 template <ExpertActivation Act, class Exec, class T>
-void activation_backward(Exec const& exec, View<T const, typename Exec::memory_space> h,
-                         View<T const, typename Exec::memory_space> d_out,
+void activation_backward(Exec const& exec,
+                         std::type_identity_t<View<T const, typename Exec::memory_space>> h,
+                         std::type_identity_t<View<T const, typename Exec::memory_space>> d_out,
                          View<T, typename Exec::memory_space> dh) {
   MOEFOLD_EXPECTS(h.contiguous() && d_out.contiguous() && dh.contiguous() &&
                       h.rows() == d_out.rows() && dh.rows() == h.rows() &&

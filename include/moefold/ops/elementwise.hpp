@@ -3,11 +3,12 @@
 /// Element-wise bodies and their launchers: fill, scale, y += a·x, y += x, the logistic
 /// sigmoid. Every layer's plain vector arithmetic goes through these (one body per formula).
 ///
-///   ops::add_into(exec, y, x);          // y[i] += x[i]
+///   ops::add_into(exec, x, y);          // y[i] += x[i] (inputs convert: T comes from y)
 ///   ops::axpy(exec, T(0.5), x, y);      // y[i] += 0.5 · x[i]
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
@@ -64,26 +65,27 @@ void same_size(View<T, S> const& a, View<U, S> const& b, char const* op) {
 
 /// y[i] = value.
 template <class Exec, class T>
-void fill(Exec const& exec, View<T, typename Exec::memory_space> y, T value) {
+void fill(Exec const& exec, View<T, typename Exec::memory_space> y, std::type_identity_t<T> value) {
   MOEFOLD_EXPECTS(y.contiguous(), "ops::fill: a strided view");
   for_each(exec, y.size(), Fill<T>{y.data(), value});
 }
 /// y[i] *= a.
 template <class Exec, class T>
-void scale(Exec const& exec, T a, View<T, typename Exec::memory_space> y) {
+void scale(Exec const& exec, std::type_identity_t<T> a, View<T, typename Exec::memory_space> y) {
   MOEFOLD_EXPECTS(y.contiguous(), "ops::scale: a strided view");
   for_each(exec, y.size(), Scale<T>{y.data(), a});
 }
 /// y[i] += a · x[i].
 template <class Exec, class T>
-void axpy(Exec const& exec, T a, View<T const, typename Exec::memory_space> x,
+void axpy(Exec const& exec, std::type_identity_t<T> a,
+          std::type_identity_t<View<T const, typename Exec::memory_space>> x,
           View<T, typename Exec::memory_space> y) {
   detail::same_size(x, y, "axpy");
   for_each(exec, y.size(), Axpy<T>{x.data(), y.data(), a});
 }
 /// y[i] += x[i].
 template <class Exec, class T>
-void add_into(Exec const& exec, View<T const, typename Exec::memory_space> x,
+void add_into(Exec const& exec, std::type_identity_t<View<T const, typename Exec::memory_space>> x,
               View<T, typename Exec::memory_space> y) {
   detail::same_size(x, y, "add_into");
   for_each(exec, y.size(), AddInto<T>{x.data(), y.data()});
