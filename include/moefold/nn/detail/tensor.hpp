@@ -40,11 +40,6 @@ inline void require_divisible(std::int64_t n, std::int64_t d, std::string_view l
         fmt::format("{}: {} ({}) is not divisible by {} = {}", layer, what, n, by_what, d));
 }
 
-template <class T>
-std::span<T const> cspan(std::vector<T> const& v) noexcept {
-  return std::span<T const>(v);
-}
-
 /// A contiguous view's elements as one row (1-D).
 template <class T, class S>
 View<T, S> flat(View<T, S> v) {
