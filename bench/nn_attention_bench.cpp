@@ -74,7 +74,7 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
   double seconds = 0;
   moefold::inproc::run(1, [&](Comm& world) {
     moefold::ProcessGroups<Comm> groups(moefold::FoldedMapping::from({.world = 1}), world);
-    moefold::Attention<float, Comm> attn(config(), groups.tp(), groups.cp());
+    moefold::cpu::Attention<float, Comm> attn(config(), groups.tp(), groups.cp());
     for (auto _ : state) {
       auto const t0 = Clock::now();
       auto y = attn.forward(std::span<float const>(x), kBatch);
@@ -115,7 +115,7 @@ void BM_ContextParallelExchange(benchmark::State& state) {
       moefold::ProcessGroups<Comm> groups(moefold::FoldedMapping::from({.world = cp, .cp = cp}),
                                           world);
       auto const shard = moefold::SequenceShard::of(groups, seq, kBatch);
-      moefold::Attention<float, Comm> attn(config(), groups.tp(), groups.cp());
+      moefold::cpu::Attention<float, Comm> attn(config(), groups.tp(), groups.cp());
       auto const xl = shard.extract(std::span<float const>(x), kHidden);
       auto const gl = shard.extract(std::span<float const>(dy), kHidden);
       groups.cp().reset_traffic();

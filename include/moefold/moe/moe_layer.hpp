@@ -318,7 +318,7 @@ class MoELayer {
   Router router_;
   DispatcherType dispatcher_;
   Experts experts_;
-  std::optional<DenseMlp<T, Comm>> shared_;
+  std::optional<DenseMlp<Cpu, T, Comm>> shared_;
   std::optional<Param<T>> gate_weight_;          // shared-expert gate g [1, H]
   std::vector<T> shared_out_, gate_, x_;         // saved for backward
   std::vector<T> ones_;

@@ -14,22 +14,28 @@
 /// Backward: reduce-scatter of the key/value gradients over cp, then the linear layers'
 /// reverse collectives over tp.
 
-#include <algorithm>
+#include <fmt/format.h>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
-#include <limits>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
-#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
-#include "moefold/exec/blas.hpp"
+#include "moefold/core/buffer.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/context_parallel.hpp"
 #include "moefold/nn/rotary.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
+#include "moefold/ops/attention.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/rope.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -47,27 +53,34 @@ struct AttentionConfig {
 };
 
 /// Causal GQA self-attention with RoPE, TP (+SP) over `tp` and CP over `cp`.
-template <class T, Communicator Comm>
+template <ExecutionInstance Exec, class T, Communicator Comm>
 class Attention {
  public:
+  using Space = typename Exec::memory_space;
+
   /// Throws `invalid_config` when heads or groups are not divisible by TP, heads not by groups,
   /// or the head dimension is odd.
-  Attention(AttentionConfig cfg, Comm& tp, Comm& cp)
-      : cfg_(normalized(std::move(cfg), tp.size())),
+  Attention(Exec exec, AttentionConfig cfg, Comm& tp, Comm& cp)
+      : exec_(std::move(exec)),
+        cfg_(normalized(std::move(cfg), tp.size())),
         tp_(&tp),
         cp_(&cp),
-        qkv_(LinearConfig{.name = cfg_.name + ".linear_qkv.weight",
+        qkv_(exec_,
+             LinearConfig{.name = cfg_.name + ".linear_qkv.weight",
                           .in = cfg_.hidden,
                           .out = cfg_.kv_groups * (q_per_group() + 2) * cfg_.head_dim,
                           .seed = cfg_.seed,
                           .scale = cfg_.init_scale},
              tp),
-        proj_(LinearConfig{.name = cfg_.name + ".linear_proj.weight",
+        proj_(exec_,
+              LinearConfig{.name = cfg_.name + ".linear_proj.weight",
                            .in = cfg_.heads * cfg_.head_dim,
                            .out = cfg_.hidden,
                            .seed = cfg_.seed,
                            .scale = cfg_.init_scale},
               tp) {}
+  Attention(AttentionConfig cfg, Comm& tp, Comm& cp) requires std::default_initializable<Exec>
+      : Attention(Exec{}, std::move(cfg), tp, cp) {}
 
   AttentionConfig const& config() const noexcept { return cfg_; }
   std::int64_t local_heads() const noexcept { return cfg_.heads / tp_->size(); }
@@ -76,12 +89,14 @@ class Attention {
   /// x: this rank's tokens [S/(CP·TP), B, H] (SequenceShard layout) → y, same shape. `batch` is
   /// B. Throws `invalid_config` when the implied sequence S is not divisible by 2·CP·TP.
   /// Collective over `tp` and `cp`.
-  std::vector<T> forward(std::span<T const> x, std::int64_t batch) {
+  void forward(View<T const, Space> x, std::int64_t batch, View<T, Space> y) {
     std::int64_t const d = cfg_.head_dim, nq = local_heads(), ng = local_groups();
-    std::int64_t const rows = detail::rows_of(x.size(), cfg_.hidden, "Attention " + cfg_.name);
+    std::int64_t const rows = detail::rows_of(x, cfg_.hidden, "Attention " + cfg_.name);
     MOEFOLD_EXPECTS(batch > 0 && rows % batch == 0,
                     "Attention {}: {} tokens are not whole rows of batch {}", cfg_.name, rows,
                     batch);
+    MOEFOLD_EXPECTS(y.size() == x.size(), "Attention {}: output of {} elements for {} inputs",
+                    cfg_.name, y.size(), x.size());
     shard_ = SequenceShard{.seq = rows / batch * tp_->size() * cp_->size(),
                            .batch = batch,
                            .tp = tp_->size(),
@@ -91,107 +106,98 @@ class Attention {
     shard_.validate();
     std::int64_t const sc = shard_.cp_seq(), s = shard_.seq, tc = sc * batch;
 
-    auto const qkv = qkv_.forward(x);  // [tc, ng·(q/g+2)·d]
+    auto const qkv = detail::reuse(exec_, qkv_out_, tc * width());
+    qkv_.forward(x, qkv);  // [tc, ng·(q/g+2)·d]
+    // Positions of the queries (this CP rank's) and of the gathered keys; RoPE tables.
+    auto const qpos = shard_.cp_positions(), kpos = gathered_positions(shard_);
+    copy(exec_, View<std::int64_t const>(qpos), detail::reuse(exec_, q_pos_, sc));
+    copy(exec_, View<std::int64_t const>(kpos), detail::reuse(exec_, k_pos_, s));
+    rope_.assign(exec_, q_pos_.view(), d, cfg_.rope_base);
     // Split into q [tc, nq·d] and k, v [tc, ng·d]; rotate q and k.
-    RotaryTable const rope(shard_.cp_positions(), d, cfg_.rope_base);
-    q_.assign(static_cast<std::size_t>(tc * nq * d), T{});
-    std::vector<T> k(static_cast<std::size_t>(tc * ng * d)), v(k.size());
-    for (std::int64_t r = 0; r < tc; ++r) {
-      auto const pos = static_cast<std::size_t>(r / batch);
-      for (std::int64_t h = 0; h < nq; ++h) {
-        T* dst = q_.data() + (r * nq + h) * d;
-        std::copy_n(qkv.data() + r * width() + q_offset(h), d, dst);
-        rope.rotate(dst, pos);
-      }
-      for (std::int64_t g = 0; g < ng; ++g) {
-        T* kd = k.data() + (r * ng + g) * d;
-        std::copy_n(qkv.data() + r * width() + k_offset(g), d, kd);
-        rope.rotate(kd, pos);
-        std::copy_n(qkv.data() + r * width() + k_offset(g) + d, d, v.data() + (r * ng + g) * d);
-      }
-    }
-    k_ = cp_all_gather<T>(*cp_, detail::cspan(k));  // [s·batch, ng·d]
-    v_ = cp_all_gather<T>(*cp_, detail::cspan(v));
-    q_pos_ = shard_.cp_positions();
-    k_pos_ = gathered_positions(shard_);
+    auto const q = detail::reuse(exec_, q_, tc * nq * d);
+    auto const kl = detail::reuse(exec_, k_local_, tc * ng * d);
+    auto const vl = detail::reuse(exec_, v_local_, tc * ng * d);
+    ops::rotate_heads(exec_, qkv, q_layout(), q, ops::HeadLayout::packed(nq, d), tc, nq, batch,
+                      rope_.cos(), rope_.sin(), 1.0);
+    ops::rotate_heads(exec_, qkv, kv_layout(0), kl, ops::HeadLayout::packed(ng, d), tc, ng, batch,
+                      rope_.cos(), rope_.sin(), 1.0);
+    ops::rotate_heads(exec_, qkv, kv_layout(1), vl, ops::HeadLayout::packed(ng, d), tc, ng, batch,
+                      rope_.cos(), rope_.sin(), 0.0);
+    cp_all_gather<T>(*cp_, kl, detail::reuse(exec_, k_, s * batch * ng * d));  // [s·batch, ng·d]
+    cp_all_gather<T>(*cp_, vl, detail::reuse(exec_, v_, s * batch * ng * d));
 
     // Per (sequence, head): P = softmax(mask(q·kᵀ/√d)), o = P·v, strided GEMMs over [s, b].
-    probs_.assign(static_cast<std::size_t>(batch * nq * sc * s), T{});
-    std::vector<T> ctx(static_cast<std::size_t>(tc * nq * d));
+    auto const probs = detail::reuse(exec_, probs_, batch * nq * sc * s);
+    auto const ctx = detail::reuse(exec_, ctx_, tc * nq * d);
     T const scale = static_cast<T>(1.0 / std::sqrt(double(d)));
     std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t h = 0; h < nq; ++h) {
         std::int64_t const g = h / q_per_group();
-        T* p = probs_.data() + (b * nq + h) * sc * s;
-        gemm<T>(Trans::no, Trans::yes, sc, s, d, scale, q_.data() + (b * nq + h) * d, ldq,
-                k_.data() + (b * ng + g) * d, ldk, T{0}, p, s);
-        for (std::int64_t i = 0; i < sc; ++i)
-          causal_softmax(p + i * s, q_pos_[static_cast<std::size_t>(i)]);
-        gemm<T>(Trans::no, Trans::no, sc, d, s, T{1}, p, s, v_.data() + (b * ng + g) * d, ldk, T{0},
-                ctx.data() + (b * nq + h) * d, ldq);
+        View<T, Space> const p(probs.data() + (b * nq + h) * sc * s, sc, s);
+        gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
+                head(k_, b * ng + g, s, ldk), T{0}, p);
+        ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
+        gemm<T>(exec_, Trans::no, Trans::no, T{1}, p, head(v_, b * ng + g, s, ldk), T{0},
+                head(ctx_, b * nq + h, sc, ldq));
       }
     batch_ = batch;
-    return proj_.forward(detail::cspan(ctx));
+    proj_.forward(ctx, y);
+  }
+  Buffer<T, Space> forward(View<T const, Space> x, std::int64_t batch) {
+    return detail::allocated<T>(exec_, x.size(), [&](View<T, Space> y) { forward(x, batch, y); });
   }
 
   /// dy [S/(CP·TP), B, H] → dx, same shape; accumulates the weight gradients.
   /// Collective over `tp` and `cp`.
-  std::vector<T> backward(std::span<T const> dy) {
+  void backward(View<T const, Space> dy, View<T, Space> dx) {
     std::int64_t const d = cfg_.head_dim, nq = local_heads(), ng = local_groups();
     std::int64_t const batch = batch_, sc = shard_.cp_seq(), s = shard_.seq, tc = sc * batch;
-    auto const dctx = proj_.backward(dy);  // [tc, nq·d]
-    std::vector<T> dq(q_.size()), dk(k_.size()), dv(v_.size());
-    std::vector<T> dp(static_cast<std::size_t>(sc * s));
+    auto const dctx = detail::reuse(exec_, dctx_, tc * nq * d);
+    proj_.backward(dy, dctx);  // [tc, nq·d]
+    detail::reuse(exec_, dq_, static_cast<std::int64_t>(q_.size()));
+    auto const dk = detail::reuse(exec_, dk_, static_cast<std::int64_t>(k_.size()));
+    auto const dv = detail::reuse(exec_, dv_, static_cast<std::int64_t>(v_.size()));
+    ops::fill(exec_, dk, T{0});
+    ops::fill(exec_, dv, T{0});
+    View<T, Space> const dp = detail::reuse(exec_, dp_, sc * s).reshaped(sc, s);
     T const scale = static_cast<T>(1.0 / std::sqrt(double(d)));
     std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t h = 0; h < nq; ++h) {
         std::int64_t const g = h / q_per_group();
-        T const* p = probs_.data() + (b * nq + h) * sc * s;
-        T const* dout = dctx.data() + (b * nq + h) * d;
-        T const* kp = k_.data() + (b * ng + g) * d;
-        T const* vp = v_.data() + (b * ng + g) * d;
+        View<T const, Space> const p(probs_.data() + (b * nq + h) * sc * s, sc, s);
+        auto const dout = head(dctx_, b * nq + h, sc, ldq);
         // dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √d
-        gemm<T>(Trans::yes, Trans::no, s, d, sc, T{1}, p, s, dout, ldq, T{1},
-                dv.data() + (b * ng + g) * d, ldk);
-        gemm<T>(Trans::no, Trans::yes, sc, s, d, T{1}, dout, ldq, vp, ldk, T{0}, dp.data(), s);
-        for (std::int64_t i = 0; i < sc; ++i) {
-          T const* pr = p + i * s;
-          T* dr = dp.data() + i * s;
-          T dot{0};
-          for (std::int64_t j = 0; j < s; ++j) dot += pr[j] * dr[j];
-          for (std::int64_t j = 0; j < s; ++j) dr[j] = pr[j] * (dr[j] - dot) * scale;
-        }
+        gemm<T>(exec_, Trans::yes, Trans::no, T{1}, p, dout, T{1}, head(dv_, b * ng + g, s, ldk));
+        gemm<T>(exec_, Trans::no, Trans::yes, T{1}, dout, head(v_, b * ng + g, s, ldk), T{0}, dp);
+        ops::softmax_backward(exec_, p, dp, scale);
         // dQ = dS·K;  dK += dSᵀ·Q
-        gemm<T>(Trans::no, Trans::no, sc, d, s, T{1}, dp.data(), s, kp, ldk, T{0},
-                dq.data() + (b * nq + h) * d, ldq);
-        gemm<T>(Trans::yes, Trans::no, s, d, sc, T{1}, dp.data(), s, q_.data() + (b * nq + h) * d,
-                ldq, T{1}, dk.data() + (b * ng + g) * d, ldk);
+        gemm<T>(exec_, Trans::no, Trans::no, T{1}, dp, head(k_, b * ng + g, s, ldk), T{0},
+                head(dq_, b * nq + h, sc, ldq));
+        gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dp, head(q_, b * nq + h, sc, ldq), T{1},
+                head(dk_, b * ng + g, s, ldk));
       }
-    auto dk_local = cp_reduce_scatter<T>(*cp_, detail::cspan(dk));
-    auto dv_local = cp_reduce_scatter<T>(*cp_, detail::cspan(dv));
+    auto const dkl = detail::reuse(exec_, dk_local_, tc * ng * d);
+    auto const dvl = detail::reuse(exec_, dv_local_, tc * ng * d);
+    cp_reduce_scatter<T>(*cp_, dk, dkl);
+    cp_reduce_scatter<T>(*cp_, dv, dvl);
 
-    RotaryTable const rope(shard_.cp_positions(), d, cfg_.rope_base);
-    std::vector<T> dqkv(static_cast<std::size_t>(tc * width()));
-    for (std::int64_t r = 0; r < tc; ++r) {
-      auto const pos = static_cast<std::size_t>(r / batch);
-      T* row = dqkv.data() + r * width();
-      for (std::int64_t h = 0; h < nq; ++h) {
-        std::copy_n(dq.data() + (r * nq + h) * d, d, row + q_offset(h));
-        rope.rotate(row + q_offset(h), pos, /*inverse=*/true);
-      }
-      for (std::int64_t g = 0; g < ng; ++g) {
-        std::copy_n(dk_local.data() + (r * ng + g) * d, d, row + k_offset(g));
-        rope.rotate(row + k_offset(g), pos, /*inverse=*/true);
-        std::copy_n(dv_local.data() + (r * ng + g) * d, d, row + k_offset(g) + d);
-      }
-    }
-    return qkv_.backward(detail::cspan(dqkv));
+    auto const dqkv = detail::reuse(exec_, dqkv_, tc * width());
+    ops::rotate_heads(exec_, dq_, ops::HeadLayout::packed(nq, d), dqkv, q_layout(), tc, nq, batch,
+                      rope_.cos(), rope_.sin(), -1.0);
+    ops::rotate_heads(exec_, dkl, ops::HeadLayout::packed(ng, d), dqkv, kv_layout(0), tc, ng, batch,
+                      rope_.cos(), rope_.sin(), -1.0);
+    ops::rotate_heads(exec_, dvl, ops::HeadLayout::packed(ng, d), dqkv, kv_layout(1), tc, ng, batch,
+                      rope_.cos(), rope_.sin(), 0.0);
+    qkv_.backward(dqkv, dx);
+  }
+  Buffer<T, Space> backward(View<T const, Space> dy) {
+    return detail::allocated<T>(exec_, dy.size(), [&](View<T, Space> dx) { backward(dy, dx); });
   }
 
-  ColumnParallelLinear<T, Comm>& linear_qkv() noexcept { return qkv_; }
-  RowParallelLinear<T, Comm>& linear_proj() noexcept { return proj_; }
+  ColumnParallelLinear<Exec, T, Comm>& linear_qkv() noexcept { return qkv_; }
+  RowParallelLinear<Exec, T, Comm>& linear_proj() noexcept { return proj_; }
   ParamList<T> parameters() { return {&qkv_.weight(), &proj_.weight()}; }
 
  private:
@@ -215,40 +221,43 @@ class Attention {
     return c;
   }
   std::int64_t q_per_group() const noexcept { return cfg_.heads / cfg_.kv_groups; }
-  /// Width of a local qkv row and offsets in it (Megatron's group-interleaved layout).
+  /// Width of a local qkv row (Megatron's group-interleaved layout).
   std::int64_t width() const noexcept {
     return local_groups() * (q_per_group() + 2) * cfg_.head_dim;
   }
-  std::int64_t q_offset(std::int64_t h) const noexcept {
-    return ((h / q_per_group()) * (q_per_group() + 2) + h % q_per_group()) * cfg_.head_dim;
+  View<T, Space> head(Buffer<T, Space>& buf, std::int64_t i, std::int64_t rows,
+                      std::int64_t ld) const noexcept {
+    return View<T, Space>(buf.data() + i * cfg_.head_dim, rows, cfg_.head_dim, ld);
   }
-  std::int64_t k_offset(std::int64_t g) const noexcept {
-    return (g * (q_per_group() + 2) + q_per_group()) * cfg_.head_dim;
+  /// Queries, keys (which = 0) or values (which = 1) in a local qkv row.
+  ops::HeadLayout q_layout() const noexcept {
+    return {width(), q_per_group(), q_per_group() + 2, 0, cfg_.head_dim};
   }
-  /// Softmax of one score row over the keys at or before `qpos`; masked entries become 0.
-  void causal_softmax(T* row, std::int64_t qpos) const {
-    std::int64_t const s = shard_.seq;
-    T mx = -std::numeric_limits<T>::infinity();
-    for (std::int64_t j = 0; j < s; ++j)
-      if (k_pos_[static_cast<std::size_t>(j)] <= qpos) mx = std::max(mx, row[j]);
-    T sum{0};
-    for (std::int64_t j = 0; j < s; ++j) {
-      row[j] = k_pos_[static_cast<std::size_t>(j)] <= qpos ? std::exp(row[j] - mx) : T{0};
-      sum += row[j];
-    }
-    for (std::int64_t j = 0; j < s; ++j) row[j] /= sum;
+  ops::HeadLayout kv_layout(std::int64_t which) const noexcept {
+    return {width(), 1, q_per_group() + 2, q_per_group() + which, cfg_.head_dim};
   }
 
+  Exec exec_;
   AttentionConfig cfg_;
   Comm* tp_;
   Comm* cp_;
-  ColumnParallelLinear<T, Comm> qkv_;
-  RowParallelLinear<T, Comm> proj_;
+  ColumnParallelLinear<Exec, T, Comm> qkv_;
+  RowParallelLinear<Exec, T, Comm> proj_;
   SequenceShard shard_;
   std::int64_t batch_ = 0;
-  std::vector<T> q_, k_, v_, probs_;
-  std::vector<std::int64_t> q_pos_, k_pos_;
+  RotaryTable<Exec> rope_;
+  Buffer<std::int64_t, Space> q_pos_, k_pos_;
+  // Saved for backward: rotated queries, gathered keys and values, probabilities.
+  Buffer<T, Space> q_, k_, v_, probs_;
+  // Per-step temporaries, reused across calls.
+  Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dk_, dv_, dp_, dk_local_,
+      dv_local_, dqkv_;
 };
+
+namespace cpu {
+template <class T, Communicator Comm>
+using Attention = moefold::Attention<Cpu, T, Comm>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

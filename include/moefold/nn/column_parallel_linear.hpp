@@ -11,6 +11,7 @@
 /// (SwiGLU's fc1 = [gate; up]): rank t then holds rows [t·n, (t+1)·n) of every segment, stored
 /// segment after segment, as Megatron's per-rank fc1 shard.
 
+#include <concepts>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -18,10 +19,13 @@
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/init.hpp"
-#include "moefold/exec/blas.hpp"
-#include "moefold/nn/detail/tensor.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/nn/detail/tensor.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -38,11 +42,14 @@ struct LinearConfig {
 };
 
 /// Column-parallel linear with sequence parallelism over `tp`.
-template <class T, Communicator Comm>
+template <ExecutionInstance Exec, class T, Communicator Comm>
 class ColumnParallelLinear {
  public:
+  using Space = typename Exec::memory_space;
+
   /// Throws `invalid_config` when out is not divisible by parts·TP.
-  ColumnParallelLinear(LinearConfig cfg, Comm& tp) : cfg_(std::move(cfg)), tp_(&tp) {
+  ColumnParallelLinear(Exec exec, LinearConfig cfg, Comm& tp)
+      : exec_(std::move(exec)), cfg_(std::move(cfg)), tp_(&tp) {
     std::string const layer = "ColumnParallelLinear '" + cfg_.name + "'";
     MOEFOLD_EXPECTS(cfg_.in > 0 && cfg_.out > 0 && cfg_.parts > 0,
                     "{}: sizes must be positive (in {}, out {}, parts {})", layer, cfg_.in,
@@ -52,53 +59,77 @@ class ColumnParallelLinear {
     std::vector<ParamBlock> blocks;
     for (std::int64_t p = 0; p < cfg_.parts; ++p)
       blocks.push_back({.row0 = p * seg + tp.rank() * n, .rows = n, .col0 = 0, .cols = cfg_.in});
-    weight_ = Param<T>(cfg_.name, ParamClass::dense, cfg_.out, cfg_.in, std::move(blocks));
+    weight_ = Param<T, Space>(cfg_.name, ParamClass::dense, cfg_.out, cfg_.in, std::move(blocks));
     weight_.init(cfg_.seed, cfg_.dist, cfg_.scale);
   }
+  ColumnParallelLinear(LinearConfig cfg, Comm& tp) requires std::default_initializable<Exec>
+      : ColumnParallelLinear(Exec{}, std::move(cfg), tp) {}
 
   std::int64_t in_features() const noexcept { return cfg_.in; }
   /// Output features on this rank: out/TP.
   std::int64_t local_out() const noexcept { return cfg_.out / tp_->size(); }
+  /// Rows of the output of `tokens` SP-local input tokens: tokens·TP.
+  std::int64_t out_rows(std::int64_t tokens) const noexcept { return tokens * tp_->size(); }
 
-  /// x: this rank's SP-local tokens [T, in] → [T·TP, out/TP]. Keeps the gathered input for
+  /// x: this rank's SP-local tokens [T, in] → y [T·TP, out/TP]. Keeps the gathered input for
   /// backward. Collective over `tp`.
-  std::vector<T> forward(std::span<T const> x) {
-    std::int64_t const t = detail::rows_of(x.size(), cfg_.in, "ColumnParallelLinear " + cfg_.name);
+  void forward(View<T const, Space> x, View<T, Space> y) {
+    std::int64_t const t = detail::rows_of(x, cfg_.in, "ColumnParallelLinear " + cfg_.name);
     rows_ = t * tp_->size();
-    x_full_.resize(static_cast<std::size_t>(rows_ * cfg_.in));
-    tp_->all_gather(x, std::span<T>(x_full_));
-    std::vector<T> y(static_cast<std::size_t>(rows_ * local_out()));
-    gemm<T>(Trans::no, Trans::yes, rows_, local_out(), cfg_.in, T{1}, x_full_.data(), cfg_.in,
-            weight_.value.data(), cfg_.in, T{0}, y.data(), local_out());
-    return y;
+    MOEFOLD_EXPECTS(y.size() == rows_ * local_out(),
+                    "ColumnParallelLinear {}: output of {} elements, expected {}×{}", cfg_.name,
+                    y.size(), rows_, local_out());
+    detail::reuse(exec_, x_full_, rows_ * cfg_.in);
+    tp_->all_gather(std::span<T const>(x), std::span<T>(x_full_));
+    gemm<T>(exec_, Trans::no, Trans::yes, T{1}, x_full_.view(rows_, cfg_.in),
+            weight_.value.view(local_out(), cfg_.in), T{0},
+            detail::flat(y).reshaped(rows_, local_out()));
+  }
+  Buffer<T, Space> forward(View<T const, Space> x) {
+    std::int64_t const t = detail::rows_of(x, cfg_.in, "ColumnParallelLinear " + cfg_.name);
+    return detail::allocated<T>(exec_, out_rows(t) * local_out(),
+                                [&](View<T, Space> y) { forward(x, y); });
   }
 
   /// dy [T·TP, out/TP] → dx [T, in] (this rank's SP-local tokens); accumulates the weight
   /// gradient. Collective over `tp`.
-  std::vector<T> backward(std::span<T const> dy) {
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(dy.size()) == rows_ * local_out(),
+  void backward(View<T const, Space> dy, View<T, Space> dx) {
+    MOEFOLD_EXPECTS(dy.size() == rows_ * local_out() && dy.contiguous(),
                     "ColumnParallelLinear {}: backward got {} elements, forward produced {}×{}",
                     cfg_.name, dy.size(), rows_, local_out());
-    gemm<T>(Trans::yes, Trans::no, local_out(), cfg_.in, rows_, T{1}, dy.data(), local_out(),
-            x_full_.data(), cfg_.in, T{1}, weight_.grad.data(), cfg_.in);
-    std::vector<T> dx_full(static_cast<std::size_t>(rows_ * cfg_.in));
-    gemm<T>(Trans::no, Trans::no, rows_, cfg_.in, local_out(), T{1}, dy.data(), local_out(),
-            weight_.value.data(), cfg_.in, T{0}, dx_full.data(), cfg_.in);
-    std::vector<T> dx(dx_full.size() / static_cast<std::size_t>(tp_->size()));
-    tp_->reduce_scatter(detail::cspan(dx_full), std::span<T>(dx));
-    return dx;
+    MOEFOLD_EXPECTS(dx.size() * tp_->size() == rows_ * cfg_.in,
+                    "ColumnParallelLinear {}: input gradient of {} elements, expected {}×{}",
+                    cfg_.name, dx.size(), rows_ / tp_->size(), cfg_.in);
+    auto const dyv = dy.reshaped(rows_, local_out());
+    gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dyv, x_full_.view(rows_, cfg_.in), T{1},
+            weight_.grad.view(local_out(), cfg_.in));
+    auto const dx_full = detail::reuse(exec_, dx_full_, rows_ * cfg_.in);
+    gemm<T>(exec_, Trans::no, Trans::no, T{1}, dyv, weight_.value.view(local_out(), cfg_.in), T{0},
+            dx_full.reshaped(rows_, cfg_.in));
+    tp_->reduce_scatter(std::span<T const>(View<T const, Space>(dx_full)),
+                        std::span<T>(detail::flat(dx)));
+  }
+  Buffer<T, Space> backward(View<T const, Space> dy) {
+    return detail::allocated<T>(exec_, rows_ / tp_->size() * cfg_.in,
+                                [&](View<T, Space> dx) { backward(dy, dx); });
   }
 
-  Param<T>& weight() noexcept { return weight_; }
+  Param<T, Space>& weight() noexcept { return weight_; }
   ParamList<T> parameters() { return {&weight_}; }
 
  private:
+  Exec exec_;
   LinearConfig cfg_;
   Comm* tp_;
-  Param<T> weight_;
-  std::vector<T> x_full_;
+  Param<T, Space> weight_;
+  Buffer<T, Space> x_full_, dx_full_;
   std::int64_t rows_ = 0;
 };
+
+namespace cpu {
+template <class T, Communicator Comm>
+using ColumnParallelLinear = moefold::ColumnParallelLinear<Cpu, T, Comm>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

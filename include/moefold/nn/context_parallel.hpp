@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
+#include "moefold/core/view.hpp"
 #include "moefold/nn/detail/tensor.hpp"
 #include "moefold/nn/sequence_shard.hpp"
 
@@ -44,24 +45,35 @@ inline std::vector<std::int64_t> gathered_positions(SequenceShard const& shard) 
   return out;
 }
 
-/// Every CP rank's `local` [S/CP·B, D] rows, concatenated in CP rank order [S·B, D].
-/// Collective over `cp`.
+/// Every CP rank's `local` [S/CP·B, D] rows, concatenated in CP rank order into `full`
+/// [S·B, D]. Collective over `cp`.
+template <class T, Communicator Comm>
+void cp_all_gather(Comm& cp, View<T const> local, View<T> full) {
+  cp.all_gather(std::span<T const>(detail::flat(local)), std::span<T>(detail::flat(full)));
+}
 template <class T, Communicator Comm>
 std::vector<T> cp_all_gather(Comm& cp, std::span<T const> local) {
   std::vector<T> full(local.size() * static_cast<std::size_t>(cp.size()));
-  cp.all_gather(local, std::span<T>(full));
+  cp_all_gather<T>(cp, View<T const>(local), View<T>(full));
   return full;
 }
 
-/// The gradient of `cp_all_gather`: sums `full` [S·B, D] over `cp` and returns this rank's
-/// block [S/CP·B, D]. Collective over `cp`.
+/// The gradient of `cp_all_gather`: sums `full` [S·B, D] over `cp` into this rank's block
+/// `local` [S/CP·B, D]. Collective over `cp`.
+template <class T, Communicator Comm>
+void cp_reduce_scatter(Comm& cp, View<T const> full, View<T> local) {
+  MOEFOLD_EXPECTS(full.size() % cp.size() == 0 && local.size() * cp.size() == full.size(),
+                  "cp_reduce_scatter: {} elements do not split over CP = {} into {}", full.size(),
+                  cp.size(), local.size());
+  cp.reduce_scatter(std::span<T const>(detail::flat(full)), std::span<T>(detail::flat(local)));
+}
 template <class T, Communicator Comm>
 std::vector<T> cp_reduce_scatter(Comm& cp, std::span<T const> full) {
   MOEFOLD_EXPECTS(full.size() % static_cast<std::size_t>(cp.size()) == 0,
                   "cp_reduce_scatter: {} elements do not split over CP = {}", full.size(),
                   cp.size());
   std::vector<T> local(full.size() / static_cast<std::size_t>(cp.size()));
-  cp.reduce_scatter(full, std::span<T>(local));
+  cp_reduce_scatter<T>(cp, View<T const>(full), View<T>(local));
   return local;
 }
 

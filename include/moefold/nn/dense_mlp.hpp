@@ -4,23 +4,28 @@
 /// spec §2.8), tensor-parallel with SP over `tp`:
 ///
 ///   x [T, H] ──fc1 column-parallel (AG tp)──▶ [T·TP, 2·F/TP] = [gate | up]
-///     → silu(gate) ⊙ up [T·TP, F/TP] ──fc2 row-parallel (RS tp)──▶ y [T, H]
+///     → silu(gate) ⊙ up [T·TP, F/TP] (ops/activations.hpp's SwiGLU) ──fc2 row-parallel (RS tp)──▶
+///     y [T, H]
 ///
 /// fc1's global weight is `[2F, H]` = [gate rows; up rows]; rank t holds rows [t·F/TP, …) of
 /// each half, stored gate then up (Megatron's per-rank shard). fc2 is `[H, F]`, split by columns.
 /// The block has the `TokenBlock` interface (decoder_layer.hpp), the slot an MoE layer fills.
 
-#include <cmath>
+#include <concepts>
 #include <cstdint>
-#include <span>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "moefold/comm/process_groups.hpp"
+#include "moefold/core/buffer.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
+#include "moefold/nn/detail/tensor.hpp"
 #include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
+#include "moefold/ops/activations.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -34,75 +39,90 @@ struct DenseMlpConfig {
 };
 
 /// SwiGLU MLP, TP + SP over `tp`.
-template <class T, Communicator Comm>
+template <ExecutionInstance Exec, class T, Communicator Comm>
 class DenseMlp {
  public:
   using Config = DenseMlpConfig;
+  using Space = typename Exec::memory_space;
 
   /// Throws `invalid_config` when F is not divisible by TP.
-  DenseMlp(Config cfg, Comm& tp)
-      : cfg_(std::move(cfg)),
-        fc1_(LinearConfig{.name = cfg_.name + ".linear_fc1.weight",
+  DenseMlp(Exec exec, Config cfg, Comm& tp)
+      : exec_(std::move(exec)),
+        cfg_(std::move(cfg)),
+        fc1_(exec_,
+             LinearConfig{.name = cfg_.name + ".linear_fc1.weight",
                           .in = cfg_.hidden,
                           .out = 2 * cfg_.ffn,
                           .parts = 2,
                           .seed = cfg_.seed,
                           .scale = cfg_.init_scale},
              tp),
-        fc2_(LinearConfig{.name = cfg_.name + ".linear_fc2.weight",
+        fc2_(exec_,
+             LinearConfig{.name = cfg_.name + ".linear_fc2.weight",
                           .in = cfg_.ffn,
                           .out = cfg_.hidden,
                           .seed = cfg_.seed,
                           .scale = cfg_.init_scale},
              tp) {}
+  DenseMlp(Config cfg, Comm& tp) requires std::default_initializable<Exec>
+      : DenseMlp(Exec{}, std::move(cfg), tp) {}
   /// The decoder layer's constructor form: takes `tp` from the groups.
-  DenseMlp(Config cfg, ProcessGroups<Comm>& groups) : DenseMlp(std::move(cfg), groups.tp()) {}
+  DenseMlp(Exec exec, Config cfg, ProcessGroups<Comm>& groups)
+      : DenseMlp(std::move(exec), std::move(cfg), groups.tp()) {}
+  DenseMlp(Config cfg, ProcessGroups<Comm>& groups) requires std::default_initializable<Exec>
+      : DenseMlp(Exec{}, std::move(cfg), groups.tp()) {}
 
   /// x: this rank's tokens [T, H] → y [T, H]. Collective over `tp`.
   /// The dense MLP keeps no per-step state: the context is accepted and unused.
-  std::vector<T> forward(std::span<T const> x, ForwardContext const& /*ctx*/) { return forward(x); }
-  std::vector<T> forward(std::span<T const> x) {
-    h_ = fc1_.forward(x);  // [rows, 2n]: gate | up
+  void forward(View<T const, Space> x, View<T, Space> y) {
     std::int64_t const n = fc2_.local_in();
-    std::int64_t const rows = static_cast<std::int64_t>(h_.size()) / (2 * n);
-    std::vector<T> act(static_cast<std::size_t>(rows * n));
-    for (std::int64_t r = 0; r < rows; ++r)
-      for (std::int64_t i = 0; i < n; ++i) {
-        T const g = h_[static_cast<std::size_t>(r * 2 * n + i)];
-        T const u = h_[static_cast<std::size_t>(r * 2 * n + n + i)];
-        act[static_cast<std::size_t>(r * n + i)] = g / (T{1} + std::exp(-g)) * u;
-      }
-    return fc2_.forward(detail::cspan(act));
+    std::int64_t const rows =
+        fc1_.out_rows(detail::rows_of(x, cfg_.hidden, "DenseMlp " + cfg_.name));
+    fc1_.forward(x, detail::reuse(exec_, h_, rows * 2 * n));  // [rows, 2n]: gate | up
+    auto const act = detail::reuse(exec_, act_, rows * n);
+    ops::activation_forward<SwiGLU>(exec_, View<T const, Space>(h_.view(rows, 2 * n)),
+                                    act.reshaped(rows, n));
+    fc2_.forward(act, y);
+  }
+  Buffer<T, Space> forward(View<T const, Space> x) {
+    return detail::allocated<T>(exec_, x.size(), [&](View<T, Space> y) { forward(x, y); });
+  }
+  Buffer<T, Space> forward(View<T const, Space> x, ForwardContext const& /*ctx*/) {
+    return forward(x);
   }
 
   /// dy [T, H] → dx [T, H]; accumulates fc1 and fc2 gradients. Collective over `tp`.
-  std::vector<T> backward(std::span<T const> dy) {
-    auto const dact = fc2_.backward(dy);
+  void backward(View<T const, Space> dy, View<T, Space> dx) {
     std::int64_t const n = fc2_.local_in();
-    std::int64_t const rows = static_cast<std::int64_t>(dact.size()) / n;
-    std::vector<T> dh(h_.size());
-    for (std::int64_t r = 0; r < rows; ++r)
-      for (std::int64_t i = 0; i < n; ++i) {
-        auto const gi = static_cast<std::size_t>(r * 2 * n + i);
-        auto const ui = gi + static_cast<std::size_t>(n);
-        T const g = h_[gi], u = h_[ui], da = dact[static_cast<std::size_t>(r * n + i)];
-        T const sig = T{1} / (T{1} + std::exp(-g));
-        dh[gi] = da * u * sig * (T{1} + g * (T{1} - sig));
-        dh[ui] = da * g * sig;
-      }
-    return fc1_.backward(detail::cspan(dh));
+    std::int64_t const rows = static_cast<std::int64_t>(h_.size()) / (2 * n);
+    auto const dact = detail::reuse(exec_, dact_, rows * n);
+    fc2_.backward(dy, dact);
+    auto const dh = detail::reuse(exec_, dh_, rows * 2 * n);
+    ops::activation_backward<SwiGLU>(exec_, View<T const, Space>(h_.view(rows, 2 * n)),
+                                     View<T const, Space>(dact.reshaped(rows, n)),
+                                     dh.reshaped(rows, 2 * n));
+    fc1_.backward(dh, dx);
+  }
+  Buffer<T, Space> backward(View<T const, Space> dy) {
+    return detail::allocated<T>(exec_, dy.size(), [&](View<T, Space> dx) { backward(dy, dx); });
   }
 
-  ColumnParallelLinear<T, Comm>& linear_fc1() noexcept { return fc1_; }
-  RowParallelLinear<T, Comm>& linear_fc2() noexcept { return fc2_; }
+  ColumnParallelLinear<Exec, T, Comm>& linear_fc1() noexcept { return fc1_; }
+  RowParallelLinear<Exec, T, Comm>& linear_fc2() noexcept { return fc2_; }
   ParamList<T> parameters() { return {&fc1_.weight(), &fc2_.weight()}; }
 
  private:
+  Exec exec_;
   Config cfg_;
-  ColumnParallelLinear<T, Comm> fc1_;
-  RowParallelLinear<T, Comm> fc2_;
-  std::vector<T> h_;
+  ColumnParallelLinear<Exec, T, Comm> fc1_;
+  RowParallelLinear<Exec, T, Comm> fc2_;
+  Buffer<T, Space> h_, act_, dact_, dh_;
 };
+
+namespace cpu {
+template <class T, Communicator Comm>
+using DenseMlp = moefold::DenseMlp<Cpu, T, Comm>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

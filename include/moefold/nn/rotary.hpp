@@ -7,55 +7,49 @@
 ///   out[i+d/2]   = x[i+d/2]·cos θᵢ + x[i]·sin θᵢ
 ///
 /// A rotation, so its backward is the rotation by −θ. Positions are global sequence positions
-/// (`SequenceShard::cp_positions`), which makes RoPE independent of the folding.
+/// (`SequenceShard::cp_positions`), which makes RoPE independent of the folding. The bodies are
+/// ops/rope.hpp's; `RotaryTable` holds the cos/sin tables in the instance's memory.
 
-#include <cmath>
 #include <cstdint>
-#include <span>
-#include <vector>
 
-#include "moefold/core/error.hpp"
+#include "moefold/core/buffer.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/rope.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
-/// cos/sin of every (position, frequency) pair of a list of positions.
+/// cos/sin of every (position, frequency) pair of a list of positions, in `Exec`'s memory.
+template <ExecutionInstance Exec>
 class RotaryTable {
  public:
+  using Space = typename Exec::memory_space;
+
+  RotaryTable() = default;
   /// Throws when `head_dim` is odd.
-  RotaryTable(std::span<std::int64_t const> positions, std::int64_t head_dim, double base)
-      : half_(head_dim / 2) {
+  RotaryTable(Exec const& exec, View<std::int64_t const, Space> positions, std::int64_t head_dim,
+              double base) {
+    assign(exec, positions, head_dim, base);
+  }
+  /// Recomputes the tables for `positions` (reusing their memory when the size is unchanged).
+  void assign(Exec const& exec, View<std::int64_t const, Space> positions, std::int64_t head_dim,
+              double base) {
     MOEFOLD_EXPECTS(head_dim > 0 && head_dim % 2 == 0,
                     "rotary embedding needs an even head dimension (got {})", head_dim);
-    cos_.resize(positions.size() * static_cast<std::size_t>(half_));
-    sin_.resize(cos_.size());
-    for (std::size_t p = 0; p < positions.size(); ++p)
-      for (std::int64_t i = 0; i < half_; ++i) {
-        double const inv_freq = std::pow(base, -2.0 * double(i) / double(head_dim));
-        double const theta = double(positions[p]) * inv_freq;
-        auto const k = p * static_cast<std::size_t>(half_) + static_cast<std::size_t>(i);
-        cos_[k] = std::cos(theta);
-        sin_[k] = std::sin(theta);
-      }
+    std::int64_t const n = positions.size() * (head_dim / 2);
+    if (static_cast<std::int64_t>(cos_.size()) != n) {
+      cos_ = exec.template allocate<double>(n);
+      sin_ = exec.template allocate<double>(n);
+    }
+    ops::rope_table(exec, positions, head_dim, base, cos_.view(), sin_.view());
   }
 
-  /// Rotates the head vector `x` (head_dim elements) of the `p`-th position in place; by −θ
-  /// when `inverse` (the backward pass).
-  template <class T>
-  void rotate(T* x, std::size_t p, bool inverse = false) const {
-    double const sign = inverse ? -1.0 : 1.0;
-    for (std::int64_t i = 0; i < half_; ++i) {
-      auto const k = p * static_cast<std::size_t>(half_) + static_cast<std::size_t>(i);
-      double const c = cos_[k], s = sign * sin_[k];
-      double const a = double(x[i]), b = double(x[i + half_]);
-      x[i] = static_cast<T>(a * c - b * s);
-      x[i + half_] = static_cast<T>(b * c + a * s);
-    }
-  }
+  View<double const, Space> cos() const noexcept { return cos_.view(); }
+  View<double const, Space> sin() const noexcept { return sin_.view(); }
 
  private:
-  std::int64_t half_;
-  std::vector<double> cos_, sin_;
+  Buffer<double, Space> cos_, sin_;
 };
 
 }  // namespace v0

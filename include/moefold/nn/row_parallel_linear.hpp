@@ -8,6 +8,7 @@
 ///   backward: dy [T, out] ──all-gather tp──▶ dY [T·TP, out] ──GEMM──▶ dX [T·TP, in/TP];
 ///             dW += dYᵀ·X
 
+#include <concepts>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -15,30 +16,38 @@
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
-#include "moefold/exec/blas.hpp"
+#include "moefold/core/buffer.hpp"
+#include "moefold/core/param.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/detail/tensor.hpp"
-#include "moefold/core/param.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 /// Row-parallel linear with sequence parallelism over `tp` (`LinearConfig::parts` must be 1).
-template <class T, Communicator Comm>
+template <ExecutionInstance Exec, class T, Communicator Comm>
 class RowParallelLinear {
  public:
+  using Space = typename Exec::memory_space;
+
   /// Throws `invalid_config` when in is not divisible by TP.
-  RowParallelLinear(LinearConfig cfg, Comm& tp) : cfg_(std::move(cfg)), tp_(&tp) {
+  RowParallelLinear(Exec exec, LinearConfig cfg, Comm& tp)
+      : exec_(std::move(exec)), cfg_(std::move(cfg)), tp_(&tp) {
     std::string const layer = "RowParallelLinear '" + cfg_.name + "'";
     MOEFOLD_EXPECTS(cfg_.in > 0 && cfg_.out > 0 && cfg_.parts == 1,
                     "{}: sizes must be positive and parts 1 (in {}, out {}, parts {})", layer,
                     cfg_.in, cfg_.out, cfg_.parts);
     detail::require_divisible(cfg_.in, tp.size(), layer, "in_features", "TP");
     std::int64_t const n = cfg_.in / tp.size();
-    weight_ = Param<T>(cfg_.name, ParamClass::dense, cfg_.out, cfg_.in,
-                       {{.row0 = 0, .rows = cfg_.out, .col0 = tp.rank() * n, .cols = n}});
+    weight_ = Param<T, Space>(cfg_.name, ParamClass::dense, cfg_.out, cfg_.in,
+                              {{.row0 = 0, .rows = cfg_.out, .col0 = tp.rank() * n, .cols = n}});
     weight_.init(cfg_.seed, cfg_.dist, cfg_.scale);
   }
+  RowParallelLinear(LinearConfig cfg, Comm& tp) requires std::default_initializable<Exec>
+      : RowParallelLinear(Exec{}, std::move(cfg), tp) {}
 
   /// Input features on this rank: in/TP.
   std::int64_t local_in() const noexcept { return cfg_.in / tp_->size(); }
@@ -46,46 +55,65 @@ class RowParallelLinear {
 
   /// x [T·TP, in/TP] (every CP-local token, this rank's features) → y [T, out] (SP-local).
   /// Collective over `tp`.
-  std::vector<T> forward(std::span<T const> x) {
-    rows_ = detail::rows_of(x.size(), local_in(), "RowParallelLinear " + cfg_.name);
+  void forward(View<T const, Space> x, View<T, Space> y) {
+    rows_ = detail::rows_of(x, local_in(), "RowParallelLinear " + cfg_.name);
     MOEFOLD_EXPECTS(rows_ % tp_->size() == 0,
                     "RowParallelLinear {}: {} tokens cannot be reduce-scattered over TP = {}",
                     cfg_.name, rows_, tp_->size());
-    x_.assign(x.begin(), x.end());
-    std::vector<T> partial(static_cast<std::size_t>(rows_ * cfg_.out));
-    gemm<T>(Trans::no, Trans::yes, rows_, cfg_.out, local_in(), T{1}, x_.data(), local_in(),
-            weight_.value.data(), local_in(), T{0}, partial.data(), cfg_.out);
-    std::vector<T> y(partial.size() / static_cast<std::size_t>(tp_->size()));
-    tp_->reduce_scatter(detail::cspan(partial), std::span<T>(y));
-    return y;
+    MOEFOLD_EXPECTS(y.size() * tp_->size() == rows_ * cfg_.out,
+                    "RowParallelLinear {}: output of {} elements, expected {}×{}", cfg_.name,
+                    y.size(), rows_ / tp_->size(), cfg_.out);
+    copy(exec_, detail::flat(x), detail::reuse(exec_, x_, x.size()));
+    auto const partial = detail::reuse(exec_, partial_, rows_ * cfg_.out);
+    gemm<T>(exec_, Trans::no, Trans::yes, T{1}, x_.view(rows_, local_in()),
+            weight_.value.view(cfg_.out, local_in()), T{0}, partial.reshaped(rows_, cfg_.out));
+    tp_->reduce_scatter(std::span<T const>(View<T const, Space>(partial)),
+                        std::span<T>(detail::flat(y)));
+  }
+  Buffer<T, Space> forward(View<T const, Space> x) {
+    std::int64_t const rows = detail::rows_of(x, local_in(), "RowParallelLinear " + cfg_.name);
+    return detail::allocated<T>(exec_, rows / tp_->size() * cfg_.out,
+                                [&](View<T, Space> y) { forward(x, y); });
   }
 
   /// dy [T, out] (SP-local) → dx [T·TP, in/TP]; accumulates the weight gradient.
   /// Collective over `tp`.
-  std::vector<T> backward(std::span<T const> dy) {
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(dy.size()) * tp_->size() == rows_ * cfg_.out,
+  void backward(View<T const, Space> dy, View<T, Space> dx) {
+    MOEFOLD_EXPECTS(dy.size() * tp_->size() == rows_ * cfg_.out,
                     "RowParallelLinear {}: backward got {} elements, forward produced {}×{}",
                     cfg_.name, dy.size(), rows_ / tp_->size(), cfg_.out);
-    std::vector<T> dy_full(static_cast<std::size_t>(rows_ * cfg_.out));
-    tp_->all_gather(dy, std::span<T>(dy_full));
-    gemm<T>(Trans::yes, Trans::no, cfg_.out, local_in(), rows_, T{1}, dy_full.data(), cfg_.out,
-            x_.data(), local_in(), T{1}, weight_.grad.data(), local_in());
-    std::vector<T> dx(static_cast<std::size_t>(rows_ * local_in()));
-    gemm<T>(Trans::no, Trans::no, rows_, local_in(), cfg_.out, T{1}, dy_full.data(), cfg_.out,
-            weight_.value.data(), local_in(), T{0}, dx.data(), local_in());
-    return dx;
+    MOEFOLD_EXPECTS(dx.size() == rows_ * local_in(),
+                    "RowParallelLinear {}: input gradient of {} elements, expected {}×{}",
+                    cfg_.name, dx.size(), rows_, local_in());
+    auto const dy_full = detail::reuse(exec_, dy_full_, rows_ * cfg_.out);
+    tp_->all_gather(std::span<T const>(detail::flat(dy)), std::span<T>(dy_full));
+    auto const dyv = View<T const, Space>(dy_full).reshaped(rows_, cfg_.out);
+    gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dyv, x_.view(rows_, local_in()), T{1},
+            weight_.grad.view(cfg_.out, local_in()));
+    gemm<T>(exec_, Trans::no, Trans::no, T{1}, dyv, weight_.value.view(cfg_.out, local_in()), T{0},
+            detail::flat(dx).reshaped(rows_, local_in()));
+  }
+  Buffer<T, Space> backward(View<T const, Space> dy) {
+    return detail::allocated<T>(exec_, rows_ * local_in(),
+                                [&](View<T, Space> dx) { backward(dy, dx); });
   }
 
-  Param<T>& weight() noexcept { return weight_; }
+  Param<T, Space>& weight() noexcept { return weight_; }
   ParamList<T> parameters() { return {&weight_}; }
 
  private:
+  Exec exec_;
   LinearConfig cfg_;
   Comm* tp_;
-  Param<T> weight_;
-  std::vector<T> x_;
+  Param<T, Space> weight_;
+  Buffer<T, Space> x_, partial_, dy_full_;
   std::int64_t rows_ = 0;
 };
+
+namespace cpu {
+template <class T, Communicator Comm>
+using RowParallelLinear = moefold::RowParallelLinear<Cpu, T, Comm>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

@@ -12,98 +12,98 @@
 /// column-parallel output layer, so they hold every CP-local token: the losses are the same on
 /// every TP rank of a CP rank.
 
-#include <algorithm>
-#include <cmath>
+#include <concepts>
 #include <cstdint>
-#include <limits>
 #include <span>
-#include <vector>
+#include <utility>
 
 #include "moefold/comm/communicator.hpp"
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/nn/detail/tensor.hpp"
+#include "moefold/ops/cross_entropy.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 /// Cross-entropy over vocabulary-parallel logits, over `tp`.
-template <class T, Communicator Comm>
+template <ExecutionInstance Exec, class T, Communicator Comm>
 class VocabParallelCrossEntropy {
  public:
+  using Space = typename Exec::memory_space;
+
   /// `vocab`: the full vocabulary size V (divisible by TP).
-  VocabParallelCrossEntropy(std::int64_t vocab, Comm& tp) : vocab_(vocab), tp_(&tp) {
+  VocabParallelCrossEntropy(Exec exec, std::int64_t vocab, Comm& tp)
+      : exec_(std::move(exec)), vocab_(vocab), tp_(&tp) {
     detail::require_divisible(vocab, tp.size(), "VocabParallelCrossEntropy", "vocabulary size",
                               "TP");
   }
+  VocabParallelCrossEntropy(std::int64_t vocab, Comm& tp) requires std::default_initializable<Exec>
+      : VocabParallelCrossEntropy(Exec{}, vocab, tp) {}
   std::int64_t local_vocab() const noexcept { return vocab_ / tp_->size(); }
 
-  /// logits [T, V/TP] (this rank's vocabulary slice), labels [T] → per-token losses [T].
-  /// Throws when a label is outside [0, V). Collective over `tp`.
-  std::vector<T> forward(std::span<T const> logits, std::span<std::int64_t const> labels) {
+  /// logits [T, V/TP] (this rank's vocabulary slice), labels [T] (host) → per-token losses
+  /// [T] in `loss`. Throws when a label is outside [0, V). Collective over `tp`.
+  void forward(View<T const, Space> logits, View<std::int64_t const> labels, View<T, Space> loss) {
     std::int64_t const n = local_vocab(), v0 = tp_->rank() * n;
-    std::int64_t const rows = detail::rows_of(logits.size(), n, "VocabParallelCrossEntropy");
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(labels.size()) == rows,
-                    "VocabParallelCrossEntropy: {} labels for {} tokens", labels.size(), rows);
-    labels_.assign(labels.begin(), labels.end());
-    std::vector<T> mx(static_cast<std::size_t>(rows), -std::numeric_limits<T>::infinity());
-    for (std::int64_t r = 0; r < rows; ++r)
-      for (std::int64_t i = 0; i < n; ++i)
-        mx[static_cast<std::size_t>(r)] =
-            std::max(mx[static_cast<std::size_t>(r)], logits[static_cast<std::size_t>(r * n + i)]);
+    std::int64_t const rows = detail::rows_of(logits, n, "VocabParallelCrossEntropy");
+    MOEFOLD_EXPECTS(labels.size() == rows && loss.size() == rows,
+                    "VocabParallelCrossEntropy: {} labels and {} losses for {} tokens",
+                    labels.size(), loss.size(), rows);
+    for (std::int64_t const label : labels)
+      MOEFOLD_EXPECTS(label >= 0 && label < vocab_,
+                      "VocabParallelCrossEntropy: label {} outside the vocabulary [0, {})", label,
+                      vocab_);
+    copy(exec_, detail::flat(labels), detail::reuse(exec_, labels_, rows));
+    auto const x = detail::flat(logits).reshaped(rows, n);
+    auto const mx = detail::reuse(exec_, mx_, rows);
+    ops::row_max(exec_, x, mx);
     tp_->all_reduce(std::span<T>(mx), ReduceOp::max);
 
-    softmax_.resize(logits.size());
-    std::vector<T> sum(static_cast<std::size_t>(rows), T{}), target(sum.size(), T{});
-    for (std::int64_t r = 0; r < rows; ++r) {
-      auto const ru = static_cast<std::size_t>(r);
-      MOEFOLD_EXPECTS(labels[ru] >= 0 && labels[ru] < vocab_,
-                      "VocabParallelCrossEntropy: label {} outside the vocabulary [0, {})",
-                      labels[ru], vocab_);
-      for (std::int64_t i = 0; i < n; ++i) {
-        auto const k = static_cast<std::size_t>(r * n + i);
-        softmax_[k] = std::exp(logits[k] - mx[ru]);
-        sum[ru] += softmax_[k];
-      }
-      std::int64_t const local = labels[ru] - v0;
-      if (local >= 0 && local < n)
-        target[ru] = logits[static_cast<std::size_t>(r * n + local)] - mx[ru];
-    }
+    auto const softmax = detail::reuse(exec_, softmax_, rows * n).reshaped(rows, n);
+    auto const sum = detail::reuse(exec_, sum_, rows);
+    auto const target = detail::reuse(exec_, target_, rows);
+    ops::sum_exp(exec_, x, mx, labels_.view(), v0, softmax, sum, target);
     tp_->all_reduce(std::span<T>(sum));
     tp_->all_reduce(std::span<T>(target));
-    std::vector<T> loss(static_cast<std::size_t>(rows));
-    for (std::int64_t r = 0; r < rows; ++r) {
-      auto const ru = static_cast<std::size_t>(r);
-      loss[ru] = std::log(sum[ru]) - target[ru];
-      for (std::int64_t i = 0; i < n; ++i) softmax_[static_cast<std::size_t>(r * n + i)] /= sum[ru];
-    }
-    return loss;
+    ops::cross_entropy_loss(exec_, sum, target, softmax, detail::flat(loss));
+  }
+  Buffer<T, Space> forward(View<T const, Space> logits, View<std::int64_t const> labels) {
+    return detail::allocated<T>(exec_, labels.size(),
+                                [&](View<T, Space> loss) { forward(logits, labels, loss); });
   }
 
-  /// dloss [T] → dlogits [T, V/TP]. Local.
-  std::vector<T> backward(std::span<T const> dloss) {
+  /// dloss [T] → dlogits [T, V/TP] in `dlogits`. Local.
+  void backward(View<T const, Space> dloss, View<T, Space> dlogits) {
     std::int64_t const n = local_vocab(), v0 = tp_->rank() * n;
-    MOEFOLD_EXPECTS(dloss.size() == labels_.size(),
-                    "VocabParallelCrossEntropy: backward got {} values for {} tokens", dloss.size(),
-                    labels_.size());
-    std::vector<T> d(softmax_.size());
-    for (std::size_t r = 0; r < labels_.size(); ++r) {
-      for (std::int64_t i = 0; i < n; ++i) {
-        auto const k = r * static_cast<std::size_t>(n) + static_cast<std::size_t>(i);
-        d[k] = softmax_[k] * dloss[r];
-      }
-      std::int64_t const local = labels_[r] - v0;
-      if (local >= 0 && local < n)
-        d[r * static_cast<std::size_t>(n) + static_cast<std::size_t>(local)] -= dloss[r];
-    }
-    return d;
+    auto const rows = static_cast<std::int64_t>(labels_.size());
+    MOEFOLD_EXPECTS(dloss.size() == rows && dlogits.size() == rows * n,
+                    "VocabParallelCrossEntropy: backward got {} values for {} tokens ({} "
+                    "gradients for {}×{} logits)",
+                    dloss.size(), rows, dlogits.size(), rows, n);
+    ops::cross_entropy_grad(exec_, softmax_.view(rows, n), detail::flat(dloss), labels_.view(), v0,
+                            detail::flat(dlogits).reshaped(rows, n));
+  }
+  Buffer<T, Space> backward(View<T const, Space> dloss) {
+    return detail::allocated<T>(exec_, static_cast<std::int64_t>(softmax_.size()),
+                                [&](View<T, Space> d) { backward(dloss, d); });
   }
 
  private:
+  Exec exec_;
   std::int64_t vocab_;
   Comm* tp_;
-  std::vector<T> softmax_;
-  std::vector<std::int64_t> labels_;
+  Buffer<T, Space> softmax_, mx_, sum_, target_;
+  Buffer<std::int64_t, Space> labels_;
 };
+
+namespace cpu {
+template <class T, Communicator Comm>
+using VocabParallelCrossEntropy = moefold::VocabParallelCrossEntropy<Cpu, T, Comm>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

@@ -92,11 +92,11 @@ struct MicrobatchTokens {
 };
 
 /// The chunks of one PP rank of a decoder-only model, with full activation recomputation.
-template <class T, Communicator Comm, class Mlp = DenseMlp<T, Comm>>
+template <class T, Communicator Comm, class Mlp = DenseMlp<Cpu, T, Comm>>
 class DecoderStage {
  public:
   using value_type = T;
-  using Layer = DecoderLayer<T, Comm, Mlp>;
+  using Layer = DecoderLayer<Cpu, T, Comm, Mlp>;
   using MlpConfig = typename Mlp::Config;
   /// The tokens of microbatch `mb` of the current step on this rank.
   using TokenSource = std::function<MicrobatchTokens(int mb)>;
@@ -122,7 +122,7 @@ class DecoderStage {
             std::make_unique<Layer>(layer_config(i, mlp), groups));
     }
     if (is_first(0))
-      embedding_ = std::make_unique<VocabParallelEmbedding<T, Comm>>(
+      embedding_ = std::make_unique<VocabParallelEmbedding<Cpu, T, Comm>>(
           EmbeddingConfig{.name = "embedding.word_embeddings.weight",
                           .vocab = cfg_.vocab,
                           .hidden = cfg_.hidden,
@@ -130,9 +130,9 @@ class DecoderStage {
                           .init_scale = cfg_.init_scale},
           groups.tp());
     if (is_last(chunks - 1)) {
-      final_norm_ = std::make_unique<RMSNorm<T>>(RMSNormConfig{
+      final_norm_ = std::make_unique<RmsNorm<Cpu, T>>(RMSNormConfig{
           .name = "decoder.final_layernorm.weight", .hidden = cfg_.hidden, .eps = cfg_.norm_eps});
-      output_ = std::make_unique<ColumnParallelLinear<T, Comm>>(
+      output_ = std::make_unique<ColumnParallelLinear<Cpu, T, Comm>>(
           LinearConfig{.name = "output_layer.weight",
                        .in = cfg_.hidden,
                        .out = cfg_.vocab,
@@ -140,7 +140,7 @@ class DecoderStage {
                        .scale = cfg_.init_scale},
           groups.tp());
       cross_entropy_ =
-          std::make_unique<VocabParallelCrossEntropy<T, Comm>>(cfg_.vocab, groups.tp());
+          std::make_unique<VocabParallelCrossEntropy<Cpu, T, Comm>>(cfg_.vocab, groups.tp());
     }
     tokens_per_rank_ = cfg_.seq / (groups.cp().size() * groups.tp().size()) * cfg_.micro_batch;
   }
@@ -366,10 +366,10 @@ class DecoderStage {
   int pp_ = 1, pp_rank_ = 0;
   std::int64_t tokens_per_rank_ = 0;
   std::vector<Chunk> chunks_;
-  std::unique_ptr<VocabParallelEmbedding<T, Comm>> embedding_;
-  std::unique_ptr<RMSNorm<T>> final_norm_;
-  std::unique_ptr<ColumnParallelLinear<T, Comm>> output_;
-  std::unique_ptr<VocabParallelCrossEntropy<T, Comm>> cross_entropy_;
+  std::unique_ptr<VocabParallelEmbedding<Cpu, T, Comm>> embedding_;
+  std::unique_ptr<RmsNorm<Cpu, T>> final_norm_;
+  std::unique_ptr<ColumnParallelLinear<Cpu, T, Comm>> output_;
+  std::unique_ptr<VocabParallelCrossEntropy<Cpu, T, Comm>> cross_entropy_;
 
   int microbatches_ = 1;
   bool training_ = true;

@@ -33,8 +33,8 @@ DenseMlpConfig mlp_config() {
 /// Column-parallel H→F followed by row-parallel F→H: both linear layers and their SP
 /// collectives, nothing else.
 struct LinearPair {
-  ColumnParallelLinear<float, Comm> column;
-  RowParallelLinear<float, Comm> row;
+  ColumnParallelLinear<Exec, float, Comm> column;
+  RowParallelLinear<Exec, float, Comm> row;
   explicit LinearPair(Groups& g)
       : column({.name = "fc1.weight", .in = 32, .out = 48, .seed = kSeed, .scale = 0.3}, g.tp()),
         row({.name = "fc2.weight", .in = 48, .out = 32, .seed = kSeed, .scale = 0.3}, g.tp()) {}
@@ -117,7 +117,7 @@ TEST_CASE("RMSNorm equals the single-rank norm, its weight gradient summed over 
   check_equivalence<float>(
       {}, all_foldings(),
       [](Groups&) {
-        return RMSNorm<float>({.name = "norm.weight",
+        return RmsNorm<Exec, float>({.name = "norm.weight",
                                .hidden = 32,
                                .seed = kSeed,
                                .dist = InitDist::uniform,
@@ -130,13 +130,13 @@ TEST_CASE("causal GQA attention with RoPE, TP+SP and CP equals the single-rank a
           "[nn][attention]") {
   check_equivalence<float>(
       {}, all_foldings(),
-      [](Groups& g) { return Attention<float, Comm>(attention_config(), g.tp(), g.cp()); },
+      [](Groups& g) { return Attention<Exec, float, Comm>(attention_config(), g.tp(), g.cp()); },
       sequence_forward);
 }
 
 TEST_CASE("the dense SwiGLU MLP with TP+SP equals the single-rank MLP", "[nn][mlp]") {
   check_equivalence<float>(
-      {}, all_foldings(), [](Groups& g) { return DenseMlp<float, Comm>(mlp_config(), g); },
+      {}, all_foldings(), [](Groups& g) { return DenseMlp<Exec, float, Comm>(mlp_config(), g); },
       local_forward);
 }
 
@@ -145,7 +145,7 @@ TEST_CASE("a decoder layer (attention + dense MLP) equals the single-rank layer"
   check_equivalence<float>(
       {}, all_foldings(),
       [](Groups& g) {
-        return DecoderLayer<float, Comm>(
+        return DecoderLayer<Exec, float, Comm>(
             {.name = "layers.0", .attention = attention_config(), .mlp = mlp_config()}, g);
       },
       sequence_forward);
@@ -168,7 +168,7 @@ TEST_CASE("a folded decoder layer with the MoE block equals the single-rank laye
   check_equivalence<float>(
       {}, foldings,
       [&](Groups& g) {
-        return DecoderLayer<float, Comm, Moe>(
+        return DecoderLayer<Exec, float, Comm, Moe>(
             {.name = "layers.0", .attention = attention_config(), .mlp = moe}, g);
       },
       sequence_forward);
@@ -184,7 +184,7 @@ TEST_CASE("the CP exchange all-gathers K and V and reduce-scatters their gradien
     expect_clean<InprocHarness>(f.world(), [&](Comm& world, RankChecks& checks) {
       Groups groups(mapping_of(f), world);
       auto const shard = SequenceShard::of(groups, seq, batch);
-      Attention<float, Comm> attn(attention_config(), groups.tp(), groups.cp());
+      Attention<Exec, float, Comm> attn(attention_config(), groups.tp(), groups.cp());
       auto const xl = shard.extract(std::span<float const>(x), width);
       groups.cp().reset_traffic();
       auto const y = attn.forward(std::span<float const>(xl), batch);

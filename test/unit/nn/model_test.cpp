@@ -23,11 +23,11 @@ constexpr std::int64_t kVocab = 64, kHidden = 32, kSeq = 32, kBatch = 4;
 
 template <class T>
 struct TinyModel {
-  VocabParallelEmbedding<T, Comm> embedding;
-  DecoderLayer<T, Comm> layer;
-  RMSNorm<T> final_norm;
-  ColumnParallelLinear<T, Comm> output;
-  VocabParallelCrossEntropy<T, Comm> loss;
+  VocabParallelEmbedding<Exec, T, Comm> embedding;
+  DecoderLayer<Exec, T, Comm> layer;
+  RmsNorm<Exec, T> final_norm;
+  ColumnParallelLinear<Exec, T, Comm> output;
+  VocabParallelCrossEntropy<Exec, T, Comm> loss;
   std::int64_t batch = 0;
 
   explicit TinyModel(Groups& g)
@@ -180,7 +180,7 @@ TEST_CASE("attention is causal: later tokens do not change earlier outputs, also
     expect_clean<InprocHarness>(f.world(), [&](Comm& world, RankChecks& checks) {
       Groups groups(mapping_of(f), world);
       auto const shard = SequenceShard::of(groups, seq, batch);
-      Attention<float, Comm> a(cfg, groups.tp(), groups.cp()), b(cfg, groups.tp(), groups.cp());
+      Attention<Exec, float, Comm> a(cfg, groups.tp(), groups.cp()), b(cfg, groups.tp(), groups.cp());
       auto const ya =
           a.forward(std::span<float const>(shard.extract(std::span<float const>(x), 16)), batch);
       auto const yb =
@@ -206,7 +206,7 @@ TEST_CASE("attention equals a naive causal GQA attention with rotary embeddings"
   auto const x = random_tensor<double>(static_cast<std::size_t>(seq * batch * h), "x");
   expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks& checks) {
     Groups groups(mapping_of({}), world);
-    Attention<double, Comm> attn(cfg, groups.tp(), groups.cp());
+    Attention<Exec, double, Comm> attn(cfg, groups.tp(), groups.cp());
     auto const y = attn.forward(std::span<double const>(x), batch);
     auto const& wqkv = attn.linear_qkv().weight().value;                    // [G·(N/G+2)·d, H]
     auto const& wo = attn.linear_proj().weight().value;                     // [H, N·d]
@@ -269,7 +269,7 @@ TEST_CASE("shapes a folding cannot split give errors naming the rule and the num
   expect_clean<InprocHarness>(4, [](Comm& world, RankChecks& checks) {
     Groups groups(mapping_of({.tp = 4}), world);
     auto heads = error_of([&] {
-      Attention<float, Comm>({.name = "attn", .hidden = 24, .heads = 6, .kv_groups = 6},
+      Attention<Exec, float, Comm>({.name = "attn", .hidden = 24, .heads = 6, .kv_groups = 6},
                              groups.tp(), groups.cp());
     });
     checks.check(
@@ -277,22 +277,22 @@ TEST_CASE("shapes a folding cannot split give errors naming the rule and the num
             std::string::npos,
         heads);
     auto kv = error_of([&] {
-      Attention<float, Comm>({.name = "attn", .hidden = 32, .heads = 8, .kv_groups = 2},
+      Attention<Exec, float, Comm>({.name = "attn", .hidden = 32, .heads = 8, .kv_groups = 2},
                              groups.tp(), groups.cp());
     });
     checks.check(kv.find("num_query_groups (2) is not divisible by TP = 4") != std::string::npos,
                  kv);
-    auto ffn = error_of([&] { DenseMlp<float, Comm>({.hidden = 8, .ffn = 6}, groups.tp()); });
+    auto ffn = error_of([&] { DenseMlp<Exec, float, Comm>({.hidden = 8, .ffn = 6}, groups.tp()); });
     checks.check(
         ffn.find("out_features (12) is not divisible by parts·TP = 8") != std::string::npos, ffn);
     auto vocab = error_of(
-        [&] { VocabParallelEmbedding<float, Comm>({.vocab = 10, .hidden = 4}, groups.tp()); });
+        [&] { VocabParallelEmbedding<Exec, float, Comm>({.vocab = 10, .hidden = 4}, groups.tp()); });
     checks.check(vocab.find("vocabulary size (10) is not divisible by TP = 4") != std::string::npos,
                  vocab);
   });
   expect_clean<InprocHarness>(4, [](Comm& world, RankChecks& checks) {
     Groups groups(mapping_of({.tp = 2, .cp = 2}), world);
-    Attention<float, Comm> attn({.hidden = 8, .heads = 2, .kv_groups = 2}, groups.tp(),
+    Attention<Exec, float, Comm> attn({.hidden = 8, .heads = 2, .kv_groups = 2}, groups.tp(),
                                 groups.cp());
     // One local row per sequence: S = 1·TP·CP = 4, but CP·SP needs S divisible by 2·CP·TP = 8.
     // Every rank throws the same error before its first collective.

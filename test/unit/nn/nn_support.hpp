@@ -14,6 +14,7 @@
 
 #include "comm/backends.hpp"
 #include "support/error_of.hpp"
+#include "support/exec.hpp"
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/core/init.hpp"
 #include "moefold/core/param.hpp"

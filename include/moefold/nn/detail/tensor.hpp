@@ -1,7 +1,8 @@
 #pragma once
 /// \file
-/// Small helpers shared by the `nn/` layers: the row count of a `[rows, width]` buffer and the
-/// divisibility checks whose messages name the layer, the rule and the numbers.
+/// Small helpers shared by the `nn/` layers: the row count of a `[rows, width]` buffer, the
+/// divisibility checks whose messages name the layer, the rule and the numbers, and the reuse
+/// of a layer's per-step buffers.
 
 #include <cstdint>
 #include <span>
@@ -10,7 +11,9 @@
 
 #include <fmt/format.h>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -22,6 +25,12 @@ inline std::int64_t rows_of(std::size_t size, std::int64_t width, std::string_vi
                   "{}: input holds {} elements, not whole rows of width {}", layer, size, width);
   return static_cast<std::int64_t>(size) / width;
 }
+/// The same for a view (which must be contiguous).
+template <class T, class S>
+std::int64_t rows_of(View<T, S> const& v, std::int64_t width, std::string_view layer) {
+  MOEFOLD_EXPECTS(v.contiguous(), "{}: a strided input view", layer);
+  return rows_of(static_cast<std::size_t>(v.size()), width, layer);
+}
 
 /// Throws `invalid_config` "<layer>: <what> (n) is not divisible by <by_what> = d".
 inline void require_divisible(std::int64_t n, std::int64_t d, std::string_view layer,
@@ -31,9 +40,31 @@ inline void require_divisible(std::int64_t n, std::int64_t d, std::string_view l
         fmt::format("{}: {} ({}) is not divisible by {} = {}", layer, what, n, by_what, d));
 }
 
-template <class T>
-std::span<T const> cspan(std::vector<T> const& v) noexcept {
-  return std::span<T const>(v);
+/// A contiguous view's elements as one row (1-D).
+template <class T, class S>
+View<T, S> flat(View<T, S> v) {
+  MOEFOLD_EXPECTS(v.contiguous(), "a strided view where a contiguous one is needed ({}×{}, ld {})",
+                  v.rows(), v.cols(), v.ld());
+  return View<T, S>(v.data(), v.size());
+}
+
+/// `b` holding n elements: reallocated through `exec` only when its size differs (a layer's
+/// per-step buffer reused across calls; its contents are not kept over a reallocation).
+template <class Exec, class T>
+View<T, typename Exec::memory_space> reuse(Exec const& exec,
+                                           Buffer<T, typename Exec::memory_space>& b,
+                                           std::int64_t n) {
+  if (static_cast<std::int64_t>(b.size()) != n) b = exec.template allocate<T>(n);
+  return b.view();
+}
+
+/// A new buffer of n elements from `exec`, filled by `write(view)`: the returning form of a
+/// layer's forward/backward over its form that writes into a caller's view.
+template <class T, class Exec, class F>
+Buffer<T, typename Exec::memory_space> allocated(Exec const& exec, std::int64_t n, F&& write) {
+  auto out = exec.template allocate<T>(n);
+  write(out.view());
+  return out;
 }
 
 }  // namespace detail
