@@ -54,7 +54,8 @@ struct AdamWUpdate {
 
 /// One AdamW step over a parameter shard: value, grad and both moments hold the same n elements.
 template <class Exec, class T>
-void adamw_update(Exec const& exec, AdamWStep const& step, View<T, typename Exec::memory_space> value,
+void adamw_update(Exec const& exec, AdamWStep const& step,
+                  View<T, typename Exec::memory_space> value,
                   View<T const, typename Exec::memory_space> grad,
                   View<double, typename Exec::memory_space> exp_avg,
                   View<double, typename Exec::memory_space> exp_avg_sq) {

@@ -4,11 +4,11 @@
 /// train/finalize_model_grads.hpp, train/decoder_stage.hpp):
 ///
 ///   ScaleInDouble   g[i] = T(double(g[i]) · coeff)       (gradient clipping)
-///   SumOfSquares    out[0] = Σ_i double(x[i])², i in order   (one body owns the whole sum)
-///   SumInDouble     out[0] = Σ_i double(x[i]), i in order
+///   SumInDouble     out[0] = Σ_i double(x[i]) or Σ_i double(x[i])², i in order (one body owns
+///                   the whole sum)
 ///   FirstNonFinite  out[0] = the first i with x[i] not finite, or −1
 ///
-/// The three reductions are single bodies that walk their tensor in index order, so their
+/// The two reductions are single bodies that walk their tensor in index order, so their
 /// result is the same floating-point sum on every instance (and under any launch order); a
 /// caller that needs several sums launches one body per tensor.
 
@@ -34,28 +34,20 @@ struct ScaleInDouble {
   }
 };
 
-/// out[0] = Σ double(x[i])·double(x[i]) over i in [0, n), in order (launched with one index).
-template <class T>
-struct SumOfSquares {
-  T const* x;
-  std::int64_t n;
-  double* out;
-  MOEFOLD_HD void operator()(std::int64_t) const {
-    double s = 0;
-    for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
-    out[0] = s;
-  }
-};
-
-/// out[0] = Σ double(x[i]) over i in [0, n), in order (launched with one index).
+/// out[0] = Σ double(x[i]) over i in [0, n), in order — or, with `squares`, Σ double(x[i])²
+/// (launched with one index).
 template <class T>
 struct SumInDouble {
   T const* x;
   std::int64_t n;
+  bool squares;
   double* out;
   MOEFOLD_HD void operator()(std::int64_t) const {
     double s = 0;
-    for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]);
+    for (std::int64_t i = 0; i < n; ++i) {
+      double const v = static_cast<double>(x[i]);
+      s += squares ? v * v : v;
+    }
     out[0] = s;
   }
 };
@@ -98,14 +90,14 @@ template <class Exec, class T>
 void sum_of_squares(Exec const& exec, View<T const, typename Exec::memory_space> x,
                     View<double, typename Exec::memory_space> out) {
   detail::one_result(x, out.size(), "sum_of_squares");
-  for_each(exec, 1, SumOfSquares<T>{x.data(), x.size(), out.data()});
+  for_each(exec, 1, SumInDouble<T>{x.data(), x.size(), true, out.data()});
 }
 /// out[0] = Σ_i double(x[i]), summed in index order.
 template <class Exec, class T>
 void sum_in_double(Exec const& exec, View<T const, typename Exec::memory_space> x,
                    View<double, typename Exec::memory_space> out) {
   detail::one_result(x, out.size(), "sum_in_double");
-  for_each(exec, 1, SumInDouble<T>{x.data(), x.size(), out.data()});
+  for_each(exec, 1, SumInDouble<T>{x.data(), x.size(), false, out.data()});
 }
 /// out[0] = the first index of a non-finite element of x, or −1.
 template <class Exec, class T>

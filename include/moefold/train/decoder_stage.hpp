@@ -235,7 +235,8 @@ class DecoderStage {
       input = std::move(it->second);
       stash_.erase(it);
     }
-    if (ch.fresh != mb) run_chunk(mb, chunk, std::span<T const>(input.view()), ForwardMode::recompute);
+    if (ch.fresh != mb)
+      run_chunk(mb, chunk, std::span<T const>(input.view()), ForwardMode::recompute);
     ch.fresh = -1;
 
     Tensor dy;

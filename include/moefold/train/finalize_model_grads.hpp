@@ -18,9 +18,11 @@
 ///   moefold::clip_grad_norm(stage.exec(), params, groups, 1.0);
 ///   opt.step(lr);
 
+#include <algorithm>
 #include <concepts>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"

@@ -69,7 +69,8 @@ template <ExecutionInstance Exec, class T, Communicator C>
 void reduce_gradients(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups,
                       T pre_scale) {
   if (pre_scale != T(1))
-    for (auto* p : params) ops::scale(exec, pre_scale, View<T, typename Exec::memory_space>(p->grad));
+    for (auto* p : params)
+      ops::scale(exec, pre_scale, View<T, typename Exec::memory_space>(p->grad));
   detail::reduce_bucket(exec, params, ParamClass::dense,
                         [&](std::span<T> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
   detail::reduce_bucket(exec, params, ParamClass::tp_replicated, [&](std::span<T> b) {

@@ -21,7 +21,8 @@ namespace fs = std::filesystem;
 namespace {
 
 /// The optimizer's moment type (stored as it is typed).
-using Moment = std::remove_cvref_t<decltype(std::declval<AdamW<test::Exec, float>&>().exp_avg(0))>::value_type;
+using Moment =
+    std::remove_cvref_t<decltype(std::declval<AdamW<test::Exec, float>&>().exp_avg(0))>::value_type;
 
 fs::path scratch(std::string const& name) {
   auto const p =
