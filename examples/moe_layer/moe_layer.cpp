@@ -39,8 +39,9 @@ int main() {
     auto const dx = moe.backward(y);  // the gradient of ½‖y‖²
 
     auto params = moe.parameters();
-    moefold::reduce_gradients(params, groups);  // dense over dp_cp, experts over edp, router also over tp
-    double const norm = moefold::global_grad_norm(params, groups);
+    // dense over dp_cp, experts over edp, router also over tp
+    moefold::reduce_gradients(moefold::Cpu{}, params, groups);
+    double const norm = moefold::global_grad_norm(moefold::Cpu{}, params, groups);
 
     double checksum = 0;
     for (float v : y) checksum += v;

@@ -56,7 +56,7 @@ inline std::string mlp_description(TrainOptions const& o) {
 }
 
 template <class T, Communicator Comm>
-using Model = DecoderStage<T, Comm, MlpBlock<T, Comm>>;
+using Model = DecoderStage<Exec, T, Comm, MlpBlock<T, Comm>>;
 
 inline DecoderModelConfig model_config(TrainOptions const& o) {
   return {.vocab = 256,

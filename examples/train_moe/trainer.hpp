@@ -17,6 +17,8 @@
 
 #include "model.hpp"
 #include "moefold/comm/process_groups.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/gradients.hpp"
 #include "moefold/pipeline/executor.hpp"
 #include "moefold/pipeline/interleaved.hpp"
 #include "moefold/pipeline/one_f_one_b.hpp"
@@ -67,7 +69,7 @@ class Trainer {
         corpus_(TextCorpus::load(data_path_of(o))),
         stage_(model_config(o), mlp_config<T, Comm>(o), groups_, o.vpp),
         params_(stage_.parameters()),
-        opt_(params_, AdamWConfig{.weight_decay = o.weight_decay}),
+        opt_(stage_.exec(), params_, AdamWConfig{.weight_decay = o.weight_decay}),
         schedule_{.lr = o.lr,
                   .min_lr = o.min_lr,
                   .warmup_iters = o.warmup(),
@@ -130,7 +132,7 @@ class Trainer {
  private:
   StepRecord train_step(std::int64_t step) {
     for (auto const& g : kTrafficGroups) groups_.get(g.second).reset_traffic();
-    for (auto* p : params_) p->zero_grad();
+    for (auto* p : params_) ops::fill(stage_.exec(), View<T, Space>(p->grad), T{});
     // Step s (1-based) trains on the global batch of stream index s − 1.
     auto const first =
         static_cast<std::uint64_t>(step - 1) * static_cast<std::uint64_t>(o_.global_batch);
@@ -142,8 +144,8 @@ class Trainer {
     finalize_model_grads(stage_, groups_,
                          {.calculate_per_token_loss = o_.calculate_per_token_loss});
     // --clip-grad 0 means no clipping, as in Megatron.
-    r.grad_norm = o_.clip_grad > 0 ? clip_grad_norm(params_, groups_, o_.clip_grad)
-                                   : global_grad_norm(params_, groups_);
+    r.grad_norm = o_.clip_grad > 0 ? clip_grad_norm(stage_.exec(), params_, groups_, o_.clip_grad)
+                                   : global_grad_norm(stage_.exec(), params_, groups_);
     if (o_.check_for_nan) check_finite(r.loss, r.grad_norm);
     opt_.step(r.lr);
     phase_times().optimizer += w.seconds();
@@ -179,8 +181,7 @@ class Trainer {
     auto const w = static_cast<std::size_t>(world.size());
     std::vector<double> bad(2 * w, 0.0);  // [own loss | own gradients] per rank
     bool grads_finite = true;
-    for (auto* p : params_)
-      for (T g : p->grad) grads_finite = grads_finite && std::isfinite(g);
+    for (auto* p : params_) grads_finite = grads_finite && first_non_finite(p->grad) < 0;
     bad[static_cast<std::size_t>(world.rank())] = local_loss_finite_ ? 0.0 : 1.0;
     bad[w + static_cast<std::size_t>(world.rank())] = grads_finite ? 0.0 : 1.0;
     world.all_reduce(std::span<double>(bad));
@@ -274,10 +275,10 @@ class Trainer {
   }
 
   void save(std::int64_t step) {
-    auto const entries = training_state_entries<T>(
+    auto const entries = training_state_entries(
         opt_, [this](Param<T> const& p) { return writes(p); }, groups_.world().rank() == 0);
-    save_checkpoint(groups_.world(), o_.save, step, entries, checkpoint_metadata<T, Comm>(o_),
-                    {.keep_last = o_.keep_last});
+    save_checkpoint(stage_.exec(), groups_.world(), o_.save, step, entries,
+                    checkpoint_metadata<T, Comm>(o_), {.keep_last = o_.keep_last});
     if (report_) report_->checkpoint(step, o_.save);
   }
 
@@ -315,12 +316,24 @@ class Trainer {
         o_.global_batch, o_.seq, o_.microbatches(), o_.micro_batch);
   }
 
+  using Space = typename Exec::memory_space;
+
+  /// The first index of a non-finite element of `v`, or −1.
+  std::int64_t first_non_finite(View<T const, Space> v) {
+    ops::first_non_finite(stage_.exec(), v, first_bad_.view());
+    Buffer<std::int64_t> at(1);
+    copy(stage_.exec(), View<std::int64_t const, Space>(first_bad_.view()), at.view());
+    stage_.exec().fence();
+    return at[0];
+  }
+
   TrainOptions const& o_;
   ProcessGroups<Comm> groups_;
   TextCorpus corpus_;
   Model<T, Comm> stage_;
   ParamList<T> params_;
-  AdamW<T> opt_;
+  AdamW<Exec, T> opt_;
+  Buffer<std::int64_t, Space> first_bad_ = stage_.exec().template allocate<std::int64_t>(1);
   LrSchedule schedule_;
   SequenceShard shard_;
   Report* report_;

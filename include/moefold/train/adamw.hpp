@@ -3,13 +3,19 @@
 /// AdamW (decoupled weight decay, bias-corrected moments), as Megatron's Adam with
 /// `weight_decay`: one state per local parameter shard, so every replica that holds the same
 /// reduced gradient makes the same update. One-dimensional parameters (norm weights, biases:
-/// a global tensor of one row) get no weight decay, as in Megatron.
+/// a global tensor of one row) get no weight decay, as in Megatron. The update of each element
+/// is the body `ops::AdamWUpdate` (ops/adamw.hpp); the moments are fp64 buffers of the
+/// instance's memory space.
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <vector>
 
 #include "moefold/core/param.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/adamw.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -21,16 +27,24 @@ struct AdamWConfig {
   double weight_decay = 0.1;
 };
 
-template <class T>
+template <ExecutionInstance Exec, class T>
 class AdamW {
  public:
-  /// Optimizer state for `params` (zero moments). The list must stay the same.
-  AdamW(ParamList<T> params, AdamWConfig config = {}) : params_(std::move(params)), cfg_(config) {
+  using memory_space = typename Exec::memory_space;
+  using Moments = Buffer<double, memory_space>;
+
+  /// Optimizer state for `params` (zero moments) on `exec`. The list must stay the same.
+  AdamW(Exec exec, ParamList<T> params, AdamWConfig config = {})
+      : exec_(std::move(exec)), params_(std::move(params)), cfg_(config) {
     for (auto* p : params_) {
-      exp_avg_.emplace_back(p->size(), 0.0);
-      exp_avg_sq_.emplace_back(p->size(), 0.0);
+      auto const n = static_cast<std::int64_t>(p->size());
+      exp_avg_.push_back(exec_.template allocate<double>(n));
+      exp_avg_sq_.push_back(exec_.template allocate<double>(n));
     }
   }
+  AdamW(ParamList<T> params, AdamWConfig config = {})
+    requires std::default_initializable<Exec>
+      : AdamW(Exec{}, std::move(params), config) {}
 
   /// One update with learning rate `lr` from the (reduced, clipped) gradients.
   void step(double lr) {
@@ -39,34 +53,40 @@ class AdamW {
     double const c2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(steps_));
     for (std::size_t k = 0; k < params_.size(); ++k) {
       Param<T>& p = *params_[k];
-      bool const decay = p.global_rows > 1;
-      auto& m = exp_avg_[k];
-      auto& v = exp_avg_sq_[k];
-      for (std::size_t i = 0; i < p.size(); ++i) {
-        double const g = static_cast<double>(p.grad[i]);
-        m[i] = cfg_.beta1 * m[i] + (1.0 - cfg_.beta1) * g;
-        v[i] = cfg_.beta2 * v[i] + (1.0 - cfg_.beta2) * g * g;
-        double w = static_cast<double>(p.value[i]);
-        if (decay) w -= lr * cfg_.weight_decay * w;
-        w -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + cfg_.eps);
-        p.value[i] = static_cast<T>(w);
-      }
+      ops::adamw_update(exec_,
+                        ops::AdamWStep{.lr = lr,
+                                       .beta1 = cfg_.beta1,
+                                       .beta2 = cfg_.beta2,
+                                       .eps = cfg_.eps,
+                                       .weight_decay = cfg_.weight_decay,
+                                       .c1 = c1,
+                                       .c2 = c2,
+                                       .decay = p.global_rows > 1},
+                        View<T, memory_space>(p.value), View<T const, memory_space>(p.grad),
+                        exp_avg_[k].view(), exp_avg_sq_[k].view());
     }
   }
 
+  Exec const& exec() const noexcept { return exec_; }
   std::int64_t steps() const noexcept { return steps_; }
   void set_steps(std::int64_t s) noexcept { steps_ = s; }
   ParamList<T> const& params() const noexcept { return params_; }
   /// First and second moments of parameter k (same layout as its value), for checkpoints.
-  std::vector<double>& exp_avg(std::size_t k) { return exp_avg_.at(k); }
-  std::vector<double>& exp_avg_sq(std::size_t k) { return exp_avg_sq_.at(k); }
+  Moments& exp_avg(std::size_t k) { return exp_avg_.at(k); }
+  Moments& exp_avg_sq(std::size_t k) { return exp_avg_sq_.at(k); }
 
  private:
+  Exec exec_;
   ParamList<T> params_;
   AdamWConfig cfg_;
   std::int64_t steps_ = 0;
-  std::vector<std::vector<double>> exp_avg_, exp_avg_sq_;
+  std::vector<Moments> exp_avg_, exp_avg_sq_;
 };
+
+namespace cpu {
+template <class T>
+using AdamW = moefold::AdamW<Cpu, T>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

@@ -41,11 +41,24 @@
 #include "moefold/core/dtype.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/train/checkpoint_metadata.hpp"
 #include "moefold/train/detail/checkpoint_io.hpp"
 
 namespace moefold {
 inline namespace v0 {
+
+namespace detail {
+/// `src` of `exec`'s memory copied into host memory (the device → host step of a save).
+template <class Exec, class T>
+Buffer<T> copy_to_host(Exec const& exec, View<T const, typename Exec::memory_space> src) {
+  Buffer<T> host(src.size());
+  copy(exec, src, host.view());
+  exec.fence();
+  return host;
+}
+}  // namespace detail
 
 /// One rank's shard of a global tensor, to save: the blocks of the global `rows × cols` tensor
 /// it holds and its local elements (the blocks concatenated, each row-major) in their own type.
@@ -75,6 +88,20 @@ struct ShardEntry {
     auto const* p = reinterpret_cast<char const*>(data.data());
     e.owned.assign(p, p + data.size_bytes());
     return e;
+  }
+  /// An entry of `data` in the memory of `exec`: host memory is referred to (it must outlive
+  /// the save, and the instance's work on it must be done: `save_checkpoint(exec, …)` fences);
+  /// memory the host cannot read is copied to the host here.
+  template <ExecutionInstance Exec, CommScalar T>
+  static ShardEntry of(Exec const& exec, std::string name, std::int64_t rows, std::int64_t cols,
+                       std::vector<ParamBlock> blocks,
+                       View<T const, typename Exec::memory_space> data) {
+    if constexpr (Exec::memory_space::host_accessible) {
+      return view(std::move(name), rows, cols, std::move(blocks), std::span<T const>(data));
+    } else {
+      auto const host = detail::copy_to_host<Exec, T>(exec, data);
+      return copy(std::move(name), rows, cols, std::move(blocks), std::span<T const>(host));
+    }
   }
   /// The elements' bytes.
   std::span<char const> bytes() const noexcept {
@@ -357,6 +384,16 @@ void save_checkpoint(C& world, std::filesystem::path const& dir, std::int64_t it
                     : fmt::format("saving checkpoint {} failed on rank 0", dir.string()));
 }
 
+/// `save_checkpoint` of entries that refer to memory of `exec` (`ShardEntry::of`): waits for the
+/// instance's work first. Collective over `world`.
+template <ExecutionInstance Exec, Communicator C>
+void save_checkpoint(Exec const& exec, C& world, std::filesystem::path const& dir,
+                     std::int64_t iteration, std::vector<ShardEntry> const& entries,
+                     CheckpointInfo const& info, CheckpointSaveOptions const& opts = {}) {
+  exec.fence();
+  save_checkpoint(world, dir, iteration, entries, info, opts);
+}
+
 /// A complete checkpoint iteration: its metadata, read and checked against its files; reads
 /// any block of any saved tensor from exactly the segments that cover it. Open one per rank
 /// (its reads are not shared between threads).
@@ -473,6 +510,20 @@ class CheckpointReader {
                                   step(), w.row0 + static_cast<std::int64_t>(i) / w.cols,
                                   w.col0 + static_cast<std::int64_t>(i) % w.cols, name));
       off += static_cast<std::size_t>(w.size());
+    }
+  }
+
+  /// `fill` into memory of `exec`: host memory directly, other memory through a host copy.
+  template <ExecutionInstance Exec, class T>
+  void fill(Exec const& exec, std::string const& name, std::int64_t rows, std::int64_t cols,
+            std::vector<ParamBlock> const& want, View<T, typename Exec::memory_space> out) const {
+    if constexpr (Exec::memory_space::host_accessible) {
+      fill(name, rows, cols, want, std::span<T>(out));
+    } else {
+      Buffer<T> host(out.size());
+      fill(name, rows, cols, want, std::span<T>(host));
+      copy(exec, View<T const>(host.view()), out);
+      exec.fence();
     }
   }
 

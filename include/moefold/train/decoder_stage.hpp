@@ -32,8 +32,13 @@
 /// statistics are counted once per microbatch; the auxiliary losses' gradient weight is
 /// Megatron's CP/M (1 in per-token mode), set here for every microbatch. After the
 /// microbatches, `finalize_model_grads` (finalize_model_grads.hpp) ends the step.
+///
+/// The stage runs on an execution instance `Exec` (`exec()`): its own tensor work (copies of
+/// activations, the loss gradient, the loss sum, the finiteness checks) goes through it and the
+/// ops tier; `cpu::DecoderStage<T, Comm, Mlp>` is the host one.
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -46,13 +51,19 @@
 #include <fmt/format.h>
 
 #include "moefold/comm/process_groups.hpp"
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/decoder_layer.hpp"
 #include "moefold/nn/forward_context.hpp"
 #include "moefold/nn/rms_norm.hpp"
 #include "moefold/nn/vocab_parallel_cross_entropy.hpp"
 #include "moefold/nn/vocab_parallel_embedding.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/gradients.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -92,19 +103,32 @@ struct MicrobatchTokens {
 };
 
 /// The chunks of one PP rank of a decoder-only model, with full activation recomputation.
-template <class T, Communicator Comm, class Mlp = DenseMlp<Cpu, T, Comm>>
+template <ExecutionInstance Exec, class T, Communicator Comm, class Mlp = DenseMlp<Exec, T, Comm>>
 class DecoderStage {
  public:
   using value_type = T;
-  using Layer = DecoderLayer<Cpu, T, Comm, Mlp>;
+  using memory_space = typename Exec::memory_space;
+  // The nn types the stage is made of (the one place that spells them).
+  using Layer = DecoderLayer<Exec, T, Comm, Mlp>;
+  using Embedding = VocabParallelEmbedding<Exec, T, Comm>;
+  using FinalNorm = RmsNorm<Exec, T>;
+  using OutputLayer = ColumnParallelLinear<Exec, T, Comm>;
+  using CrossEntropy = VocabParallelCrossEntropy<Exec, T, Comm>;
+  /// What the nn layers' forward and backward return.
+  using Tensor = Buffer<T, memory_space>;
   using MlpConfig = typename Mlp::Config;
   /// The tokens of microbatch `mb` of the current step on this rank.
   using TokenSource = std::function<MicrobatchTokens(int mb)>;
 
   /// Builds the layers of this PP rank's `chunks` chunks. Throws `invalid_config` when L is not
   /// divisible by PP·chunks, or a layer cannot be split by the folding.
-  DecoderStage(DecoderModelConfig cfg, MlpConfig mlp, ProcessGroups<Comm>& groups, int chunks = 1)
-      : cfg_(cfg), groups_(&groups), pp_(groups.pp().size()), pp_rank_(groups.pp().rank()) {
+  DecoderStage(Exec exec, DecoderModelConfig cfg, MlpConfig mlp, ProcessGroups<Comm>& groups,
+               int chunks = 1)
+      : exec_(std::move(exec)),
+        cfg_(cfg),
+        groups_(&groups),
+        pp_(groups.pp().size()),
+        pp_rank_(groups.pp().rank()) {
     int const stages = pp_ * chunks;
     MOEFOLD_EXPECTS(chunks >= 1, "DecoderStage: chunks must be at least 1 (got {})", chunks);
     if (cfg_.num_layers < 1 || cfg_.num_layers % stages != 0)
@@ -119,10 +143,11 @@ class DecoderStage {
       chunks_[static_cast<std::size_t>(c)].first_layer = first;
       for (std::int64_t i = first; i < first + per; ++i)
         chunks_[static_cast<std::size_t>(c)].layers.push_back(
-            std::make_unique<Layer>(layer_config(i, mlp), groups));
+            std::make_unique<Layer>(exec_, layer_config(i, mlp), groups));
     }
     if (is_first(0))
-      embedding_ = std::make_unique<VocabParallelEmbedding<Cpu, T, Comm>>(
+      embedding_ = std::make_unique<Embedding>(
+          exec_,
           EmbeddingConfig{.name = "embedding.word_embeddings.weight",
                           .vocab = cfg_.vocab,
                           .hidden = cfg_.hidden,
@@ -130,20 +155,26 @@ class DecoderStage {
                           .init_scale = cfg_.init_scale},
           groups.tp());
     if (is_last(chunks - 1)) {
-      final_norm_ = std::make_unique<RmsNorm<Cpu, T>>(RMSNormConfig{
+      final_norm_ = std::make_unique<FinalNorm>(exec_, RMSNormConfig{
           .name = "decoder.final_layernorm.weight", .hidden = cfg_.hidden, .eps = cfg_.norm_eps});
-      output_ = std::make_unique<ColumnParallelLinear<Cpu, T, Comm>>(
+      output_ = std::make_unique<OutputLayer>(
+          exec_,
           LinearConfig{.name = "output_layer.weight",
                        .in = cfg_.hidden,
                        .out = cfg_.vocab,
                        .seed = cfg_.seed,
                        .scale = cfg_.init_scale},
           groups.tp());
-      cross_entropy_ =
-          std::make_unique<VocabParallelCrossEntropy<Cpu, T, Comm>>(cfg_.vocab, groups.tp());
+      cross_entropy_ = std::make_unique<CrossEntropy>(exec_, cfg_.vocab, groups.tp());
     }
     tokens_per_rank_ = cfg_.seq / (groups.cp().size() * groups.tp().size()) * cfg_.micro_batch;
   }
+  DecoderStage(DecoderModelConfig cfg, MlpConfig mlp, ProcessGroups<Comm>& groups, int chunks = 1)
+    requires std::default_initializable<Exec>
+      : DecoderStage(Exec{}, cfg, std::move(mlp), groups, chunks) {}
+
+  /// The execution instance the stage runs on.
+  Exec const& exec() const noexcept { return exec_; }
 
   /// Starts a step of `microbatches` microbatches whose tokens come from `source`. With
   /// `training` false the step is forward-only: its forwards are evaluations (no auxiliary loss,
@@ -157,6 +188,7 @@ class DecoderStage {
     step_ = step;
     aux_loss_ = 0;
     tokens_.clear();
+    for (auto& [key, saved] : stash_) spare_.push_back(std::move(saved));
     stash_.clear();
     for (auto& c : chunks_) c.fresh = -1;
   }
@@ -174,16 +206,22 @@ class DecoderStage {
   /// virtual stage `out[0]` receives the microbatch's scaled loss (mean over this rank's tokens,
   /// divided by M).
   void forward(int mb, int chunk, std::span<T const> in, std::span<T> out) {
-    if (!is_first(chunk) && training_) stash_[{mb, chunk}].assign(in.begin(), in.end());
+    if (!is_first(chunk) && training_) {
+      auto& saved = stash_[{mb, chunk}];
+      saved = take_activation(static_cast<std::int64_t>(in.size()));
+      copy(exec_, View<T const, memory_space>(in), saved.view());
+    }
     auto y = run_chunk(mb, chunk, in, training_ ? ForwardMode::train : ForwardMode::eval);
     for_each_mlp(chunk, [&](auto& mlp) {
       if constexpr (requires { mlp.aux_loss(); }) aux_loss_ += mlp.aux_loss();
     });
     if (after_forward_) after_forward_(mb, chunk);
+    View<T const, memory_space> const yv(y);
+    View<T, memory_space> const ov(out);
     if (is_last(chunk))
-      out[0] = y[0];
+      copy(exec_, yv.cols(0, 1), ov.cols(0, 1));
     else
-      std::copy(y.begin(), y.end(), out.begin());
+      copy(exec_, yv, ov);
   }
 
   /// Backward of microbatch `mb` through chunk `chunk`: recomputes the chunk's forward when its
@@ -191,7 +229,7 @@ class DecoderStage {
   void backward(int mb, int chunk, std::span<T const> out_grad, std::span<T> in_grad) {
     if (!training_) return;  // evaluation: in_grad stays zero
     auto& ch = chunks_[static_cast<std::size_t>(chunk)];
-    std::vector<T> input;
+    Buffer<T, memory_space> input;
     if (!is_first(chunk)) {
       auto it = stash_.find({mb, chunk});
       MOEFOLD_EXPECTS(it != stash_.end(),
@@ -199,29 +237,35 @@ class DecoderStage {
       input = std::move(it->second);
       stash_.erase(it);
     }
-    if (ch.fresh != mb) run_chunk(mb, chunk, std::span<T const>(input), ForwardMode::recompute);
+    if (ch.fresh != mb)
+      run_chunk(mb, chunk, std::span<T const>(input.view()), ForwardMode::recompute);
     ch.fresh = -1;
 
-    std::vector<T> dy;
+    Tensor dy;
+    View<T const, memory_space> grad(out_grad);  // the gradient flowing down the chunk
     if (is_last(chunk)) {
+      // out_grad holds the scalar loss's gradient (host memory of the pipeline schedule).
       T const scale = cfg_.calculate_per_token_loss
                           ? out_grad[0]
                           : out_grad[0] / static_cast<T>(loss_tokens() * microbatches_);
-      std::vector<T> dloss(static_cast<std::size_t>(loss_tokens()), scale);
-      auto const dlogits = cross_entropy_->backward(std::span<T const>(dloss));
+      if (static_cast<std::int64_t>(dloss_.size()) != loss_tokens())
+        dloss_ = exec_.template allocate<T>(loss_tokens());
+      ops::fill(exec_, dloss_.view(), scale);
+      auto const dlogits = cross_entropy_->backward(std::span<T const>(dloss_.view()));
       auto const dz = output_->backward(std::span<T const>(dlogits));
       dy = final_norm_->backward(std::span<T const>(dz));
-    } else {
-      dy.assign(out_grad.begin(), out_grad.end());
+      grad = View<T const, memory_space>(dy);
     }
     for (std::size_t j = ch.layers.size(); j-- > 0;) {
-      dy = ch.layers[j]->backward(std::span<T const>(dy));
-      check_finite(dy, "input gradient", ch.first_layer + static_cast<std::int64_t>(j), mb);
+      dy = ch.layers[j]->backward(std::span<T const>(grad));
+      grad = View<T const, memory_space>(dy);
+      check_finite(grad, "input gradient", ch.first_layer + static_cast<std::int64_t>(j), mb);
     }
     if (is_first(chunk))
-      embedding_->backward(std::span<T const>(dy));
+      embedding_->backward(std::span<T const>(grad));
     else
-      std::copy(dy.begin(), dy.end(), in_grad.begin());
+      copy(exec_, grad, View<T, memory_space>(in_grad));
+    if (!input.empty()) spare_.push_back(std::move(input));
   }
 
   /// Every parameter this rank holds, in a fixed order (embedding, layers by chunk, head).
@@ -275,17 +319,35 @@ class DecoderStage {
 
   /// With `check_activations_and_grads`: throws at the first non-finite value of `v`, naming
   /// the layer (−1: the output layer's logits), the microbatch and the rank.
-  void check_finite(std::vector<T> const& v, char const* what, std::int64_t layer, int mb) const {
+  void check_finite(View<T const, memory_space> v, char const* what, std::int64_t layer,
+                    int mb) {
     if (!cfg_.check_activations_and_grads) return;
-    for (std::size_t i = 0; i < v.size(); ++i)
-      if (!std::isfinite(static_cast<double>(v[i])))
-        throw error(errc::invalid_argument,
-                    fmt::format("non-finite {} ({}) at element {} of {}, microbatch {}, on world "
-                                "rank {}",
-                                what, static_cast<double>(v[i]), i,
-                                layer < 0 ? std::string("output_layer")
-                                          : fmt::format("decoder.layers.{}", layer),
-                                mb, groups_->world().rank()));
+    ops::first_non_finite(exec_, v, first_bad_.view());
+    Buffer<std::int64_t> at(1);
+    copy(exec_, View<std::int64_t const, memory_space>(first_bad_.view()), at.view());
+    exec_.fence();
+    std::int64_t const i = at[0];
+    if (i < 0) return;
+    Buffer<T> value(1);
+    copy(exec_, v.cols(i, 1), value.view());
+    exec_.fence();
+    throw error(errc::invalid_argument,
+                fmt::format("non-finite {} ({}) at element {} of {}, microbatch {}, on world "
+                            "rank {}",
+                            what, static_cast<double>(value[0]), i,
+                            layer < 0 ? std::string("output_layer")
+                                      : fmt::format("decoder.layers.{}", layer),
+                            mb, groups_->world().rank()));
+  }
+
+  /// A buffer for one stashed activation of n elements, from the spares when one fits.
+  Buffer<T, memory_space> take_activation(std::int64_t n) {
+    while (!spare_.empty()) {
+      auto b = std::move(spare_.back());
+      spare_.pop_back();
+      if (static_cast<std::int64_t>(b.size()) == n) return b;
+    }
+    return exec_.template allocate<T>(n);
   }
 
   template <class F>
@@ -319,13 +381,14 @@ class DecoderStage {
 
   /// The chunk's forward from `in` (ignored on the first virtual stage); on the last virtual
   /// stage returns {scaled loss}.
-  std::vector<T> run_chunk(int mb, int chunk, std::span<T const> in, ForwardMode mode) {
+  Tensor run_chunk(int mb, int chunk, std::span<T const> in, ForwardMode mode) {
     auto& ch = chunks_[static_cast<std::size_t>(chunk)];
-    std::vector<T> x;
-    if (is_first(chunk))
+    Tensor x;
+    View<T const, memory_space> cur(in);  // the activation flowing up the chunk
+    if (is_first(chunk)) {
       x = embedding_->forward(std::span<std::int64_t const>(tokens(mb).ids));
-    else
-      x.assign(in.begin(), in.end());
+      cur = View<T const, memory_space>(x);
+    }
     // The SP-local rows of the CP-local [S/CP, B] tokens: rows [tp·S/(CP·TP), …) (sequence_shard).
     std::span<std::int64_t const> index;
     if (auto const& all = tokens(mb).index; !all.empty()) {
@@ -345,31 +408,42 @@ class DecoderStage {
                                                   cfg_.calculate_per_token_loss),
         .token_index = index};
     for (std::size_t j = 0; j < ch.layers.size(); ++j) {
-      x = ch.layers[j]->forward(std::span<T const>(x), ctx);
-      check_finite(x, "output", ch.first_layer + static_cast<std::int64_t>(j), mb);
+      x = ch.layers[j]->forward(std::span<T const>(cur), ctx);
+      cur = View<T const, memory_space>(x);
+      check_finite(cur, "output", ch.first_layer + static_cast<std::int64_t>(j), mb);
     }
     ch.fresh = mb;
     if (!is_last(chunk)) return x;
-    auto const z = final_norm_->forward(std::span<T const>(x));
+    auto const z = final_norm_->forward(std::span<T const>(cur));
     auto const logits = output_->forward(std::span<T const>(z));
-    check_finite(logits, "logits", -1, mb);
+    check_finite(View<T const, memory_space>(logits), "logits", -1, mb);
     auto const losses = cross_entropy_->forward(std::span<T const>(logits),
                                                 std::span<std::int64_t const>(tokens(mb).labels));
-    double sum = 0;
-    for (T l : losses) sum += static_cast<double>(l);
+    ops::sum_in_double(exec_, View<T const, memory_space>(losses), loss_sum_.view());
+    Buffer<double> host_sum(1);
+    copy(exec_, View<double const, memory_space>(loss_sum_.view()), host_sum.view());
+    exec_.fence();
+    double const sum = host_sum[0];
     if (cfg_.calculate_per_token_loss) return {static_cast<T>(sum)};
     return {static_cast<T>(sum / static_cast<double>(loss_tokens()) / microbatches_)};
   }
 
+  Exec exec_;
   DecoderModelConfig cfg_;
   ProcessGroups<Comm>* groups_;
   int pp_ = 1, pp_rank_ = 0;
   std::int64_t tokens_per_rank_ = 0;
   std::vector<Chunk> chunks_;
-  std::unique_ptr<VocabParallelEmbedding<Cpu, T, Comm>> embedding_;
-  std::unique_ptr<RmsNorm<Cpu, T>> final_norm_;
-  std::unique_ptr<ColumnParallelLinear<Cpu, T, Comm>> output_;
-  std::unique_ptr<VocabParallelCrossEntropy<Cpu, T, Comm>> cross_entropy_;
+  std::unique_ptr<Embedding> embedding_;
+  std::unique_ptr<FinalNorm> final_norm_;
+  std::unique_ptr<OutputLayer> output_;
+  std::unique_ptr<CrossEntropy> cross_entropy_;
+
+  // Reused across microbatches and steps.
+  Buffer<T, memory_space> dloss_;                                    ///< the losses' gradient
+  Buffer<double, memory_space> loss_sum_ = exec_.template allocate<double>(1);
+  Buffer<std::int64_t, memory_space> first_bad_ = exec_.template allocate<std::int64_t>(1);
+  std::vector<Buffer<T, memory_space>> spare_;  ///< stash buffers to reuse
 
   int microbatches_ = 1;
   bool training_ = true;
@@ -378,8 +452,13 @@ class DecoderStage {
   TokenSource source_;
   std::function<void(int, int)> after_forward_;
   std::map<int, MicrobatchTokens> tokens_;
-  std::map<std::pair<int, int>, std::vector<T>> stash_;
+  std::map<std::pair<int, int>, Buffer<T, memory_space>> stash_;
 };
+
+namespace cpu {
+template <class T, Communicator Comm, class Mlp = DenseMlp<Cpu, T, Comm>>
+using DecoderStage = moefold::DecoderStage<Cpu, T, Comm, Mlp>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

@@ -15,19 +15,27 @@
 ///   stage.begin_step(m, source, /*training=*/true, step);
 ///   run_pipeline(schedule, groups.pp(), stage);
 ///   moefold::finalize_model_grads(stage, groups);
-///   moefold::clip_grad_norm(params, groups, 1.0);
+///   moefold::clip_grad_norm(stage.exec(), params, groups, 1.0);
 ///   opt.step(lr);
 
+#include <algorithm>
 #include <concepts>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/elementwise.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 
 namespace moefold {
 inline namespace v0 {
+
+/// A reference to an execution instance (what a stage's `exec()` returns).
+template <class E>
+concept ExecutionInstanceRef = ExecutionInstance<std::remove_cvref_t<E>>;
 
 /// A block with router state that the finalizer ends each step (the MoE layer).
 template <class B>
@@ -37,10 +45,11 @@ concept RouterStateBlock = requires(B& b) {
   b.reset_step_state();
 };
 
-/// A model the finalizer can finalize: its parameters, its MLP slots, its loss tokens
-/// (`DecoderStage` is one).
+/// A model the finalizer can finalize: its execution instance, its parameters, its MLP slots,
+/// its loss tokens (`DecoderStage` is one).
 template <class S>
 concept FinalizableStage = requires(S& s) {
+  { s.exec() } -> ExecutionInstanceRef;
   s.parameters();
   s.for_each_mlp([](auto&) {});
   { s.loss_tokens_in_step() } -> std::convertible_to<std::int64_t>;
@@ -58,20 +67,21 @@ struct FinalizeOptions {
 template <FinalizableStage Stage, Communicator C>
 std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
                                   FinalizeOptions const& opt = {}) {
+  auto const& exec = stage.exec();
+  using Space = typename std::remove_cvref_t<decltype(exec)>::memory_space;
   auto const params = stage.parameters();
   using T = std::remove_cvref_t<decltype(*params.front()->grad.data())>;
   std::int64_t tokens = 0;
   if (opt.calculate_per_token_loss) {
-    reduce_gradients(params, groups, T(1));
+    reduce_gradients(exec, params, groups, T(1));
     std::vector<std::int64_t> n{stage.loss_tokens_in_step()};
     groups.pp().all_reduce(std::span<std::int64_t>(n));  // only the last stage counts
     groups.dp_cp().all_reduce(std::span<std::int64_t>(n));
     tokens = n[0];
     T const inv = T(1) / static_cast<T>(std::max<std::int64_t>(tokens, 1));
-    for (auto* p : params)
-      for (auto& g : p->grad) g *= inv;
+    for (auto* p : params) ops::scale(exec, inv, View<T, Space>(p->grad));
   } else {
-    reduce_gradients(params, groups);
+    reduce_gradients(exec, params, groups);
   }
   // f(mlp) for every MLP slot with router state.
   auto each_router = [&stage](auto&& f) {

@@ -16,36 +16,46 @@
 /// bucket (one collective per class).
 
 #include <cmath>
+#include <cstdint>
 #include <span>
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/gradients.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 namespace detail {
 
-/// Concatenates the gradients of `params` of class `cls`, runs `reduce` on the flat bucket, and
-/// scatters it back.
-template <class T, class Reduce>
-void reduce_bucket(ParamList<T> const& params, ParamClass cls, Reduce&& reduce) {
-  std::size_t n = 0;
+/// Concatenates the gradients of `params` of class `cls` into a flat bucket of the instance's
+/// memory, runs `reduce` on it, and copies it back.
+template <class Exec, class T, class Reduce>
+void reduce_bucket(Exec const& exec, ParamList<T> const& params, ParamClass cls, Reduce&& reduce) {
+  using Space = typename Exec::memory_space;
+  std::int64_t n = 0;
   for (auto* p : params)
-    if (p->cls == cls) n += p->grad.size();
-  std::vector<T> bucket;
-  bucket.reserve(n);
-  for (auto* p : params)
-    if (p->cls == cls) bucket.insert(bucket.end(), p->grad.begin(), p->grad.end());
-  reduce(std::span<T>(bucket));
-  std::size_t off = 0;
+    if (p->cls == cls) n += static_cast<std::int64_t>(p->grad.size());
+  auto bucket = exec.template allocate<T>(n);
+  std::int64_t off = 0;
   for (auto* p : params)
     if (p->cls == cls) {
-      std::copy(bucket.begin() + static_cast<std::ptrdiff_t>(off),
-                bucket.begin() + static_cast<std::ptrdiff_t>(off + p->grad.size()),
-                p->grad.begin());
-      off += p->grad.size();
+      auto const size = static_cast<std::int64_t>(p->grad.size());
+      copy(exec, View<T const, Space>(p->grad), bucket.view().cols(off, size));
+      off += size;
+    }
+  exec.fence();
+  reduce(std::span<T>(bucket.view()));  // the communicator reads host memory here
+  off = 0;
+  for (auto* p : params)
+    if (p->cls == cls) {
+      auto const size = static_cast<std::int64_t>(p->grad.size());
+      copy(exec, View<T const, Space>(bucket.view().cols(off, size)), View<T, Space>(p->grad));
+      off += size;
     }
 }
 
@@ -55,26 +65,27 @@ void reduce_bucket(ParamList<T> const& params, ParamClass cls, Reduce&& reduce) 
 /// by `pre_scale` (Megatron's 1/(DP·CP); 1 in per-token-loss mode, spec §4.1). `params` must list
 /// the same parameters in the same order on every rank of each group.
 /// Collective over `dp_cp`, `tp` and `edp`: every rank must call it.
-template <class T, Communicator C>
-void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups, T pre_scale) {
+template <ExecutionInstance Exec, class T, Communicator C>
+void reduce_gradients(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups,
+                      T pre_scale) {
   if (pre_scale != T(1))
     for (auto* p : params)
-      for (auto& g : p->grad) g *= pre_scale;
-  detail::reduce_bucket(params, ParamClass::dense,
+      ops::scale(exec, pre_scale, View<T, typename Exec::memory_space>(p->grad));
+  detail::reduce_bucket(exec, params, ParamClass::dense,
                         [&](std::span<T> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
-  detail::reduce_bucket(params, ParamClass::tp_replicated, [&](std::span<T> b) {
+  detail::reduce_bucket(exec, params, ParamClass::tp_replicated, [&](std::span<T> b) {
     groups.dp_cp().all_reduce(b, ReduceOp::sum);
     groups.tp().all_reduce(b, ReduceOp::sum);
   });
-  detail::reduce_bucket(params, ParamClass::expert,
+  detail::reduce_bucket(exec, params, ParamClass::expert,
                         [&](std::span<T> b) { groups.edp().all_reduce(b, ReduceOp::sum); });
 }
 
 /// `reduce_gradients` with Megatron's default pre-scale 1/(DP·CP).
-template <class T, Communicator C>
-void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups) {
+template <ExecutionInstance Exec, class T, Communicator C>
+void reduce_gradients(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups) {
   FoldedMapping const& fold = groups.mapping();
-  reduce_gradients(params, groups, T(1) / static_cast<T>(fold.dp() * fold.cp()));
+  reduce_gradients(exec, params, groups, T(1) / static_cast<T>(fold.dp() * fold.cp()));
 }
 
 /// The L2 norm of all gradients, counting every distinct parameter element once: dense shards
@@ -82,14 +93,23 @@ void reduce_gradients(ParamList<T> const& params, ProcessGroups<C>& groups) {
 /// expert shards are distinct over `tp_ep_pp`; replicas over `dp_cp` and `edp` are not
 /// counted again. Call after `reduce_gradients`. Every rank gets the same value.
 /// Collective over `mp` and `tp_ep_pp`: every rank must call it.
-template <class T, Communicator C>
-double global_grad_norm(ParamList<T> const& params, ProcessGroups<C>& groups) {
+template <ExecutionInstance Exec, class T, Communicator C>
+double global_grad_norm(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups) {
+  using Space = typename Exec::memory_space;
+  // Σ g² of each parameter (one body per parameter, in element order), then summed by class on
+  // the host in parameter order.
+  auto sums = exec.template allocate<double>(static_cast<std::int64_t>(params.size()));
+  for (std::size_t k = 0; k < params.size(); ++k)
+    ops::sum_of_squares(exec, View<T const, Space>(params[k]->grad),
+                        sums.view().cols(static_cast<std::int64_t>(k), 1));
+  Buffer<double> host(static_cast<std::int64_t>(params.size()));
+  copy(exec, View<double const, Space>(sums.view()), host.view());
+  exec.fence();
   std::vector<double> model_parallel{0.0}, expert{0.0};
   bool const tp_first = groups.tp().rank() == 0;
-  for (auto* p : params) {
-    double s = 0;
-    for (T g : p->grad) s += static_cast<double>(g) * static_cast<double>(g);
-    switch (p->cls) {
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    double const s = host[k];
+    switch (params[k]->cls) {
       case ParamClass::dense:
         model_parallel[0] += s;
         break;
@@ -108,13 +128,14 @@ double global_grad_norm(ParamList<T> const& params, ProcessGroups<C>& groups) {
 
 /// Scales every gradient by min(1, max_norm / (norm + 1e-6)) (Megatron's clip_grad_norm) and
 /// returns the norm before clipping. Collective like `global_grad_norm`.
-template <class T, Communicator C>
-double clip_grad_norm(ParamList<T> const& params, ProcessGroups<C>& groups, double max_norm) {
-  double const norm = global_grad_norm(params, groups);
+template <ExecutionInstance Exec, class T, Communicator C>
+double clip_grad_norm(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups,
+                      double max_norm) {
+  double const norm = global_grad_norm(exec, params, groups);
   double const coeff = max_norm / (norm + 1e-6);
   if (coeff < 1.0)
     for (auto* p : params)
-      for (auto& g : p->grad) g = static_cast<T>(static_cast<double>(g) * coeff);
+      ops::scale_in_double(exec, coeff, View<T, typename Exec::memory_space>(p->grad));
   return norm;
 }
 

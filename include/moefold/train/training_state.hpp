@@ -3,7 +3,8 @@
 /// The training state in a checkpoint: every parameter shard (in the parameters' type), its
 /// AdamW moments ("<name>.exp_avg", "<name>.exp_avg_sq", in the optimizer's moment type) and the
 /// optimizer's step count ("optimizer.steps", int64). Restoring assembles each rank's own
-/// blocks, so the state loads under another folding.
+/// blocks, so the state loads under another folding. Parameter and moment memory is that of the
+/// optimizer's execution instance (`opt.exec()`): entries and reads go through it.
 
 #include <array>
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "moefold/train/adamw.hpp"
+#include "moefold/core/view.hpp"
 #include "moefold/train/checkpoint.hpp"
 
 namespace moefold {
@@ -22,22 +24,24 @@ inline namespace v0 {
 /// of each, e.g. data-parallel rank 0), with their moments; `with_steps` adds the step count.
 /// The entries refer to the parameters' and the optimizer's storage: save them before the next
 /// step.
-template <class T>
-std::vector<ShardEntry> training_state_entries(AdamW<T>& opt,
-                                               std::function<bool(Param<T> const&)> const& writes,
-                                               bool with_steps) {
+template <class Exec, class T>
+std::vector<ShardEntry> training_state_entries(
+    AdamW<Exec, T>& opt, std::type_identity_t<std::function<bool(Param<T> const&)>> const& writes,
+    bool with_steps) {
   using Moment = typename std::remove_cvref_t<decltype(opt.exp_avg(0))>::value_type;
+  using Space = typename Exec::memory_space;
   std::vector<ShardEntry> out;
   auto const& params = opt.params();
+  auto const& exec = opt.exec();
   for (std::size_t k = 0; k < params.size(); ++k) {
     Param<T> const& p = *params[k];
     if (!writes(p)) continue;
-    out.push_back(ShardEntry::view(p.name, p.global_rows, p.global_cols, p.blocks,
-                                   std::span<T const>(p.value)));
-    out.push_back(ShardEntry::view(p.name + ".exp_avg", p.global_rows, p.global_cols, p.blocks,
-                                   std::span<Moment const>(opt.exp_avg(k))));
-    out.push_back(ShardEntry::view(p.name + ".exp_avg_sq", p.global_rows, p.global_cols, p.blocks,
-                                   std::span<Moment const>(opt.exp_avg_sq(k))));
+    out.push_back(ShardEntry::of<Exec, T>(exec, p.name, p.global_rows, p.global_cols, p.blocks,
+                                          View<T const, Space>(p.value)));
+    out.push_back(ShardEntry::of<Exec, Moment>(exec, p.name + ".exp_avg", p.global_rows,
+                                               p.global_cols, p.blocks, opt.exp_avg(k).view()));
+    out.push_back(ShardEntry::of<Exec, Moment>(exec, p.name + ".exp_avg_sq", p.global_rows,
+                                               p.global_cols, p.blocks, opt.exp_avg_sq(k).view()));
   }
   if (with_steps) {
     std::array<std::int64_t, 1> const steps{opt.steps()};
@@ -49,17 +53,20 @@ std::vector<ShardEntry> training_state_entries(AdamW<T>& opt,
 }
 
 /// Loads every parameter's blocks, its moments and the step count from `ckpt`.
-template <class T>
-void restore_training_state(CheckpointReader const& ckpt, AdamW<T>& opt) {
+template <class Exec, class T>
+void restore_training_state(CheckpointReader const& ckpt, AdamW<Exec, T>& opt) {
   using Moment = typename std::remove_cvref_t<decltype(opt.exp_avg(0))>::value_type;
+  using Space = typename Exec::memory_space;
   auto const& params = opt.params();
+  auto const& exec = opt.exec();
   for (std::size_t k = 0; k < params.size(); ++k) {
     Param<T>& p = *params[k];
-    ckpt.fill(p.name, p.global_rows, p.global_cols, p.blocks, std::span<T>(p.value));
-    ckpt.fill(p.name + ".exp_avg", p.global_rows, p.global_cols, p.blocks,
-              std::span<Moment>(opt.exp_avg(k)));
-    ckpt.fill(p.name + ".exp_avg_sq", p.global_rows, p.global_cols, p.blocks,
-              std::span<Moment>(opt.exp_avg_sq(k)));
+    ckpt.fill<Exec, T>(exec, p.name, p.global_rows, p.global_cols, p.blocks,
+                       View<T, Space>(p.value));
+    ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg", p.global_rows, p.global_cols, p.blocks,
+                            opt.exp_avg(k).view());
+    ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, p.blocks,
+                            opt.exp_avg_sq(k).view());
   }
   std::array<std::int64_t, 1> steps{0};
   ckpt.fill("optimizer.steps", 1, 1, {{.row0 = 0, .rows = 1, .col0 = 0, .cols = 1}},

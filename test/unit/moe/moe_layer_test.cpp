@@ -15,6 +15,7 @@
 #include "moefold/moe/moe_layer.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 #include "support/finite_difference.hpp"
 
 using namespace moefold;
@@ -158,7 +159,7 @@ void check_folding(FoldingConfig const& config, std::int64_t shared, bool whole_
     std::vector<double> want_dx(ref.dx.begin() + r * kTokens * kH, ref.dx.begin() + (r + 1) * kTokens * kH);
     if (rel(got_dx, want_dx) > 1e-5) fail += fmt::format("input gradient differs (rel {:.2e}); ", rel(got_dx, want_dx));
     auto params = layer.parameters();
-    reduce_gradients(params, groups);
+    reduce_gradients(test::Exec{}, params, groups);
     for (auto* p : params) {
       std::vector<double> global = ref.grads.at(p->name);
       for (auto& v : global) v /= dpcp;
@@ -167,7 +168,7 @@ void check_folding(FoldingConfig const& config, std::int64_t shared, bool whole_
       if (rel(mine, local) > 1e-5)
         fail += fmt::format("{} gradient differs (rel {:.2e}); ", p->name, rel(mine, local));
     }
-    double const norm = global_grad_norm(params, groups);
+    double const norm = global_grad_norm(test::Exec{}, params, groups);
     if (std::abs(norm - std::sqrt(ref_sq)) > 1e-5 * std::sqrt(ref_sq))
       fail += fmt::format("grad norm {} vs {}; ", norm, std::sqrt(ref_sq));
   });

@@ -12,6 +12,7 @@
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/train/training_state.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 
 using namespace moefold;
 using Catch::Matchers::Contains;
@@ -20,7 +21,8 @@ namespace fs = std::filesystem;
 namespace {
 
 /// The optimizer's moment type (stored as it is typed).
-using Moment = std::remove_cvref_t<decltype(std::declval<AdamW<float>&>().exp_avg(0))>::value_type;
+using Moment =
+    std::remove_cvref_t<decltype(std::declval<AdamW<test::Exec, float>&>().exp_avg(0))>::value_type;
 
 fs::path scratch(std::string const& name) {
   auto const p =
@@ -72,7 +74,7 @@ void save_world(fs::path const& dir, int n, std::int64_t step, double base = 0.5
           for (std::int64_t c = 0; c < b.cols; ++c, ++i)
             p->value[i] = static_cast<float>(global_value(b.row0 + r, b.col0 + c, base));
     }
-    AdamW<float> opt({&s.weight, &s.norm});
+    AdamW<test::Exec, float> opt({&s.weight, &s.norm});
     for (std::size_t k = 0; k < 2; ++k)
       for (std::size_t i = 0; i < opt.exp_avg(k).size(); ++i) {
         opt.exp_avg(k)[i] = 1.0 + static_cast<double>(opt.params()[k]->value[i]);
@@ -80,7 +82,7 @@ void save_world(fs::path const& dir, int n, std::int64_t step, double base = 0.5
       }
     opt.set_steps(step);
     bool const first = world.rank() == 0;
-    auto entries = training_state_entries<float>(
+    auto entries = training_state_entries<test::Exec, float>(
         opt,
         [&](Param<float> const& p) {
           return (p.name == "w" && !(skip_rank1_weight && world.rank() == 1)) || first;
@@ -128,7 +130,7 @@ TEST_CASE("a checkpoint saved by 4 ranks loads into 2 ranks with other blocks") 
     Param<float> w("w", ParamClass::dense, 6, 8,
                    {{.row0 = r * 3, .rows = 3, .col0 = 0, .cols = 8}});
     Param<float> n = Param<float>::whole("n", ParamClass::tp_replicated, 1, 8);
-    AdamW<float> opt({&w, &n});
+    AdamW<test::Exec, float> opt({&w, &n});
     restore_training_state(ckpt, opt);
     CHECK(opt.steps() == 7);
     for (std::int64_t i = 0; i < 3; ++i)

@@ -13,6 +13,7 @@
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 
 using namespace moefold;
 
@@ -72,8 +73,8 @@ TEST_CASE("gradients are reduced by class and the norm counts each element once"
         fill(norm, static_cast<double>(q) + 10.0 * static_cast<double>(tp));
         fill(expert, static_cast<double>(e));
         ParamList<double> params{&dense, &norm, &expert};
-        reduce_gradients(params, groups);
-        out.norm = global_grad_norm(params, groups);
+        reduce_gradients(test::Exec{}, params, groups);
+        out.norm = global_grad_norm(test::Exec{}, params, groups);
         for (auto* p : params) {
           std::size_t i = 0;
           for (auto const& b : p->blocks)

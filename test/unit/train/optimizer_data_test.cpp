@@ -8,6 +8,7 @@
 #include "moefold/train/lr_schedule.hpp"
 #include "moefold/train/text_corpus.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 
 using namespace moefold;
 
@@ -18,7 +19,8 @@ TEST_CASE("AdamW makes the bias-corrected, decoupled-decay update; 1-D parameter
   b.value = {0.5, 0.5};
   w.grad = {0.1, -0.3};
   b.grad = {0.2, 0.0};
-  AdamW<double> opt({&w, &b}, {.beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.1});
+  AdamW<test::Exec, double> opt({&w, &b},
+                                {.beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.1});
   opt.step(0.01);
   // First step: m̂ = g, v̂ = g², so the step is lr·g/(|g| + eps) = ±lr.
   CHECK(w.value[0] == Approx(1.0 - 0.01 * 0.1 * 1.0 - 0.01 * 0.1 / (0.1 + 1e-8)).epsilon(1e-14));

@@ -27,13 +27,14 @@
 #include "moefold/train/decoder_stage.hpp"
 #include "moefold/train/finalize_model_grads.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 #include "support/finite_difference.hpp"
 
 using namespace moefold;
 using Comm = inproc::Communicator;
 using Moe = MoELayer<Cpu, TopKRouter<ConfiguredScore, float>, AllToAllDispatcher<Dropless>,
                      GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
-using Stage = DecoderStage<float, Comm, Moe>;
+using Stage = DecoderStage<test::Exec, float, Comm, Moe>;
 
 namespace {
 
