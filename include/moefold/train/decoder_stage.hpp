@@ -456,7 +456,7 @@ class DecoderStage {
 };
 
 namespace cpu {
-template <class T, Communicator Comm, class Mlp = DenseMlp<Cpu, T, Comm>>
+template <class T, Communicator Comm, class Mlp = moefold::DenseMlp<Cpu, T, Comm>>
 using DecoderStage = moefold::DecoderStage<Cpu, T, Comm, Mlp>;
 }  // namespace cpu
 
