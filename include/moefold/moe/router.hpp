@@ -425,8 +425,9 @@ class TopKRouter {
                              Buffer<Real, memory_space>& sums) {
       auto const c = sized(counts, slots * e);
       auto const s = sized(sums, slots * e);
+      auto const keys = slots > 1 ? sized(aux_keys_, tokens * k_count) : aux_keys_.view();
       ops::column_statistics(exec_, View<int const, memory_space>(idx),
-                             View<Real const, memory_space>(scores), k_count, slots, c, s);
+                             View<Real const, memory_space>(scores), k_count, slots, keys, c, s);
       return std::pair(to_host(View<std::int64_t const, memory_space>(c)),
                        to_host(View<Real const, memory_space>(s)));
     };
@@ -519,7 +520,7 @@ class TopKRouter {
   Buffer<Real, memory_space> sel_, route_scratch_, top_probs_, normalized_, sums_, seq_sums_;
   Buffer<Real, memory_space> d_logits_, dk_, backward_scratch_;
   Buffer<int, memory_space> aux_topk_;
-  Buffer<std::int64_t, memory_space> counts_, seq_counts_, non_finite_, bias_counts_;
+  Buffer<std::int64_t, memory_space> counts_, seq_counts_, aux_keys_, non_finite_, bias_counts_;
   Buffer<double, memory_space> counts_gradient_, z_work_;
 };
 

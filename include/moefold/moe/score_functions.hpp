@@ -11,7 +11,6 @@
 
 #include <concepts>
 
-#include "moefold/core/hd.hpp"
 #include "moefold/moe/router_config.hpp"
 #include "moefold/ops/router.hpp"
 
@@ -46,48 +45,8 @@ struct SigmoidScore : ops::SigmoidRow {
 /// The score function the configuration names (`moe_router_score_function`), chosen at run
 /// time: one router type for a trainer whose score function is a command-line choice. Each call
 /// is `SoftmaxScore`'s or `SigmoidScore`'s.
-struct ConfiguredScore {
+struct ConfiguredScore : ops::ConfiguredRow {
   static constexpr bool accepts(ScoreFunction) noexcept { return true; }
-
-  template <class T>
-  MOEFOLD_HD static void selection_values(ops::RouterRule const& r, T const* logits, T const* bias,
-                                          T* sel) {
-    if (r.sigmoid)
-      ops::SigmoidRow::selection_values(r, logits, bias, sel);
-    else
-      ops::SoftmaxRow::selection_values(r, logits, bias, sel);
-  }
-  template <class T>
-  MOEFOLD_HD static void probs(ops::RouterRule const& r, T const* logits, int const* idx, T* probs,
-                               T* scratch) {
-    if (r.sigmoid)
-      ops::SigmoidRow::probs(r, logits, idx, probs, scratch);
-    else
-      ops::SoftmaxRow::probs(r, logits, idx, probs, scratch);
-  }
-  template <class T>
-  MOEFOLD_HD static void backward(ops::RouterRule const& r, T const* logits, int const* idx,
-                                  T const* d_probs, T* d_logits, T* scratch) {
-    if (r.sigmoid)
-      ops::SigmoidRow::backward(r, logits, idx, d_probs, d_logits, scratch);
-    else
-      ops::SoftmaxRow::backward(r, logits, idx, d_probs, d_logits, scratch);
-  }
-  template <class T>
-  MOEFOLD_HD static void aux_scores(ops::RouterRule const& r, T const* logits, T* scores) {
-    if (r.sigmoid)
-      ops::SigmoidRow::aux_scores(r, logits, scores);
-    else
-      ops::SoftmaxRow::aux_scores(r, logits, scores);
-  }
-  template <class T>
-  MOEFOLD_HD static void aux_scores_backward(ops::RouterRule const& r, T const* logits,
-                                             T const* scores, T const* d_scores, T* d_logits) {
-    if (r.sigmoid)
-      ops::SigmoidRow::aux_scores_backward(r, logits, scores, d_scores, d_logits);
-    else
-      ops::SoftmaxRow::aux_scores_backward(r, logits, scores, d_scores, d_logits);
-  }
 };
 
 /// A router score policy: which `moe_router_score_function` values it implements (`accepts`),

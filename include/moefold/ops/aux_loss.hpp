@@ -2,11 +2,11 @@
 /// \file
 /// The statistics and gradients of the router's auxiliary losses as bodies (spec §2.2 steps 3
 /// and 6): per token the load-balancing scores and their top-k (`AuxScoresTopK`); per
-/// (sequence slot b, expert e) the count of tokens whose top-k holds e and the column sum of the
-/// scores over the tokens of slot b (`ColumnCounts`, `ColumnSums`: each sums over tokens inside
-/// the body that owns the column, in token order); the switch loss's gradient
-/// (`AddCountsGradient`); the z-loss's logsumexp rows, their sum of squares and its gradient.
-/// B = 1 gives the plain (not per-sequence) statistics.
+/// (sequence slot b, expert e) the count of tokens whose top-k holds e (`SlotKeys` and the
+/// instance's `histogram`) and the column sum of the scores over the tokens of slot b
+/// (`ColumnSums`: each body sums, in token order, the columns it owns); the switch loss's
+/// gradient (`AddCountsGradient`); the z-loss's logsumexp rows, their sum of squares and its
+/// gradient. B = 1 gives the plain (not per-sequence) statistics.
 
 #include <cmath>
 #include <cstdint>
@@ -35,44 +35,49 @@ struct AuxScoresTopK {
   }
 };
 
-/// counts[b·E + e] = how many tokens t ≡ b (mod B) have e among their K ids idx[t, ·].
-struct ColumnCounts {
+/// keys[t·K + k] = (t mod B)·E + idx[t·K + k]: the (slot, expert) column each top-k entry
+/// counts in (`histogram` then counts them).
+struct SlotKeys {
   int const* idx;
-  std::int64_t tokens, experts, topk, slots;
-  std::int64_t* counts;
+  std::int64_t experts, topk, slots;
+  std::int64_t* keys;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    std::int64_t const b = i / experts, e = i % experts;
-    std::int64_t n = 0;
-    for (std::int64_t t = b; t < tokens; t += slots)
-      for (std::int64_t k = 0; k < topk; ++k) n += idx[t * topk + k] == e ? 1 : 0;
-    counts[i] = n;
+    keys[i] = (i / topk) % slots * experts + idx[i];
   }
 };
 
-/// sums[b·E + c] = Σ over tokens t ≡ b (mod B), in token order, of scores[t, c].
+/// Columns per `ColumnSums` body: a cache line of floats, read row by row.
+inline constexpr std::int64_t kColumnBlock = 16;
+
+/// sums[b·E + c] = Σ over tokens t ≡ b (mod B), in token order, of scores[t, c], for the
+/// kColumnBlock columns c of block i (each column's sum is its own, in token order).
 template <class T>
 struct ColumnSums {
   T const* scores;
   std::int64_t tokens, experts, slots;
   T* sums;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    std::int64_t const b = i / experts, c = i % experts;
-    T s = 0;
-    for (std::int64_t t = b; t < tokens; t += slots) s += scores[t * experts + c];
-    sums[i] = s;
+    std::int64_t const blocks = (experts + kColumnBlock - 1) / kColumnBlock;
+    std::int64_t const b = i / blocks, c0 = i % blocks * kColumnBlock;
+    std::int64_t const n = experts - c0 < kColumnBlock ? experts - c0 : kColumnBlock;
+    T s[kColumnBlock] = {};
+    for (std::int64_t t = b; t < tokens; t += slots)
+      for (std::int64_t j = 0; j < n; ++j) s[j] += scores[t * experts + c0 + j];
+    for (std::int64_t j = 0; j < n; ++j) sums[b * experts + c0 + j] = s[j];
   }
 };
 
-/// d[t, c] += T(w · n[(t mod B)·E + c]): ∂(switch loss)/∂scores.
+/// d[t, c] += T(w · n[(t mod B)·E + c]) for the columns of row t: ∂(switch loss)/∂scores.
 template <class T>
 struct AddCountsGradient {
   double const* n;
   std::int64_t experts, slots;
   double w;
   T* d;
-  MOEFOLD_HD void operator()(std::int64_t a) const {
-    std::int64_t const t = a / experts;
-    d[a] += static_cast<T>(w * n[(t % slots) * experts + a % experts]);
+  MOEFOLD_HD void operator()(std::int64_t t) const {
+    double const* nb = n + t % slots * experts;
+    T* row = d + t * experts;
+    for (std::int64_t c = 0; c < experts; ++c) row[c] += static_cast<T>(w * nb[c]);
   }
 };
 
@@ -147,20 +152,28 @@ void aux_scores_top_k(Exec const& exec, RouterRule const& rule,
 }
 
 /// counts [B·E] and sums [B·E] over the tokens of each slot b = t mod B (B = slots), from the
-/// top-K ids idx [T·K] and the scores [T, E].
+/// top-K ids idx [T·K] and the scores [T, E]; `keys` [T·K] is scratch when B > 1. Counts come
+/// from the instance's `histogram`.
 template <class Exec, class T>
 void column_statistics(Exec const& exec, View<int const, typename Exec::memory_space> idx,
                        View<T const, typename Exec::memory_space> scores, std::int64_t topk,
-                       std::int64_t slots, View<std::int64_t, typename Exec::memory_space> counts,
+                       std::int64_t slots, View<std::int64_t, typename Exec::memory_space> keys,
+                       View<std::int64_t, typename Exec::memory_space> counts,
                        View<T, typename Exec::memory_space> sums) {
   std::int64_t const tokens = scores.rows(), experts = scores.cols();
   MOEFOLD_EXPECTS(slots >= 1 && counts.size() == slots * experts && sums.size() == counts.size() &&
-                      idx.size() == tokens * topk,
+                      idx.size() == tokens * topk && (slots == 1 || keys.size() == idx.size()),
                   "ops::column_statistics: {} tokens × {} experts in {} slots, {} counts, {} sums",
                   tokens, experts, slots, counts.size(), sums.size());
-  for_each(exec, counts.size(),
-           ColumnCounts{idx.data(), tokens, experts, topk, slots, counts.data()});
-  for_each(exec, sums.size(), ColumnSums<T>{scores.data(), tokens, experts, slots, sums.data()});
+  if (slots == 1) {
+    histogram<int>(exec, idx, counts);
+  } else {
+    for_each(exec, idx.size(), SlotKeys{idx.data(), experts, topk, slots, keys.data()});
+    histogram<std::int64_t>(exec, View<std::int64_t const, typename Exec::memory_space>(keys),
+                            counts);
+  }
+  std::int64_t const blocks = (experts + kColumnBlock - 1) / kColumnBlock;
+  for_each(exec, slots * blocks, ColumnSums<T>{scores.data(), tokens, experts, slots, sums.data()});
 }
 
 /// d [T, E] += T(w · n[(t mod B)·E + c]) with n [B·E] (B = slots).
@@ -170,7 +183,7 @@ void add_counts_gradient(Exec const& exec, View<double const, typename Exec::mem
   MOEFOLD_EXPECTS(d.contiguous() && slots >= 1 && n.size() == slots * d.cols(),
                   "ops::add_counts_gradient: {} counts for {} slots of {} experts", n.size(), slots,
                   d.cols());
-  for_each(exec, d.size(), AddCountsGradient<T>{n.data(), d.cols(), slots, w, d.data()});
+  for_each_row(exec, d.rows(), AddCountsGradient<T>{n.data(), d.cols(), slots, w, d.data()});
 }
 
 /// lse [T] = logsumexp of every row of logits [T, E]; total [1] = Σ_t lse_t² in token order.

@@ -233,6 +233,50 @@ struct SinkhornRow {
   }
 };
 
+/// The score function `RouterRule::sigmoid` names, chosen per call at run time: each call is
+/// `SigmoidRow`'s or `SoftmaxRow`'s.
+struct ConfiguredRow {
+  template <class T>
+  MOEFOLD_HD static void selection_values(RouterRule const& r, T const* logits, T const* bias,
+                                          T* sel) {
+    if (r.sigmoid)
+      SigmoidRow::selection_values(r, logits, bias, sel);
+    else
+      SoftmaxRow::selection_values(r, logits, bias, sel);
+  }
+  template <class T>
+  MOEFOLD_HD static void probs(RouterRule const& r, T const* logits, int const* idx, T* probs,
+                               T* scratch) {
+    if (r.sigmoid)
+      SigmoidRow::probs(r, logits, idx, probs, scratch);
+    else
+      SoftmaxRow::probs(r, logits, idx, probs, scratch);
+  }
+  template <class T>
+  MOEFOLD_HD static void backward(RouterRule const& r, T const* logits, int const* idx,
+                                  T const* d_probs, T* d_logits, T* scratch) {
+    if (r.sigmoid)
+      SigmoidRow::backward(r, logits, idx, d_probs, d_logits, scratch);
+    else
+      SoftmaxRow::backward(r, logits, idx, d_probs, d_logits, scratch);
+  }
+  template <class T>
+  MOEFOLD_HD static void aux_scores(RouterRule const& r, T const* logits, T* scores) {
+    if (r.sigmoid)
+      SigmoidRow::aux_scores(r, logits, scores);
+    else
+      SoftmaxRow::aux_scores(r, logits, scores);
+  }
+  template <class T>
+  MOEFOLD_HD static void aux_scores_backward(RouterRule const& r, T const* logits, T const* scores,
+                                             T const* d_scores, T* d_logits) {
+    if (r.sigmoid)
+      SigmoidRow::aux_scores_backward(r, logits, scores, d_scores, d_logits);
+    else
+      SoftmaxRow::aux_scores_backward(r, logits, scores, d_scores, d_logits);
+  }
+};
+
 /// One token's routing. `Score` is a row score policy (SoftmaxRow, SigmoidRow or one that
 /// chooses between them). Writes the token's K ids into `topk`, and `routed` with
 /// `scale · prob` into its row of the dense `map` / `probs` (entries it does not choose are
