@@ -98,9 +98,9 @@ std::int64_t sinkhorn(Exec const& exec,
                               "iterations ({} tokens × {} experts)",
                               change, tol, iterations, tokens, experts));
     for_each_row(exec, tokens,
-                 ops::SinkhornRowStep{cost.data(), d1.data(), d0.data(), tokens, experts});
+                 ops::SinkhornStep{cost.data(), d1.data(), d0.data(), tokens, experts, experts, 1});
     for_each(exec, experts,
-             ops::SinkhornColumnStep{cost.data(), d0.data(), d1.data(), tokens, experts});
+             ops::SinkhornStep{cost.data(), d0.data(), d1.data(), experts, tokens, 1, experts});
     for_each(exec, 1, ops::SinkhornChange{d1.data(), d1_old.data(), experts, change_dev.data()});
     copy<double>(exec, change_dev.view(), View<double>(&change, 1));
   }

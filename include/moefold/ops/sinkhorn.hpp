@@ -2,9 +2,9 @@
 /// \file
 /// The steps of Megatron's Sinkhorn balancing (moe/sinkhorn.hpp drives the iteration) as
 /// bodies, all in double: the cost C = exp(logits), the row step d0[t] (a body per token sums
-/// over experts), the column step d1[e] (a body per expert sums over tokens, in token order),
-/// the mean change of d1 (one body, which also keeps d1 as the next step's old value) and the
-/// result d1[e]·C[t,e]·d0[t].
+/// over experts) and the column step d1[e] (a body per expert sums over tokens, in token
+/// order), both `SinkhornStep`; the mean change of d1 (one body, which also keeps d1 as the
+/// next step's old value) and the result d1[e]·C[t,e]·d0[t].
 
 #include <cmath>
 #include <cstdint>
@@ -28,28 +28,18 @@ struct SinkhornCost {
     cost[i] = exp(static_cast<double>(logits[i]));
   }
 };
-/// d0[t] = (1/T) / (Σ_e d1[e]·C[t,e] + eps).
-struct SinkhornRowStep {
+/// One half-step, for every index i of one side (n of them): out[i] = (1/n) / (Σ_j other[j] ·
+/// C[i·stride + j·other_stride] + eps), summed in j order. Rows: d0[t] from d1 (stride E,
+/// other_stride 1); columns: d1[e] from d0 (stride 1, other_stride E, so in token order).
+struct SinkhornStep {
   double const* cost;
-  double const* d1;
-  double* d0;
-  std::int64_t tokens, experts;
-  MOEFOLD_HD void operator()(std::int64_t t) const {
+  double const* other;
+  double* out;
+  std::int64_t n, other_n, stride, other_stride;
+  MOEFOLD_HD void operator()(std::int64_t i) const {
     double s = 0;
-    for (std::int64_t e = 0; e < experts; ++e) s += d1[e] * cost[t * experts + e];
-    d0[t] = (1.0 / static_cast<double>(tokens)) / (s + kSinkhornEps);
-  }
-};
-/// d1[e] = (1/E) / (Σ_t d0[t]·C[t,e] + eps), summed in token order.
-struct SinkhornColumnStep {
-  double const* cost;
-  double const* d0;
-  double* d1;
-  std::int64_t tokens, experts;
-  MOEFOLD_HD void operator()(std::int64_t e) const {
-    double s = 0.0;
-    for (std::int64_t t = 0; t < tokens; ++t) s += d0[t] * cost[t * experts + e];
-    d1[e] = (1.0 / static_cast<double>(experts)) / (s + kSinkhornEps);
+    for (std::int64_t j = 0; j < other_n; ++j) s += other[j] * cost[i * stride + j * other_stride];
+    out[i] = (1.0 / static_cast<double>(n)) / (s + kSinkhornEps);
   }
 };
 /// change[0] = mean_e |d1_old[e] − d1[e]|, then d1_old = d1 (one body owns both).
