@@ -8,7 +8,7 @@
 ///            ─▶ dispatcher combine (probabilities applied) ─▶ + shared expert (tp, SP) ─▶ y
 ///
 ///   using Layer = moefold::MoELayer<moefold::Cpu,
-///                                   moefold::TopKRouter<moefold::SoftmaxScore>,
+///                                   moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore>,
 ///                                   moefold::AllToAllDispatcher<moefold::Dropless>,
 ///                                   moefold::GroupedGemmExperts<moefold::SwiGLU>,
 ///                                   moefold::inproc::Communicator>;
