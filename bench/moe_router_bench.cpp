@@ -25,13 +25,12 @@ void BM_TopK(benchmark::State& state) {
       logits[i] -= 1.2f * std::log(static_cast<float>(i % kExperts) + 1.0f);
   std::vector<int> idx(static_cast<std::size_t>(kTokens * kTopK));
   std::vector<float> copy(logits.size());
+  Cpu const exec;
   double lib = 0, ref = 0;
   for (auto _ : state) {
     auto const t0 = Clock::now();
-    for (std::int64_t t = 0; t < kTokens; ++t)
-      top_k<float>(
-          std::span<float const>(logits).subspan(static_cast<std::size_t>(t * kExperts), kExperts),
-          std::span<int>(idx).subspan(static_cast<std::size_t>(t * kTopK), kTopK));
+    top_k<float>(exec, View<float const>(logits.data(), kTokens, kExperts),
+                 View<int>(idx.data(), kTokens, kTopK));
     benchmark::ClobberMemory();
     auto const t1 = Clock::now();
     std::memcpy(copy.data(), logits.data(), logits.size() * sizeof(float));
@@ -49,7 +48,7 @@ BENCHMARK(BM_TopK)->ArgName("zipf")->Arg(0)->Arg(1)->UseManualTime()->Unit(bench
 
 void BM_RouterForward(benchmark::State& state) {
   RouterConfig cfg{.num_experts = kExperts, .moe_router_topk = kTopK, .moe_aux_loss_coeff = {1e-2}};
-  TopKRouter<SoftmaxScore, float> router(cfg, kHidden);
+  TopKRouter<Cpu, SoftmaxScore, float> router(cfg, kHidden);
   auto const w = bench_tensor(static_cast<std::size_t>(kExperts * kHidden), 4);
   std::copy(w.begin(), w.end(), router.weight().begin());
   auto const x = bench_tensor(static_cast<std::size_t>(kTokens * kHidden), 5);

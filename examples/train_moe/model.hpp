@@ -30,7 +30,7 @@ using Exec = MOEFOLD_TEST_EXEC;
 /// optional shared expert), timed for the summary's phases.
 template <class T, Communicator Comm>
 using MlpBlock = TimedBlock<
-    MoELayer<Exec, TopKRouter<ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
+    MoELayer<Exec, TopKRouter<Exec, ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
              GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>>;
 
 /// The MLP slot's config from the command line (EP and ETP come from the folding).

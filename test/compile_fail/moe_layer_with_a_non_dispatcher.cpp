@@ -2,7 +2,7 @@
 #include "moefold/comm/inproc/communicator.hpp"
 #include "moefold/moe/moe_layer.hpp"
 
-using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::SoftmaxScore>,
+using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore>,
                                 moefold::SwiGLU, moefold::GroupedGemmExperts<moefold::SwiGLU>,
                                 moefold::inproc::Communicator>;
 Layer* layer = nullptr;

@@ -2,7 +2,7 @@
 #include "moefold/comm/inproc/communicator.hpp"
 #include "moefold/moe/moe_layer.hpp"
 
-using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::SoftmaxScore, double>,
+using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore, double>,
                                 moefold::AllToAllDispatcher<moefold::Dropless>,
                                 moefold::GroupedGemmExperts<moefold::SwiGLU>,
                                 moefold::inproc::Communicator>;

@@ -15,13 +15,14 @@
 #include <string_view>
 
 #include "moefold/core/error.hpp"
+#include "moefold/core/hd.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 namespace detail {
 /// SplitMix64's finalizer: a bijective mix of 64 bits.
-constexpr std::uint64_t mix64(std::uint64_t z) noexcept {
+MOEFOLD_HD constexpr std::uint64_t mix64(std::uint64_t z) noexcept {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -34,7 +35,7 @@ constexpr std::uint64_t hash_name(std::string_view s) noexcept {
   return h;
 }
 /// A uniform double in [0, 1) from 53 random bits.
-constexpr double unit(std::uint64_t bits) noexcept {
+MOEFOLD_HD constexpr double unit(std::uint64_t bits) noexcept {
   return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 }  // namespace detail

@@ -4,11 +4,14 @@
 /// behind `aux_loss`, `seq_aux_loss` and `global_aux_loss`, and the z-loss, each with its
 /// gradient. The router (router.hpp) gathers the statistics over `tp_cp` / `tp_dp_cp`.
 
-#include <cmath>
 #include <cstdint>
 #include <span>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/aux_loss.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -36,32 +39,31 @@ double switch_load_balancing_loss(std::span<Real const> prob_sums, std::span<Cou
   return switch_loss_weight(num_experts, topk, total_tokens, coeff) * s;
 }
 
-/// z-loss: `(coeff / tp_cp_size) · mean_t (logsumexp_e logits[t, :])²` over `[T, E]` logits.
-/// When `d_logits` is not empty, adds `scale · ∂z/∂logits` to it.
-template <class Real>
-double z_loss(std::span<Real const> logits, std::int64_t tokens, std::int64_t experts, double coeff,
-              int tp_cp_size, std::span<Real> d_logits = {}, double scale = 1.0) {
+/// z-loss: `(coeff / tp_cp_size) · mean_t (logsumexp_e logits[t, :])²` over `[T, E]` logits,
+/// the logsumexp rows and their sum as bodies on `exec`. `workspace` (T + 1 doubles, allocated
+/// here when its size differs) is reused across calls.
+template <class Real, class Exec>
+double z_loss(Exec const& exec, View<Real const, typename Exec::memory_space> logits, double coeff,
+              int tp_cp_size, Buffer<double, typename Exec::memory_space>& workspace) {
+  std::int64_t const tokens = logits.rows();
   if (tokens == 0) return 0.0;
+  if (static_cast<std::int64_t>(workspace.size()) != tokens + 1)
+    workspace = exec.template allocate<double>(tokens + 1);
+  auto const ws = workspace.view();
+  ops::logsumexp_squares(exec, logits, ws.cols(0, tokens), ws.cols(tokens, 1));
   double total = 0;
+  copy<double>(exec, ws.cols(tokens, 1), View<double>(&total, 1));
   double const c = coeff / tp_cp_size;
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    auto const row =
-        logits.subspan(static_cast<std::size_t>(t * experts), static_cast<std::size_t>(experts));
-    double m = static_cast<double>(row[0]);
-    for (Real v : row) m = std::max(m, static_cast<double>(v));
-    double s = 0;
-    for (Real v : row) s += std::exp(static_cast<double>(v) - m);
-    double const lse = m + std::log(s);
-    total += lse * lse;
-    if (!d_logits.empty()) {
-      // ∂/∂l_e of c·mean(lse²) = c · 2·lse/T · softmax_e.
-      double const g = scale * c * 2.0 * lse / static_cast<double>(tokens);
-      for (std::int64_t e = 0; e < experts; ++e)
-        d_logits[static_cast<std::size_t>(t * experts + e)] += static_cast<Real>(
-            g * std::exp(static_cast<double>(row[static_cast<std::size_t>(e)]) - m) / s);
-    }
-  }
   return c * total / static_cast<double>(tokens);
+}
+
+/// Adds `scale · ∂z/∂logits` of `z_loss` to `d_logits` `[T, E]`.
+template <class Real, class Exec>
+void z_loss_backward(Exec const& exec, View<Real const, typename Exec::memory_space> logits,
+                     double coeff, int tp_cp_size, double scale,
+                     View<Real, typename Exec::memory_space> d_logits) {
+  if (logits.rows() == 0) return;
+  ops::z_loss_backward(exec, logits, coeff / tp_cp_size, scale, d_logits);
 }
 
 }  // namespace v0

@@ -8,7 +8,8 @@
 /// (`detail::mix64`), so every folding, and an activation recomputation, sees the same noise:
 ///
 ///   moefold::JitterKey const key{.seed = run_seed, .step = step, .layer_key = layer_number};
-///   moefold::apply_input_jitter<float>(key, x, global_token_ids, hidden, 0.01, x);  // in place
+///   moefold::apply_input_jitter<float>(exec, key, x, global_token_ids, hidden, 0.01, x);  // in
+///   place
 ///
 /// Megatron jitters whenever `moe_input_jitter_eps` is set, in evaluation as well as training
 /// (its `apply_input_jitter` has no `self.training` check). moefold's router deliberately jitters
@@ -19,18 +20,15 @@
 /// gradient: d_x = apply_input_jitter(key, d_out, ...).
 
 #include <cstdint>
-#include <span>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
-#include "moefold/core/init.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/jitter.hpp"
 
 namespace moefold {
 inline namespace v0 {
-
-namespace detail {
-/// Separates the jitter's random stream from every other user of `mix64` under the same seed.
-inline constexpr std::uint64_t kJitterDomain = hash_name("moefold.moe.input_jitter");
-}  // namespace detail
 
 /// Which noise one router call draws: the same key and token ids give the same noise on every
 /// rank and in every folding. A global token index must be unique within a step, so `step`
@@ -41,33 +39,25 @@ struct JitterKey {
   std::uint64_t layer_key = 0;  ///< tells routers apart, e.g. the global layer number
 };
 
-/// The jitter factor of feature `feature` of global token `token`: uniform in
-/// [1 − eps, 1 + eps] over the key (53 random bits), exactly 1 when eps = 0. Changing any one of
-/// the five key components changes the underlying 64-bit hash (each step of the chain is a
-/// bijection of the previous one).
-constexpr double jitter_factor(std::uint64_t seed, std::uint64_t step, std::uint64_t layer_key,
-                               std::uint64_t token, std::uint64_t feature, double eps) noexcept {
-  std::uint64_t h = detail::mix64(seed ^ detail::kJitterDomain);
-  h = detail::mix64(h ^ step);
-  h = detail::mix64(h ^ layer_key);
-  h = detail::mix64(h ^ token);
-  h = detail::mix64(h ^ feature);
-  return 1.0 + eps * (2.0 * detail::unit(h) - 1.0);  // 2u − 1 ∈ [−1, 1), exact
-}
+/// The jitter factor of feature `feature` of global token `token` (ops/jitter.hpp).
+using ops::jitter_factor;
 
 /// Writes out[t·hidden + h] = x[t·hidden + h] · jitter_factor(key…, token_ids[t], h, eps) for
 /// the row-major [token_ids.size(), hidden] input `x`; the product is formed in double and
-/// rounded to `Real` once, so eps = 0 returns `x` exactly. `out` may alias `x`.
+/// rounded to `Real` once, so eps = 0 returns `x` exactly. `out` may alias `x`. The token ids
+/// live in the instance's memory (checked on the host when it can read them).
 ///
 /// Preconditions: hidden ≥ 1, `x.size() == out.size() == token_ids.size()·hidden`, eps ≥ 0,
 /// every token id ≥ 0. Throws `moefold::error` (invalid_argument) otherwise.
-template <class Real>
-void apply_input_jitter(JitterKey const& key, std::span<Real const> x,
-                        std::span<std::int64_t const> token_ids, std::int64_t hidden, double eps,
-                        std::span<Real> out) {
+template <class Real, class Exec>
+void apply_input_jitter(
+    Exec const& exec, JitterKey const& key,
+    std::type_identity_t<View<Real const, typename Exec::memory_space>> x,
+    std::type_identity_t<View<std::int64_t const, typename Exec::memory_space>> token_ids,
+    std::int64_t hidden, double eps,
+    std::type_identity_t<View<Real, typename Exec::memory_space>> out) {
   MOEFOLD_EXPECTS(hidden >= 1, "apply_input_jitter: hidden size {} must be at least 1", hidden);
-  auto const h_count = static_cast<std::size_t>(hidden);
-  auto const n = token_ids.size() * h_count;
+  auto const n = token_ids.size() * hidden;
   MOEFOLD_EXPECTS(x.size() == n,
                   "apply_input_jitter: x holds {} values, but {} tokens × hidden {} need {}",
                   x.size(), token_ids.size(), hidden, n);
@@ -75,17 +65,16 @@ void apply_input_jitter(JitterKey const& key, std::span<Real const> x,
                   "apply_input_jitter: out holds {} values, but {} tokens × hidden {} need {}",
                   out.size(), token_ids.size(), hidden, n);
   MOEFOLD_EXPECTS(eps >= 0, "apply_input_jitter: eps {} must be ≥ 0", eps);
+  MOEFOLD_EXPECTS(x.contiguous() && out.contiguous() && token_ids.contiguous(),
+                  "apply_input_jitter: strided views");
   // Checked before writing anything, since `out` may alias `x`.
-  for (std::size_t t = 0; t < token_ids.size(); ++t)
-    MOEFOLD_EXPECTS(token_ids[t] >= 0, "apply_input_jitter: token id {} at row {} is negative",
-                    token_ids[t], t);
-  for (std::size_t t = 0; t < token_ids.size(); ++t) {
-    auto const token = static_cast<std::uint64_t>(token_ids[t]);
-    for (std::size_t h = 0; h < h_count; ++h) {
-      double const f = jitter_factor(key.seed, key.step, key.layer_key, token, h, eps);
-      out[t * h_count + h] = static_cast<Real>(static_cast<double>(x[t * h_count + h]) * f);
-    }
-  }
+  if constexpr (Exec::memory_space::host_accessible)
+    for (std::int64_t t = 0; t < token_ids.size(); ++t)
+      MOEFOLD_EXPECTS(token_ids[t] >= 0, "apply_input_jitter: token id {} at row {} is negative",
+                      token_ids[t], t);
+  for_each(exec, n,
+           ops::InputJitter<Real>{x.data(), token_ids.data(), hidden, key.seed, key.step,
+                                  key.layer_key, eps, out.data()});
 }
 
 }  // namespace v0

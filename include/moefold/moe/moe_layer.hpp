@@ -8,7 +8,7 @@
 ///            ─▶ dispatcher combine (probabilities applied) ─▶ + shared expert (tp, SP) ─▶ y
 ///
 ///   using Layer = moefold::MoELayer<moefold::Cpu,
-///                                   moefold::TopKRouter<moefold::SoftmaxScore>,
+///                                   moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore>,
 ///                                   moefold::AllToAllDispatcher<moefold::Dropless>,
 ///                                   moefold::GroupedGemmExperts<moefold::SwiGLU>,
 ///                                   moefold::inproc::Communicator>;
@@ -76,8 +76,8 @@ struct MoELayerConfig {
 namespace detail {
 template <class R>
 struct router_traits;
-template <class Score, class Real>
-struct router_traits<TopKRouter<Score, Real>> {
+template <class Exec, class Score, class Real>
+struct router_traits<TopKRouter<Exec, Score, Real>> {
   using real_type = Real;
 };
 
@@ -108,7 +108,7 @@ Drop make_drop_policy(RouterConfig const& c) {
 }
 }  // namespace detail
 
-/// A router policy: a `TopKRouter<Score, Real>`.
+/// A router policy: a `TopKRouter<Exec, Score, Real>`.
 template <class R>
 concept MoERouterPolicy = requires { typename detail::router_traits<R>::real_type; };
 
@@ -329,7 +329,7 @@ class MoELayer {
 /// The default MoE block for a decoder layer's MLP slot: softmax top-k router, dropless
 /// all-to-all dispatcher, SwiGLU grouped-GEMM experts on the CPU.
 template <class T, Communicator Comm>
-using DefaultMoELayer = MoELayer<Cpu, TopKRouter<SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
+using DefaultMoELayer = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
                                  GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>;
 
 }  // namespace v0

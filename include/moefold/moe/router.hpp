@@ -1,27 +1,35 @@
 #pragma once
 /// \file
-/// `TopKRouter<Score, Real>`: Megatron's router (spec §2.2) — gating logits from a weight
+/// `TopKRouter<Exec, Score, Real>`: Megatron's router (spec §2.2) — gating logits from a weight
 /// `[E, H]`, score function and (group-limited) top-k, expert bias for aux-loss-free balancing,
-/// load-balancing losses and z-loss, forward and backward. Token dropping is a dispatcher policy
+/// load-balancing losses and z-loss, forward and backward. Written once against an execution
+/// instance: the per-token arithmetic runs as bodies of the ops tier (ops/router.hpp,
+/// ops/aux_loss.hpp), the GEMMs through `gemm(exec_, …)`; statistics, counts and collectives
+/// stay host metadata. Token dropping is a dispatcher policy
 /// (capacity.hpp): it is decided per source rank on the routing this router returns.
 ///
-///   moefold::TopKRouter<moefold::SoftmaxScore> router(cfg, hidden);
+///   moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore> router(cfg, hidden);
 ///   auto out = router.forward(x, tokens, {.tp_cp = &groups.tp_cp()},
 ///                             {.mode = ForwardMode::train, .batch = B, .microbatch = mb});
 ///   auto dx = router.backward(d_probs);                                  // + router.weight_grad()
 
+#include <fmt/format.h>
 #include <algorithm>
-#include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <map>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
-#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/init.hpp"
-#include "moefold/exec/blas.hpp"
+#include "moefold/core/param.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/moe/aux_losses.hpp"
 #include "moefold/moe/input_jitter.hpp"
 #include "moefold/moe/router_config.hpp"
@@ -30,7 +38,9 @@
 #include "moefold/moe/sinkhorn.hpp"
 #include "moefold/moe/top_k.hpp"
 #include "moefold/nn/forward_context.hpp"
-#include "moefold/core/param.hpp"
+#include "moefold/ops/aux_loss.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/router.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -58,9 +68,9 @@ struct RouterOutput {
   double z_loss = 0;                     ///< 0 when no z-loss coefficient is set
 };
 
-/// The top-k router. Holds its weight `[E, H]`, the weight's gradient, the expert bias, the
-/// expert-bias counters and the per-step statistics of the auxiliary losses. One forward is
-/// followed by at most one backward.
+/// The top-k router on execution instance `Exec`. Holds its weight `[E, H]`, the weight's
+/// gradient, the expert bias, the expert-bias counters and the per-step statistics of the
+/// auxiliary losses. One forward is followed by at most one backward.
 ///
 /// Per-step state follows `ForwardContext` (Megatron's semantics, spec §2.2): a `train` forward
 /// reduces and keeps its statistics (per microbatch, for a later `recompute`) and advances the
@@ -68,48 +78,59 @@ struct RouterOutput {
 /// forward computes no auxiliary loss and changes nothing. Expert-bias counts are added by
 /// `count_routed`, from the routing after token dropping (the MoE layer calls it on `train`
 /// forwards). `reset_step_state` (the step finalizer) ends a step.
-template <RouterScore Score, class Real = float>
+///
+/// The routing it returns lives in host memory (`Routing` is host metadata for the
+/// dispatchers), so the instance's memory must be host-accessible for now.
+template <ExecutionInstance Exec, RouterScore Score, class Real = float>
 class TopKRouter {
  public:
+  using exec_type = Exec;
+  using memory_space = typename Exec::memory_space;
+  using value_type = Real;
+
   /// Throws `invalid_config` when `cfg` breaks a rule or names another score function.
   /// `weight_name` names the weight parameter (e.g. "layers.0.mlp.router.weight"); `seed` keys
   /// the input jitter's noise (with the step, the weight's name, the token and the feature).
-  TopKRouter(RouterConfig cfg, std::int64_t hidden_size, std::string weight_name = "router.weight",
-             std::uint64_t seed = 0)
-      : cfg_(std::move(cfg)), hidden_(hidden_size), seed_(seed) {
+  TopKRouter(Exec exec, RouterConfig cfg, std::int64_t hidden_size,
+             std::string weight_name = "router.weight", std::uint64_t seed = 0)
+      : exec_(std::move(exec)), cfg_(std::move(cfg)), hidden_(hidden_size), seed_(seed) {
     cfg_.validate();
     if (!Score::accepts(cfg_.moe_router_score_function))
       throw invalid_config(fmt::format(
           "moe_router_score_function = {} is not a variant of the router's score policy",
           name(cfg_.moe_router_score_function)));
     if (hidden_size < 1) throw invalid_config(fmt::format("hidden size {} < 1", hidden_size));
+    rule_ = router_rule(cfg_);
     auto const e = static_cast<std::size_t>(cfg_.num_experts);
     // Replicated across TP under sequence parallelism: its gradient is also summed over tp.
-    weight_ = Param<Real>::whole(std::move(weight_name), ParamClass::tp_replicated,
-                                 cfg_.num_experts, hidden_size);
+    weight_ = Param<Real, memory_space>::whole(std::move(weight_name), ParamClass::tp_replicated,
+                                               cfg_.num_experts, hidden_size);
     layer_key_ = detail::hash_name(weight_.name);
     if (cfg_.moe_router_enable_expert_bias) {
-      expert_bias_.assign(e, Real(0));
+      expert_bias_ = exec_.template allocate<Real>(cfg_.num_experts);
       local_tokens_per_expert_.assign(e, 0);
     }
     global_counts_.assign(e, 0.0);
-    sinkhorn_cfg_ = cfg_;
-    sinkhorn_cfg_.moe_router_pre_softmax = true;  // Sinkhorn's activation: softmax over all E
   }
+  TopKRouter(RouterConfig cfg, std::int64_t hidden_size, std::string weight_name = "router.weight",
+             std::uint64_t seed = 0) requires std::default_initializable<Exec>
+      : TopKRouter(Exec{}, std::move(cfg), hidden_size, std::move(weight_name), seed) {}
 
+  Exec const& exec() const noexcept { return exec_; }
   RouterConfig const& config() const noexcept { return cfg_; }
   std::int64_t hidden_size() const noexcept { return hidden_; }
   /// The weight `[E, H]` (Megatron's layout).
-  std::span<Real> weight() noexcept { return weight_.value; }
-  std::span<Real const> weight() const noexcept { return weight_.value; }
+  View<Real, memory_space> weight() noexcept { return weight_.value.view(); }
+  View<Real const, memory_space> weight() const noexcept { return weight_.value.view(); }
   /// The weight as a parameter (value and gradient), for gradient reduction and checkpoints.
-  Param<Real>& weight_param() noexcept { return weight_; }
+  Param<Real, memory_space>& weight_param() noexcept { return weight_; }
   /// The weight's gradient, accumulated by `backward`.
-  std::span<Real> weight_grad() noexcept { return weight_.grad; }
+  View<Real, memory_space> weight_grad() noexcept { return weight_.grad.view(); }
   /// The expert bias `[E]` (empty unless `moe_router_enable_expert_bias`).
-  std::span<Real> expert_bias() noexcept { return expert_bias_; }
+  View<Real, memory_space> expert_bias() noexcept { return expert_bias_.view(); }
   /// Routed tokens per expert since the last bias update `[E]` (empty unless
-  /// `moe_router_enable_expert_bias`). The step finalizer all-reduces them in place.
+  /// `moe_router_enable_expert_bias`; host metadata). The step finalizer all-reduces them in
+  /// place.
   std::span<std::int64_t> local_tokens_per_expert() noexcept { return local_tokens_per_expert_; }
   std::span<std::int64_t const> local_tokens_per_expert() const noexcept {
     return local_tokens_per_expert_;
@@ -122,7 +143,7 @@ class TopKRouter {
   /// logit that is NaN or infinite, a microbatch counted twice in a step, or a recompute of a
   /// microbatch that had no `train` forward.
   template <Communicator Comm>
-  RouterOutput<Real> forward(std::span<Real const> x, std::int64_t tokens,
+  RouterOutput<Real> forward(View<Real const, memory_space> x, std::int64_t tokens,
                              RouterGroups<Comm> groups, ForwardContext const& ctx = {}) {
     auto reduce = [](Comm* c, std::span<std::int64_t> v) {
       if (c) c->all_reduce(v, ReduceOp::sum);
@@ -134,7 +155,7 @@ class TopKRouter {
         [&](std::span<std::int64_t> v) { reduce(groups.tp_dp_cp, v); });
   }
   /// `forward` on one rank: every statistics group has one member.
-  RouterOutput<Real> forward(std::span<Real const> x, std::int64_t tokens,
+  RouterOutput<Real> forward(View<Real const, memory_space> x, std::int64_t tokens,
                              ForwardContext const& ctx = {}) {
     auto none = [](std::span<std::int64_t>) {};
     return forward_impl(x, tokens, ctx, 1, 1, none, none);
@@ -155,52 +176,48 @@ class TopKRouter {
   /// Backward of the last `forward`: `d_probs [T, E]` is the gradient of the loss with respect
   /// to `routing.probs` (entries outside the routing are ignored); the auxiliary losses and the
   /// z-loss enter with weight `aux_loss_scale` (Megatron's attached-loss scale, spec §2.2.1;
-  /// `aux_loss_gradient_scale` gives it). Accumulates into `weight_grad()` and returns the
-  /// gradient of the input `[T, H]`.
-  std::vector<Real> backward(std::span<Real const> d_probs, double aux_loss_scale = 1.0) {
+  /// `aux_loss_gradient_scale` gives it). Accumulates into `weight_grad()` and writes the
+  /// gradient of the input `[T, H]` to `dx`.
+  void backward(View<Real const, memory_space> d_probs, View<Real, memory_space> dx,
+                double aux_loss_scale = 1.0) {
     auto const t_count = tokens_;
-    auto const e_count = static_cast<std::size_t>(cfg_.num_experts);
-    auto const k_count = static_cast<std::size_t>(cfg_.moe_router_topk);
-    MOEFOLD_EXPECTS(d_probs.size() == static_cast<std::size_t>(t_count) * e_count,
-                    "TopKRouter::backward: d_probs has {} entries, expected T·E = {}·{}",
-                    d_probs.size(), t_count, e_count);
-    std::vector<Real> d_logits(logits_.size(), Real(0));
-    std::vector<Real> scratch(2 * e_count), dk(k_count);
-    Real const scale = prob_scale();
-    for (std::int64_t t = 0; t < t_count; ++t) {
-      auto const row = static_cast<std::size_t>(t) * e_count;
-      auto const idx =
-          std::span<int const>(topk_).subspan(static_cast<std::size_t>(t) * k_count, k_count);
-      for (std::size_t k = 0; k < k_count; ++k)
-        dk[k] = scale * d_probs[row + static_cast<std::size_t>(idx[k])];
-      auto lrow = std::span<Real const>(logits_).subspan(row, e_count);
-      auto drow = std::span<Real>(d_logits).subspan(row, e_count);
-      if (cfg_.sinkhorn())
-        sinkhorn_activation_backward(lrow, idx, dk, drow, scratch);
-      else
-        Score::template backward<Real>(cfg_, lrow, idx, dk, drow, scratch);
-      if (has_aux_) {
-        auto s = std::span<Real>(scratch).first(e_count);
-        for (std::size_t e = 0; e < e_count; ++e)
-          s[e] = static_cast<Real>(aux_loss_scale) * aux_d_scores_[row + e];
-        Score::template aux_scores_backward<Real>(
-            cfg_, lrow, std::span<Real const>(aux_scores_).subspan(row, e_count), s, drow);
-      }
-    }
-    if (has_z_)
-      z_loss<Real>(logits_, t_count, cfg_.num_experts, *cfg_.moe_z_loss_coeff, tp_cp_size_,
-                   d_logits, aux_loss_scale * per_token_factor_);
+    auto const e = static_cast<std::int64_t>(cfg_.num_experts);
+    auto const k = static_cast<std::int64_t>(cfg_.moe_router_topk);
     auto const h = hidden_;
-    auto const e = static_cast<std::int64_t>(e_count);
+    MOEFOLD_EXPECTS(d_probs.size() == t_count * e,
+                    "TopKRouter::backward: d_probs has {} entries, expected T·E = {}·{}",
+                    d_probs.size(), t_count, e);
+    MOEFOLD_EXPECTS(dx.size() == t_count * h && dx.contiguous(),
+                    "TopKRouter::backward: dx has {} entries, expected T·H = {}·{}", dx.size(),
+                    t_count, h);
+    auto const logits = View<Real const, memory_space>(logits_.view(t_count, e));
+    auto const d_logits = sized(d_logits_, t_count * e).reshaped(t_count, e);
+    ops::route_backward<Score>(exec_, rule_, logits, View<int const, memory_space>(topk_.view()),
+                               d_probs,
+                               has_aux_ ? View<Real const, memory_space>(aux_scores_.view())
+                                        : View<Real const, memory_space>(),
+                               View<Real const, memory_space>(aux_d_scores_.view()), prob_scale(),
+                               static_cast<Real>(aux_loss_scale), d_logits, sized(dk_, t_count * k),
+                               sized(backward_scratch_, 2 * t_count * e));
+    if (has_z_)
+      z_loss_backward<Real>(exec_, logits, *cfg_.moe_z_loss_coeff, tp_cp_size_,
+                            aux_loss_scale * per_token_factor_, d_logits);
     // dW [E, H] += d_logitsᵀ [E, T] · x [T, H];  dx [T, H] = d_logits [T, E] · W [E, H].
-    gemm<Real>(Trans::yes, Trans::no, e, h, t_count, Real(1), d_logits.data(), e, x_.data(), h,
-               Real(1), weight_.grad.data(), h);
-    std::vector<Real> dx(static_cast<std::size_t>(t_count * h), Real(0));
-    gemm<Real>(Trans::no, Trans::no, t_count, h, e, Real(1), d_logits.data(), e,
-               weight_.value.data(), h, Real(0), dx.data(), h);
-    if (!jitter_tokens_.empty())  // x_ is x ⊙ noise: d x = d x_jittered ⊙ noise (same map)
-      apply_input_jitter<Real>(jitter_key_, dx, jitter_tokens_, h, *cfg_.moe_input_jitter_eps,
-                               std::span<Real>(dx));
+    View<Real const, memory_space> const dl = d_logits;
+    gemm<Real>(exec_, Trans::yes, Trans::no, Real(1), dl, x_.view(t_count, h), Real(1),
+               weight_.grad.view(e, h));
+    auto const dx2 = dx.reshaped(t_count, h);
+    ops::fill(exec_, dx2, Real(0));
+    gemm<Real>(exec_, Trans::no, Trans::no, Real(1), dl, weight_.value.view(e, h), Real(0), dx2);
+    if (jittered_)  // x_ is x ⊙ noise: d x = d x_jittered ⊙ noise (same map)
+      apply_input_jitter<Real>(exec_, jitter_key_, dx, jitter_tokens_.view(), h,
+                               *cfg_.moe_input_jitter_eps, dx);
+  }
+  /// `backward` into a new buffer `[T, H]`.
+  Buffer<Real, memory_space> backward(View<Real const, memory_space> d_probs,
+                                      double aux_loss_scale = 1.0) {
+    auto dx = exec_.template allocate<Real>(tokens_ * hidden_);
+    backward(d_probs, dx.view(), aux_loss_scale);
     return dx;
   }
 
@@ -213,11 +230,11 @@ class TopKRouter {
     double mean = 0;
     for (auto c : local_tokens_per_expert_) mean += static_cast<double>(c);
     mean /= static_cast<double>(local_tokens_per_expert_.size());
-    for (std::size_t e = 0; e < expert_bias_.size(); ++e) {
-      double const d = mean - static_cast<double>(local_tokens_per_expert_[e]);
-      expert_bias_[e] += static_cast<Real>(cfg_.moe_router_bias_update_rate *
-                                           static_cast<double>((d > 0) - (d < 0)));
-    }
+    auto const counts =
+        sized(bias_counts_, static_cast<std::int64_t>(local_tokens_per_expert_.size()));
+    copy<std::int64_t>(exec_, View<std::int64_t const>(local_tokens_per_expert_), counts);
+    ops::expert_bias_update(exec_, View<std::int64_t const, memory_space>(counts), mean,
+                            cfg_.moe_router_bias_update_rate, expert_bias_.view());
     std::fill(local_tokens_per_expert_.begin(), local_tokens_per_expert_.end(), 0);
   }
   /// `apply_expert_bias_update` after summing the counters over `tp_dp_cp` (null: one rank).
@@ -242,38 +259,35 @@ class TopKRouter {
   /// per enabled load-balancing type, the counts its loss used.
   using Statistics = std::vector<std::vector<double>>;
 
+  /// `b` as n elements (reallocated only when its size changes: per-step temporaries reuse it).
+  template <class U>
+  View<U, memory_space> sized(Buffer<U, memory_space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<U>(n);
+    return b.view();
+  }
+  /// Host copies of n elements of a buffer of the instance (statistics, flags).
+  template <class U>
+  std::vector<U> to_host(View<U const, memory_space> v) const {
+    std::vector<U> out(static_cast<std::size_t>(v.size()));
+    copy<U>(exec_, v, View<U>(out));
+    return out;
+  }
+
   Real prob_scale() const noexcept {
     return cfg_.moe_router_topk_scaling_factor && !cfg_.sinkhorn()
                ? static_cast<Real>(*cfg_.moe_router_topk_scaling_factor)
                : Real(1);
   }
 
-  /// Sinkhorn's activation on one token's logits: sigmoid for top-1, softmax over all E above.
-  void sinkhorn_activation(std::span<Real const> logits, std::span<Real> out) const {
-    if (cfg_.moe_router_topk == 1)
-      for (std::size_t e = 0; e < logits.size(); ++e) out[e] = detail::sigmoid(logits[e]);
-    else
-      detail::softmax_row(logits, out);
-  }
-  void sinkhorn_activation_backward(std::span<Real const> logits, std::span<int const> idx,
-                                    std::span<Real const> dk, std::span<Real> d_logits,
-                                    std::span<Real> scratch) const {
-    if (cfg_.moe_router_topk == 1)  // one chosen score, not renormalized
-      SigmoidScore::template backward<Real>(cfg_, logits, idx, dk, d_logits, scratch);
-    else
-      SoftmaxScore::template backward<Real>(sinkhorn_cfg_, logits, idx, dk, d_logits, scratch);
-  }
-
   template <class ReduceTpCp, class ReduceTpDpCp>
-  RouterOutput<Real> forward_impl(std::span<Real const> x, std::int64_t tokens,
+  RouterOutput<Real> forward_impl(View<Real const, memory_space> x, std::int64_t tokens,
                                   ForwardContext const& ctx, int tp_cp_size, int tp_dp_cp_size,
                                   ReduceTpCp&& reduce_tp_cp, ReduceTpDpCp&& reduce_tp_dp_cp) {
     auto const h = hidden_;
-    auto const e_count = static_cast<std::size_t>(cfg_.num_experts);
-    auto const k_count = static_cast<std::size_t>(cfg_.moe_router_topk);
-    auto const e = static_cast<std::int64_t>(e_count);
+    auto const e = static_cast<std::int64_t>(cfg_.num_experts);
+    auto const k = static_cast<std::int64_t>(cfg_.moe_router_topk);
     bool const training = ctx.mode != ForwardMode::eval;
-    MOEFOLD_EXPECTS(tokens >= 0 && x.size() == static_cast<std::size_t>(tokens * h),
+    MOEFOLD_EXPECTS(tokens >= 0 && x.size() == tokens * h,
                     "TopKRouter::forward: input has {} elements, expected T·H = {}·{}", x.size(),
                     tokens, h);
     if (ctx.batch != 0)
@@ -299,8 +313,9 @@ class TopKRouter {
     }
     tokens_ = tokens;
     tp_cp_size_ = tp_cp_size;
-    x_.assign(x.begin(), x.end());
-    jitter_tokens_.clear();
+    auto const xs = sized(x_, tokens * h);
+    copy<Real>(exec_, x, xs);
+    jittered_ = false;
     if (cfg_.moe_input_jitter_eps && *cfg_.moe_input_jitter_eps > 0 && training) {
       MOEFOLD_EXPECTS(ctx.token_index.size() == static_cast<std::size_t>(tokens),
                       "TopKRouter::forward: moe_input_jitter_eps needs the global index of each "
@@ -308,57 +323,32 @@ class TopKRouter {
                       tokens, ctx.token_index.size());
       jitter_key_ = JitterKey{
           .seed = seed_, .step = static_cast<std::uint64_t>(ctx.step), .layer_key = layer_key_};
-      jitter_tokens_.assign(ctx.token_index.begin(), ctx.token_index.end());
-      apply_input_jitter<Real>(jitter_key_, x, jitter_tokens_, h, *cfg_.moe_input_jitter_eps,
-                               std::span<Real>(x_));
+      auto const ids = sized(jitter_tokens_, tokens);
+      copy<std::int64_t>(exec_, View<std::int64_t const>(ctx.token_index), ids);
+      apply_input_jitter<Real>(exec_, jitter_key_, x, ids, h, *cfg_.moe_input_jitter_eps, xs);
+      jittered_ = true;
     }
-    logits_.assign(static_cast<std::size_t>(tokens) * e_count, Real(0));
-    gemm<Real>(Trans::no, Trans::yes, tokens, e, h, Real(1), x_.data(), h, weight_.value.data(), h,
-               Real(0), logits_.data(), e);
-    for (std::size_t i = 0; i < logits_.size(); ++i)
-      MOEFOLD_EXPECTS(std::isfinite(static_cast<double>(logits_[i])),
-                      "TopKRouter::forward: logit of token {} for expert {} is {} (NaN or "
-                      "infinite input or weight)",
-                      i / e_count, i % e_count, static_cast<double>(logits_[i]));
+    auto const logits = sized(logits_, tokens * e).reshaped(tokens, e);
+    ops::fill(exec_, logits, Real(0));
+    gemm<Real>(exec_, Trans::no, Trans::yes, Real(1), xs.reshaped(tokens, h),
+               weight_.value.view(e, h), Real(0), logits);
+    check_finite(tokens, e);
 
     RouterOutput<Real> out;
     out.routing = Routing<Real>::empty(tokens, e);
-    topk_.assign(static_cast<std::size_t>(tokens) * k_count, 0);
-    std::vector<Real> sel(e_count), probs(k_count),
-        scratch(2 * e_count + cfg_.moe_router_num_groups + e_count);
-    std::vector<Real> normalized;  // Sinkhorn's selection values in training [T, E]
+    View<Real const, memory_space> select;  // Sinkhorn's selection values in training [T, E]
     if (cfg_.sinkhorn() && training) {
-      normalized.resize(logits_.size());
-      sinkhorn<Real>(logits_, tokens, e, normalized);
+      auto const normalized = sized(normalized_, tokens * e);
+      sinkhorn<Real>(exec_, logits, tokens, e, normalized);
+      select = normalized;
     }
-    Real const scale = prob_scale();
-    for (std::int64_t t = 0; t < tokens; ++t) {
-      auto const row = static_cast<std::size_t>(t) * e_count;
-      auto lrow = std::span<Real const>(logits_).subspan(row, e_count);
-      auto idx = std::span<int>(topk_).subspan(static_cast<std::size_t>(t) * k_count, k_count);
-      if (cfg_.sinkhorn()) {
-        // Selected on the Sinkhorn-normalized logits in training, on the activation otherwise;
-        // the probabilities are the activation's, not renormalized (Megatron's S-BASE).
-        sinkhorn_activation(lrow, sel);
-        top_k<Real>(training ? std::span<Real const>(normalized).subspan(row, e_count)
-                             : std::span<Real const>(sel),
-                    idx);
-        for (std::size_t k = 0; k < k_count; ++k) probs[k] = sel[static_cast<std::size_t>(idx[k])];
-      } else {
-        Score::template selection_values<Real>(cfg_, lrow, expert_bias_, sel);
-        if (cfg_.moe_router_num_groups > 0)
-          group_limited_top_k<Real>(sel, cfg_.moe_router_num_groups, cfg_.moe_router_group_topk,
-                                    idx, scratch);
-        else
-          top_k<Real>(sel, idx);
-        Score::template probs<Real>(cfg_, lrow, idx, probs, scratch);
-      }
-      for (std::size_t k = 0; k < k_count; ++k) {
-        auto const at = row + static_cast<std::size_t>(idx[k]);
-        out.routing.map[at] = Route::routed;
-        out.routing.probs[at] = scale * probs[k];
-      }
-    }
+    ops::route_tokens<Score>(exec_, rule_, View<Real const, memory_space>(logits),
+                             View<Real const, memory_space>(expert_bias_.view()), select,
+                             prob_scale(), sized(topk_, tokens * k),
+                             View<Route, memory_space>(out.routing.map), Route::routed,
+                             View<Real, memory_space>(out.routing.probs), sized(sel_, tokens * e),
+                             sized(route_scratch_, tokens * ops::route_scratch_stride(rule_)),
+                             sized(top_probs_, tokens * k));
 
     // Auxiliary losses and z-loss: training and recompute only (Megatron: training with grad).
     // Per-token-loss mode attaches them multiplied by this rank's tokens · |tp_cp| (spec §2.2).
@@ -375,11 +365,29 @@ class TopKRouter {
                   replay, kept);
     has_z_ = training && cfg_.moe_z_loss_coeff.has_value();
     if (has_z_)
-      out.z_loss =
-          per_token_factor_ * z_loss<Real>(logits_, tokens, e, *cfg_.moe_z_loss_coeff, tp_cp_size);
+      out.z_loss = per_token_factor_ * z_loss<Real>(exec_, View<Real const, memory_space>(logits),
+                                                    *cfg_.moe_z_loss_coeff, tp_cp_size, z_work_);
     if (ctx.mode == ForwardMode::train && ctx.microbatch >= 0)
       replay_.emplace(ctx.microbatch, std::move(kept));
     return out;
+  }
+
+  /// Throws naming the first token (and its first expert) whose logit is NaN or infinite.
+  void check_finite(std::int64_t tokens, std::int64_t e) {
+    auto const bad = sized(non_finite_, tokens);
+    ops::first_non_finite(exec_, View<Real const, memory_space>(logits_.view(tokens, e)), bad);
+    auto const rows = to_host(View<std::int64_t const, memory_space>(bad));
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      auto const c = rows[static_cast<std::size_t>(t)];
+      if (c < 0) continue;
+      Real v{};
+      copy<Real>(exec_, View<Real const, memory_space>(logits_.data() + t * e + c, 1),
+                 View<Real>(&v, 1));
+      MOEFOLD_EXPECTS(false,
+                      "TopKRouter::forward: logit of token {} for expert {} is {} (NaN or "
+                      "infinite input or weight)",
+                      t, c, static_cast<double>(v));
+    }
   }
 
   static constexpr bool is_aux_type(LoadBalancingType t) noexcept {
@@ -394,8 +402,8 @@ class TopKRouter {
                    int tp_dp_cp_size, ReduceTpCp& reduce_tp_cp, ReduceTpDpCp& reduce_tp_dp_cp,
                    Statistics const* replay, Statistics& kept) {
     auto const e_count = static_cast<std::size_t>(cfg_.num_experts);
-    auto const k_count = static_cast<std::size_t>(cfg_.moe_router_topk);
     auto const e = static_cast<std::int64_t>(e_count);
+    auto const k_count = static_cast<std::int64_t>(cfg_.moe_router_topk);
     bool const seq =
         std::find(cfg_.moe_router_load_balancing_type.begin(),
                   cfg_.moe_router_load_balancing_type.end(),
@@ -404,29 +412,29 @@ class TopKRouter {
                     "TopKRouter::forward: seq_aux_loss needs the micro-batch size B of the "
                     "[S_loc, B] token layout (ForwardContext::batch is {})",
                     batch);
-    auto const b_count = static_cast<std::size_t>(std::max<std::int64_t>(batch, 1));
-    aux_scores_.assign(logits_.size(), Real(0));
-    aux_d_scores_.assign(logits_.size(), Real(0));
+    auto const b_count = std::max<std::int64_t>(batch, 1);
     // Scores over all E and a plain top-K map: no groups, no bias, no dropping.
-    std::vector<int> idx(k_count);
-    std::vector<std::int64_t> counts(e_count, 0), seq_counts(b_count * e_count, 0);
-    std::vector<Real> sums(e_count, Real(0)), seq_sums(b_count * e_count, Real(0));
-    for (std::int64_t t = 0; t < tokens; ++t) {
-      auto const row = static_cast<std::size_t>(t) * e_count;
-      auto s = std::span<Real>(aux_scores_).subspan(row, e_count);
-      Score::template aux_scores<Real>(cfg_, std::span<Real const>(logits_).subspan(row, e_count),
-                                       s);
-      top_k<Real>(std::span<Real const>(s), idx);
-      auto const b = static_cast<std::size_t>(t) % b_count;
-      for (int i : idx) {
-        ++counts[static_cast<std::size_t>(i)];
-        ++seq_counts[b * e_count + static_cast<std::size_t>(i)];
-      }
-      for (std::size_t c = 0; c < e_count; ++c) {
-        sums[c] += s[c];
-        seq_sums[b * e_count + c] += s[c];
-      }
-    }
+    auto const logits = View<Real const, memory_space>(logits_.view(tokens, e));
+    auto const scores = sized(aux_scores_, tokens * e).reshaped(tokens, e);
+    auto const d_scores = sized(aux_d_scores_, tokens * e).reshaped(tokens, e);
+    ops::fill(exec_, d_scores, Real(0));
+    auto const idx = sized(aux_topk_, tokens * k_count);
+    ops::aux_scores_top_k<Score>(exec_, rule_, logits, scores, idx);
+    // Per expert (and per sequence slot b = t mod B): tokens choosing it, column sums.
+    auto statistics_of = [&](std::int64_t slots, Buffer<std::int64_t, memory_space>& counts,
+                             Buffer<Real, memory_space>& sums) {
+      auto const c = sized(counts, slots * e);
+      auto const s = sized(sums, slots * e);
+      auto const keys = slots > 1 ? sized(aux_keys_, tokens * k_count) : aux_keys_.view();
+      ops::column_statistics(exec_, View<int const, memory_space>(idx),
+                             View<Real const, memory_space>(scores), k_count, slots, keys, c, s);
+      return std::pair(to_host(View<std::int64_t const, memory_space>(c)),
+                       to_host(View<Real const, memory_space>(s)));
+    };
+    auto const [counts, sums] = statistics_of(1, counts_, sums_);
+    std::vector<std::int64_t> seq_counts;
+    std::vector<Real> seq_sums;
+    if (seq) std::tie(seq_counts, seq_sums) = statistics_of(b_count, seq_counts_, seq_sums_);
     // The counts loss i uses: replayed, or reduced over its group now (and kept).
     auto statistics = [&](std::size_t i, std::vector<std::int64_t> local, auto& reduce) {
       if (replay) {
@@ -439,6 +447,12 @@ class TopKRouter {
       reduce(std::span<std::int64_t>(local));
       std::vector<double> n(local.begin(), local.end());
       return n;
+    };
+    // d_scores += w · n[(t mod slots)·E + c]
+    auto add_gradient = [&](std::vector<double> const& n, std::int64_t slots, double w) {
+      auto const nd = sized(counts_gradient_, static_cast<std::int64_t>(n.size()));
+      copy<double>(exec_, View<double const>(n), nd);
+      ops::add_counts_gradient(exec_, View<double const, memory_space>(nd), slots, w, d_scores);
     };
     int const k = cfg_.moe_router_topk;
     kept.assign(cfg_.moe_router_load_balancing_type.size(), {});
@@ -453,18 +467,14 @@ class TopKRouter {
         double const ttot = static_cast<double>(tokens) * tp_cp_size;
         value = switch_load_balancing_loss<Real, double>(sums, n, e, k, ttot, coeff);
         double const w = switch_loss_weight(e, k, ttot, coeff) * per_token_factor_;
-        for (std::size_t a = 0; a < aux_d_scores_.size(); ++a)
-          aux_d_scores_[a] += static_cast<Real>(w * n[a % e_count]);
+        add_gradient(n, 1, w);
       } else if (type == LoadBalancingType::seq_aux_loss) {
         n = statistics(i, seq_counts, reduce_tp_cp);
         auto const bb = static_cast<double>(b_count);
         double const ttot = static_cast<double>(tokens) / bb * tp_cp_size;
         value = switch_load_balancing_loss<Real, double>(seq_sums, n, e, k, ttot, coeff) / bb;
         double const w = switch_loss_weight(e, k, ttot, coeff) / bb * per_token_factor_;
-        for (std::size_t a = 0; a < aux_d_scores_.size(); ++a) {
-          auto const t = a / e_count;
-          aux_d_scores_[a] += static_cast<Real>(w * n[(t % b_count) * e_count + a % e_count]);
-        }
+        add_gradient(n, b_count, w);
       } else {  // global_aux_loss: the running mean of the step's reduced counts
         n = statistics(i, counts, reduce_tp_dp_cp);
         if (!replay) {  // a train forward: the running mean over the step's microbatches
@@ -478,35 +488,46 @@ class TopKRouter {
         double const ttot = static_cast<double>(tokens) * tp_dp_cp_size;
         value = switch_load_balancing_loss<Real, double>(sums, n, e, k, ttot, coeff);
         double const w = switch_loss_weight(e, k, ttot, coeff) * per_token_factor_;
-        for (std::size_t a = 0; a < aux_d_scores_.size(); ++a)
-          aux_d_scores_[a] += static_cast<Real>(w * n[a % e_count]);
+        add_gradient(n, 1, w);
       }
       out.aux_losses.push_back({type, value * per_token_factor_});
       kept[i] = std::move(n);
     }
   }
 
+  Exec exec_;
   RouterConfig cfg_;
-  RouterConfig sinkhorn_cfg_;  // cfg_ with pre-softmax: the backward of Sinkhorn's softmax
+  ops::RouterRule rule_;
   std::int64_t hidden_;
   std::uint64_t seed_ = 0;
   std::uint64_t layer_key_ = 0;
-  Param<Real> weight_;
-  std::vector<Real> expert_bias_;
-  std::vector<std::int64_t> local_tokens_per_expert_;
+  Param<Real, memory_space> weight_;
+  Buffer<Real, memory_space> expert_bias_;
+  std::vector<std::int64_t> local_tokens_per_expert_;  // host metadata
   std::vector<double> global_counts_;
   std::int64_t global_steps_ = 0;
   std::map<int, Statistics> replay_;  // this step's train forwards, by microbatch
   // Saved by forward for backward.
   std::int64_t tokens_ = 0;
   int tp_cp_size_ = 1;
-  bool has_aux_ = false, has_z_ = false;
+  bool has_aux_ = false, has_z_ = false, jittered_ = false;
   double per_token_factor_ = 1.0;
   JitterKey jitter_key_;
-  std::vector<std::int64_t> jitter_tokens_;  // empty: no jitter in the last forward
-  std::vector<Real> x_, logits_, aux_scores_, aux_d_scores_;
-  std::vector<int> topk_;
+  Buffer<std::int64_t, memory_space> jitter_tokens_;
+  Buffer<Real, memory_space> x_, logits_, aux_scores_, aux_d_scores_;
+  Buffer<int, memory_space> topk_;
+  // Per-step temporaries, reused across calls.
+  Buffer<Real, memory_space> sel_, route_scratch_, top_probs_, normalized_, sums_, seq_sums_;
+  Buffer<Real, memory_space> d_logits_, dk_, backward_scratch_;
+  Buffer<int, memory_space> aux_topk_;
+  Buffer<std::int64_t, memory_space> counts_, seq_counts_, aux_keys_, non_finite_, bias_counts_;
+  Buffer<double, memory_space> counts_gradient_, z_work_;
 };
+
+namespace cpu {
+template <RouterScore Score, class Real = float>
+using TopKRouter = moefold::TopKRouter<Cpu, Score, Real>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

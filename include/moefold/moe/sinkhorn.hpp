@@ -21,27 +21,30 @@
 /// by some 1e-8 per iteration and a tol below ~1e-7 may never be reached (Megatron would loop
 /// forever).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <span>
-#include <vector>
 #include <fmt/format.h>
+#include <cstdint>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/sinkhorn.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 /// The guard Megatron adds to every row and column sum before dividing by it.
-inline constexpr double kSinkhornEps = 1e-8;
+using ops::kSinkhornEps;
 
 /// The most iterations `sinkhorn` runs by default before giving up. Megatron has no such cap
 /// and would loop forever where the iteration does not reach `tol`; we throw instead.
 inline constexpr std::int64_t kSinkhornMaxIterations = std::int64_t{1} << 20;
 
 /// Writes Megatron's `sinkhorn(logits, tol)` of the row-major [tokens, experts] `logits` to
-/// `out` (same shape; it may alias `logits`) and returns the number of iterations it ran.
+/// `out` (same shape; it may alias `logits`) and returns the number of iterations it ran. The
+/// steps run as bodies on `exec` (ops/sinkhorn.hpp); the host reads the change after each
+/// iteration to decide whether to go on.
 ///
 /// Computed in double whatever `Real` is, and rounded to `Real` once at the end. Megatron's
 /// router calls it on float32 (`logits.to(dtype=torch.float32)`), so results agree with it to
@@ -53,14 +56,16 @@ inline constexpr std::int64_t kSinkhornMaxIterations = std::int64_t{1} << 20;
 /// tol > 0, max_iterations ≥ 1. With tokens = 0 it writes nothing and returns 0 (Megatron
 /// divides by zero there). Throws `moefold::error` (invalid_argument) on a broken precondition
 /// and when `max_iterations` iterations do not bring the error to `tol`.
-template <class Real>
-std::int64_t sinkhorn(std::span<Real const> logits, std::int64_t tokens, std::int64_t experts,
-                      std::span<Real> out, double tol = 1e-4,
-                      std::int64_t max_iterations = kSinkhornMaxIterations) {
+template <class Real, class Exec>
+std::int64_t sinkhorn(Exec const& exec,
+                      std::type_identity_t<View<Real const, typename Exec::memory_space>> logits,
+                      std::int64_t tokens, std::int64_t experts,
+                      std::type_identity_t<View<Real, typename Exec::memory_space>> out,
+                      double tol = 1e-4, std::int64_t max_iterations = kSinkhornMaxIterations) {
   MOEFOLD_EXPECTS(tokens >= 0 && experts >= 1,
                   "sinkhorn: {} tokens and {} experts (need tokens ≥ 0 and experts ≥ 1)", tokens,
                   experts);
-  auto const n = static_cast<std::size_t>(tokens * experts);
+  auto const n = tokens * experts;
   MOEFOLD_EXPECTS(logits.size() == n,
                   "sinkhorn: logits hold {} values, but {} tokens × {} experts need {}",
                   logits.size(), tokens, experts, n);
@@ -70,13 +75,18 @@ std::int64_t sinkhorn(std::span<Real const> logits, std::int64_t tokens, std::in
   MOEFOLD_EXPECTS(tol > 0, "sinkhorn: tol {} must be positive", tol);
   MOEFOLD_EXPECTS(max_iterations >= 1, "sinkhorn: max_iterations {} must be at least 1",
                   max_iterations);
+  MOEFOLD_EXPECTS(logits.contiguous() && out.contiguous(), "sinkhorn: strided views");
   if (tokens == 0) return 0;
 
-  auto const t_count = static_cast<std::size_t>(tokens);
-  auto const e_count = static_cast<std::size_t>(experts);
-  std::vector<double> cost(n);
-  for (std::size_t i = 0; i < n; ++i) cost[i] = std::exp(static_cast<double>(logits[i]));
-  std::vector<double> d0(t_count, 1.0), d1(e_count, 1.0), d1_old(e_count, 1.0);
+  auto cost = exec.template allocate<double>(n);
+  auto d0 = exec.template allocate<double>(tokens);
+  auto d1 = exec.template allocate<double>(experts);
+  auto d1_old = exec.template allocate<double>(experts);
+  auto change_dev = exec.template allocate<double>(1);
+  ops::fill(exec, d0.view(), 1.0);
+  ops::fill(exec, d1.view(), 1.0);
+  ops::fill(exec, d1_old.view(), 1.0);
+  for_each(exec, n, ops::SinkhornCost<Real>{logits.data(), cost.data()});
 
   // Megatron's `error` starts at 1e9 and the loop runs while error > tol (so a NaN stops it).
   double change = 1e9;
@@ -87,23 +97,15 @@ std::int64_t sinkhorn(std::span<Real const> logits, std::int64_t tokens, std::in
                   fmt::format("sinkhorn: mean |Δd1| = {} is still above tol = {} after {} "
                               "iterations ({} tokens × {} experts)",
                               change, tol, iterations, tokens, experts));
-    for (std::size_t t = 0; t < t_count; ++t) {
-      double s = 0;
-      for (std::size_t e = 0; e < e_count; ++e) s += d1[e] * cost[t * e_count + e];
-      d0[t] = (1.0 / static_cast<double>(t_count)) / (s + kSinkhornEps);
-    }
-    std::fill(d1.begin(), d1.end(), 0.0);
-    for (std::size_t t = 0; t < t_count; ++t)
-      for (std::size_t e = 0; e < e_count; ++e) d1[e] += d0[t] * cost[t * e_count + e];
-    for (auto& v : d1) v = (1.0 / static_cast<double>(e_count)) / (v + kSinkhornEps);
-    change = 0;
-    for (std::size_t e = 0; e < e_count; ++e) change += std::abs(d1_old[e] - d1[e]);
-    change /= static_cast<double>(e_count);
-    d1_old = d1;
+    for_each_row(exec, tokens,
+                 ops::SinkhornStep{cost.data(), d1.data(), d0.data(), tokens, experts, experts, 1});
+    for_each(exec, experts,
+             ops::SinkhornStep{cost.data(), d0.data(), d1.data(), experts, tokens, 1, experts});
+    for_each(exec, 1, ops::SinkhornChange{d1.data(), d1_old.data(), experts, change_dev.data()});
+    copy<double>(exec, change_dev.view(), View<double>(&change, 1));
   }
-  for (std::size_t t = 0; t < t_count; ++t)
-    for (std::size_t e = 0; e < e_count; ++e)
-      out[t * e_count + e] = static_cast<Real>(d1[e] * cost[t * e_count + e] * d0[t]);
+  for_each(exec, n,
+           ops::SinkhornResult<Real>{cost.data(), d0.data(), d1.data(), experts, out.data()});
   return iterations;
 }
 

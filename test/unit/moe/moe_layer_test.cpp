@@ -47,12 +47,12 @@ struct LayerFor<Mode::jitter> {
 };
 template <>
 struct LayerFor<Mode::drop_pad_probs> {
-  using type = MoELayer<Cpu, TopKRouter<SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
+  using type = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
                         GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
 };
 template <>
 struct LayerFor<Mode::all_gather> {
-  using type = MoELayer<Cpu, TopKRouter<SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
+  using type = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
                         GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
 };
 

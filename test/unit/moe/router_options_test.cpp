@@ -16,6 +16,7 @@
 #include "moefold/moe/sinkhorn.hpp"
 #include "support/catch.hpp"
 #include "support/error_of.hpp"
+#include "support/exec.hpp"
 #include "support/finite_difference.hpp"
 
 using namespace moefold;
@@ -75,7 +76,7 @@ std::vector<double> run_sinkhorn(std::vector<double> const& logits, std::int64_t
                                  std::int64_t experts, double tol = 1e-4,
                                  std::int64_t* iterations = nullptr) {
   std::vector<double> out(logits.size());
-  auto const it = sinkhorn<double>(logits, tokens, experts, out, tol);
+  auto const it = sinkhorn<double>(test::Exec{}, logits, tokens, experts, out, tol);
   if (iterations) *iterations = it;
   return out;
 }
@@ -209,7 +210,7 @@ TEST_CASE("sinkhorn computes in double for float input and rounds once") {
   std::int64_t const tokens = 10, experts = 5;
   auto const logits = normal_logits(tokens, experts, 1.0);
   std::vector<float> logits_f(logits.begin(), logits.end()), out_f(logits.size());
-  auto const iterations_f = sinkhorn<float>(logits_f, tokens, experts, out_f);
+  auto const iterations_f = sinkhorn<float>(test::Exec{}, logits_f, tokens, experts, out_f);
   std::vector<double> const rounded(logits_f.begin(), logits_f.end());
   std::int64_t iterations = 0;
   auto const out = run_sinkhorn(rounded, tokens, experts, 1e-4, &iterations);
@@ -220,7 +221,7 @@ TEST_CASE("sinkhorn computes in double for float input and rounds once") {
 TEST_CASE("sinkhorn may write its result over its logits") {
   auto logits = normal_logits(6, 3, 1.0);
   auto const expected = run_sinkhorn(logits, 6, 3);
-  sinkhorn<double>(logits, 6, 3, logits);
+  sinkhorn<double>(test::Exec{}, logits, 6, 3, logits);
   CHECK(logits == expected);
 }
 
@@ -229,30 +230,30 @@ TEST_CASE("a tol below the drift of the 1e-8 guards is never reached, and sinkho
   // Megatron's loop would spin forever; ours stops at max_iterations with an error.
   std::vector<double> const logits = {std::log(4.0), 0, 0, 0};
   std::vector<double> out(4);
-  CHECK(sinkhorn<double>(logits, 2, 2, out, 1e-6, 100000) < 100000);
-  CHECK_THAT(error_of([&] { sinkhorn<double>(logits, 2, 2, out, 1e-10, 100000); }),
+  CHECK(sinkhorn<double>(test::Exec{}, logits, 2, 2, out, 1e-6, 100000) < 100000);
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, logits, 2, 2, out, 1e-10, 100000); }),
              Contains("still above tol = 1e-10 after 100000 iterations"));
 }
 
 TEST_CASE("sinkhorn of zero tokens writes nothing and runs no iteration") {
   std::vector<double> empty;
-  CHECK(sinkhorn<double>(empty, 0, 8, empty) == 0);
+  CHECK(sinkhorn<double>(test::Exec{}, empty, 0, 8, empty) == 0);
 }
 
 TEST_CASE("sinkhorn rejects a wrong shape, a non-positive tol and a loop that will not converge") {
   std::vector<double> logits(12), out(12), short_buffer(11);
-  CHECK_THAT(error_of([&] { sinkhorn<double>(short_buffer, 3, 4, out); }),
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, short_buffer, 3, 4, out); }),
              Contains("logits hold 11 values, but 3 tokens × 4 experts need 12"));
-  CHECK_THAT(error_of([&] { sinkhorn<double>(logits, 3, 4, short_buffer); }),
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, logits, 3, 4, short_buffer); }),
              Contains("out holds 11 values, but 3 tokens × 4 experts need 12"));
-  CHECK_THAT(error_of([&] { sinkhorn<double>(logits, 12, 0, out); }),
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, logits, 12, 0, out); }),
              Contains("12 tokens and 0 experts"));
-  CHECK_THAT(error_of([&] { sinkhorn<double>(logits, -3, 4, out); }),
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, logits, -3, 4, out); }),
              Contains("-3 tokens and 4 experts"));
-  CHECK_THAT(error_of([&] { sinkhorn<double>(logits, 3, 4, out, 0.0); }),
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, logits, 3, 4, out, 0.0); }),
              Contains("tol 0 must be positive"));
   std::vector<double> skewed = {std::log(4.0), 0, 0, 0}, out4(4);
-  CHECK_THAT(error_of([&] { sinkhorn<double>(skewed, 2, 2, out4, 1e-12, 3); }),
+  CHECK_THAT(error_of([&] { sinkhorn<double>(test::Exec{}, skewed, 2, 2, out4, 1e-12, 3); }),
              Contains("after 3 iterations (2 tokens × 2 experts)"));
 }
 
@@ -336,10 +337,12 @@ TEST_CASE("apply_input_jitter with eps = 0 returns its input exactly") {
   auto const x = normal_logits(5, 7, 3.0, "router_options.x");
   std::vector<std::int64_t> const ids = {10, 11, 12, 500, 3};
   std::vector<double> out(x.size());
-  apply_input_jitter<double>({.seed = 1, .step = 2, .layer_key = 3}, x, ids, 7, 0.0, out);
+  apply_input_jitter<double>(test::Exec{}, {.seed = 1, .step = 2, .layer_key = 3}, x, ids, 7, 0.0,
+                             out);
   CHECK(out == x);
   std::vector<float> xf(x.begin(), x.end()), outf(x.size());
-  apply_input_jitter<float>({.seed = 1, .step = 2, .layer_key = 3}, xf, ids, 7, 0.0, outf);
+  apply_input_jitter<float>(test::Exec{}, {.seed = 1, .step = 2, .layer_key = 3}, xf, ids, 7, 0.0,
+                            outf);
   CHECK(outf == xf);
 }
 
@@ -349,9 +352,9 @@ TEST_CASE("apply_input_jitter multiplies element (t, h) by the factor of (token 
   std::vector<std::int64_t> const ids = {40, 2, 41, 1000000007};
   auto const x = normal_logits(4, hidden, 1.0, "router_options.x");
   std::vector<double> out(x.size());
-  apply_input_jitter<double>(key, x, ids, hidden, 0.05, out);
+  apply_input_jitter<double>(test::Exec{}, key, x, ids, hidden, 0.05, out);
   std::vector<float> xf(x.begin(), x.end()), outf(x.size());
-  apply_input_jitter<float>(key, xf, ids, hidden, 0.05, outf);
+  apply_input_jitter<float>(test::Exec{}, key, xf, ids, hidden, 0.05, outf);
   for (std::size_t t = 0; t < ids.size(); ++t)
     for (std::size_t h = 0; h < static_cast<std::size_t>(hidden); ++h) {
       double const f = jitter_factor(99, 4, 17, static_cast<std::uint64_t>(ids[t]), h, 0.05);
@@ -369,7 +372,7 @@ TEST_CASE("a token's jitter does not depend on the rank holding it or its place 
   std::vector<std::int64_t> const all_ids = {0, 1, 2, 3, 4, 5};
   auto const x = normal_logits(6, hidden, 1.0, "router_options.x");
   std::vector<double> whole(x.size());
-  apply_input_jitter<double>(key, x, all_ids, hidden, 0.1, whole);
+  apply_input_jitter<double>(test::Exec{}, key, x, all_ids, hidden, 0.1, whole);
   auto const row = [&](std::vector<double> const& m, std::int64_t t) {
     return std::vector<double>(m.begin() + t * hidden, m.begin() + (t + 1) * hidden);
   };
@@ -380,7 +383,8 @@ TEST_CASE("a token's jitter does not depend on the rank holding it or its place 
       auto const r = row(x, t);
       shard_x.insert(shard_x.end(), r.begin(), r.end());
     }
-    apply_input_jitter<double>(key, shard_x, shard, hidden, 0.1, shard_x);  // in place
+    apply_input_jitter<double>(test::Exec{}, key, shard_x, shard, hidden, 0.1,
+                               shard_x);  // in place
     for (std::size_t i = 0; i < shard.size(); ++i)
       CHECK(row(shard_x, static_cast<std::int64_t>(i)) == row(whole, shard[i]));
   }
@@ -395,10 +399,10 @@ TEST_CASE("the jitter's gradient is the jitter of the output gradient") {
   auto const w = normal_logits(2, hidden, 1.0, "router_options.w");
   std::vector<double> out(x.size()), grad(x.size()), numeric(x.size());
   auto const loss = [&] {
-    apply_input_jitter<double>(key, x, ids, hidden, 0.3, out);
+    apply_input_jitter<double>(test::Exec{}, key, x, ids, hidden, 0.3, out);
     return std::inner_product(w.begin(), w.end(), out.begin(), 0.0);
   };
-  apply_input_jitter<double>(key, w, ids, hidden, 0.3, grad);
+  apply_input_jitter<double>(test::Exec{}, key, w, ids, hidden, 0.3, grad);
   for (std::size_t i = 0; i < x.size(); ++i) numeric[i] = test::central_difference(x[i], loss);
   CHECK(test::relative_error(numeric, grad) < 1e-6);
 }
@@ -407,15 +411,20 @@ TEST_CASE("apply_input_jitter rejects a wrong shape, a negative eps or token id,
   JitterKey const key{};
   std::vector<double> x(12), out(12), short_buffer(10);
   std::vector<std::int64_t> const ids = {0, 1, 2};
-  CHECK_THAT(error_of([&] { apply_input_jitter<double>(key, short_buffer, ids, 4, 0.1, out); }),
+  CHECK_THAT(error_of([&] {
+               apply_input_jitter<double>(test::Exec{}, key, short_buffer, ids, 4, 0.1, out);
+             }),
              Contains("x holds 10 values, but 3 tokens × hidden 4 need 12"));
-  CHECK_THAT(error_of([&] { apply_input_jitter<double>(key, x, ids, 4, 0.1, short_buffer); }),
+  CHECK_THAT(error_of([&] {
+               apply_input_jitter<double>(test::Exec{}, key, x, ids, 4, 0.1, short_buffer);
+             }),
              Contains("out holds 10 values, but 3 tokens × hidden 4 need 12"));
-  CHECK_THAT(error_of([&] { apply_input_jitter<double>(key, x, ids, 0, 0.1, out); }),
+  CHECK_THAT(error_of([&] { apply_input_jitter<double>(test::Exec{}, key, x, ids, 0, 0.1, out); }),
              Contains("hidden size 0 must be at least 1"));
-  CHECK_THAT(error_of([&] { apply_input_jitter<double>(key, x, ids, 4, -0.5, out); }),
+  CHECK_THAT(error_of([&] { apply_input_jitter<double>(test::Exec{}, key, x, ids, 4, -0.5, out); }),
              Contains("eps -0.5 must be ≥ 0"));
   std::vector<std::int64_t> const bad_ids = {0, -7, 2};
-  CHECK_THAT(error_of([&] { apply_input_jitter<double>(key, x, bad_ids, 4, 0.1, out); }),
-             Contains("token id -7 at row 1 is negative"));
+  CHECK_THAT(
+      error_of([&] { apply_input_jitter<double>(test::Exec{}, key, x, bad_ids, 4, 0.1, out); }),
+      Contains("token id -7 at row 1 is negative"));
 }

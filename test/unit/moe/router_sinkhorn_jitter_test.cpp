@@ -16,11 +16,13 @@
 #include "moefold/moe/router.hpp"
 #include "support/catch.hpp"
 #include "support/error_of.hpp"
+#include "support/exec.hpp"
 #include "support/finite_difference.hpp"
 
 using namespace moefold;
 using Catch::Matchers::Contains;
 using moefold::test::error_of;
+using Exec = moefold::test::Exec;
 
 namespace {
 
@@ -213,9 +215,10 @@ bool same_choice(NaiveRouting const& a, NaiveRouting const& b) {
 }
 
 template <class Score>
-TopKRouter<Score, double> make_router(RouterConfig const& cfg, std::vector<double> const& w,
-                                      std::string name = "router.weight", std::uint64_t seed = 0) {
-  TopKRouter<Score, double> router(cfg, kH, std::move(name), seed);
+TopKRouter<Exec, Score, double> make_router(RouterConfig const& cfg, std::vector<double> const& w,
+                                            std::string name = "router.weight",
+                                            std::uint64_t seed = 0) {
+  TopKRouter<Exec, Score, double> router(cfg, kH, std::move(name), seed);
   std::copy(w.begin(), w.end(), router.weight().begin());
   return router;
 }
@@ -223,7 +226,7 @@ TopKRouter<Score, double> make_router(RouterConfig const& cfg, std::vector<doubl
 /// Central differences of L = Σ G·probs over the router's weight and input, against its
 /// backward, for the forward `ctx` (the selection must not flip under ±1e-6: check the margin).
 template <class Score>
-void check_gradients(TopKRouter<Score, double>& router, std::vector<double> w,
+void check_gradients(TopKRouter<Exec, Score, double>& router, std::vector<double> w,
                      std::vector<double> x, ForwardContext const& ctx) {
   auto const g = test::tensor<double>("sinkhorn_jitter.g", 0, kT, kE);
   auto const loss = [&] {
@@ -235,7 +238,7 @@ void check_gradients(TopKRouter<Score, double>& router, std::vector<double> w,
   };
   (void)loss();
   std::fill(router.weight_grad().begin(), router.weight_grad().end(), 0.0);
-  auto const dx = router.backward(std::span<double const>(g));
+  std::vector<double> const dx = router.backward(std::span<double const>(g));
   std::vector<double> const dw(router.weight_grad().begin(), router.weight_grad().end());
   std::vector<double> fd_w(w.size()), fd_x(x.size());
   for (std::size_t i = 0; i < w.size(); ++i) fd_w[i] = test::central_difference(w[i], loss);
@@ -247,7 +250,7 @@ void check_gradients(TopKRouter<Score, double>& router, std::vector<double> w,
 /// The `invalid_config` message of building a router with `cfg`, or why there is none.
 std::string config_error(RouterConfig const& cfg) {
   try {
-    TopKRouter<SoftmaxScore, double> router(cfg, kH);
+    TopKRouter<Exec, SoftmaxScore, double> router(cfg, kH);
   } catch (invalid_config const& e) {
     return e.what();
   } catch (std::exception const& e) {

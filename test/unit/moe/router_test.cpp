@@ -13,6 +13,7 @@
 #include "moefold/moe/capacity.hpp"
 #include "moefold/moe/router.hpp"
 #include "support/error_of.hpp"
+#include "support/exec.hpp"
 
 using namespace moefold;
 using Catch::Matchers::Contains;
@@ -20,6 +21,7 @@ using Catch::Matchers::Contains;
 namespace {
 
 using moefold::test::error_of;
+using Exec = moefold::test::Exec;
 
 std::vector<int> chosen(Routing<double> const& r, std::int64_t t) {
   std::vector<int> out;
@@ -35,7 +37,7 @@ template <class Score>
 Routing<double> route_logits(RouterConfig cfg, std::vector<double> const& logits,
                              std::vector<double> bias = {}) {
   auto const e = cfg.num_experts;
-  TopKRouter<Score, double> router(cfg, e);
+  TopKRouter<Exec, Score, double> router(cfg, e);
   for (int i = 0; i < e; ++i) router.weight()[static_cast<std::size_t>(i * e + i)] = 1.0;
   if (!bias.empty()) std::copy(bias.begin(), bias.end(), router.expert_bias().begin());
   return router
@@ -48,10 +50,11 @@ Routing<double> route_logits(RouterConfig cfg, std::vector<double> const& logits
 TEST_CASE("top-k breaks ties toward the lower expert id", "[moe][router]") {
   std::vector<float> v{1, 3, 3, 2, 3};
   std::vector<int> idx(3);
-  top_k<float>(v, idx);
+  top_k<float>(Exec{}, v, idx);
   CHECK(idx == std::vector<int>{1, 2, 4});
   std::vector<int> two(2);
-  top_k<float>(std::vector<float>{0, 0, 0, 0}, two);
+  std::vector<float> const zeros{0, 0, 0, 0};
+  top_k<float>(Exec{}, zeros, two);
   CHECK(two == std::vector<int>{0, 1});
 }
 
@@ -61,7 +64,7 @@ TEST_CASE("group-limited top-k keeps the best groups by the sum of their top K/G
   std::vector<double> v{0.1, 0.9, 0.8, 0.7, 0.85, 0.0, 0.2, 0.3};
   std::vector<int> idx(2);
   std::vector<double> scratch(8 + 4 + 2);
-  group_limited_top_k<double>(v, 4, 2, idx, scratch);
+  group_limited_top_k<double>(Exec{}, v, 4, 2, idx, scratch);
   // Groups: {0.9}, {0.8}, {0.85}, {0.3} → keep groups 0 and 2 → experts 1 (0.9) and 4 (0.85).
   CHECK(idx == std::vector<int>{1, 4});
   // Through the router (softmax on raw logits, groups on logits).
@@ -113,7 +116,7 @@ TEST_CASE("expert bias selects but does not weight, and its update follows the s
   CHECK(chosen(r, 0) == std::vector<int>{3});
   CHECK(r.probs[3] == Approx(1 / (1 + std::exp(-1.0))));
 
-  TopKRouter<SigmoidScore, double> router(cfg, 4);
+  TopKRouter<Exec, SigmoidScore, double> router(cfg, 4);
   for (int i = 0; i < 4; ++i) router.weight()[static_cast<std::size_t>(i * 4 + i)] = 1.0;
   std::vector<double> x{0, 3, 0, 0, 0, 3, 0, 0, 0, 0, 3, 0};  // experts 1, 1, 2
   auto const routed = router.forward(std::span<double const>(x), 3);
@@ -179,7 +182,7 @@ TEST_CASE("load-balancing losses and z-loss equal their formulas", "[moe][router
                                                       LoadBalancingType::global_aux_loss},
                    .moe_aux_loss_coeff = {0.1, 0.2, 0.3},
                    .moe_z_loss_coeff = 0.01};
-  TopKRouter<SoftmaxScore, double> router(cfg, H);
+  TopKRouter<Exec, SoftmaxScore, double> router(cfg, H);
   std::copy(w.begin(), w.end(), router.weight().begin());
   auto out = router.forward(std::span<double const>(x), T, ForwardContext{.batch = 2});
   // Recompute by hand: scores = softmax(x·Wᵀ), map = top-2 of scores.
@@ -197,7 +200,7 @@ TEST_CASE("load-balancing losses and z-loss equal their formulas", "[moe][router
     std::vector<int> idx(K);
     std::vector<double> sc(E);
     for (int e = 0; e < E; ++e) sc[e] = std::exp(l[e] - lse);
-    top_k<double>(sc, idx);
+    top_k<double>(Exec{}, sc, idx);
     for (int i : idx) ++counts[i], ++seq_counts[(t % 2) * E + i];
     for (int e = 0; e < E; ++e) sums[e] += sc[e], seq_sums[(t % 2) * E + e] += sc[e];
   }
@@ -226,7 +229,7 @@ TEST_CASE("aux_loss counts are summed over tp_cp and the global aux loss over tp
   // Each rank's counts alone, then the reference sums them by hand over the groups.
   std::vector<std::vector<double>> counts(4), sums(4);
   for (int r = 0; r < 4; ++r) {
-    TopKRouter<SoftmaxScore, double> solo(cfg, H);
+    TopKRouter<Exec, SoftmaxScore, double> solo(cfg, H);
     auto w = test::tensor<double>("w", 0, E, H);
     std::copy(w.begin(), w.end(), solo.weight().begin());
     auto x = test::tensor<double>("x", r, T, H);
@@ -237,9 +240,9 @@ TEST_CASE("aux_loss counts are summed over tp_cp and the global aux loss over tp
       std::vector<double> l(E), sc(E);
       for (int e = 0; e < E; ++e)
         for (int h = 0; h < H; ++h) l[e] += x[t * H + h] * w[e * H + h];
-      detail::softmax_row<double>(l, sc);
+      ops::softmax_row<double>(l.data(), E, sc.data());
       std::vector<int> idx(K);
-      top_k<double>(sc, idx);
+      top_k<double>(Exec{}, sc, idx);
       for (int i : idx) ++counts[r][i];
       for (int e = 0; e < E; ++e) sums[r][e] += sc[e];
     }
@@ -247,7 +250,7 @@ TEST_CASE("aux_loss counts are summed over tp_cp and the global aux loss over tp
   std::vector<std::vector<double>> got(4);
   test::expect_clean<test::InprocHarness>(4, [&](inproc::Communicator& world, test::RankChecks&) {
     ProcessGroups<inproc::Communicator> groups(fold, world);
-    TopKRouter<SoftmaxScore, double> router(cfg, H);
+    TopKRouter<Exec, SoftmaxScore, double> router(cfg, H);
     auto w = test::tensor<double>("w", 0, E, H);
     std::copy(w.begin(), w.end(), router.weight().begin());
     auto x = test::tensor<double>("x", world.rank(), T, H);
@@ -286,7 +289,7 @@ void check_router_gradients(RouterConfig cfg, std::string const& what) {
   auto const x0 = test::tensor<double>("x", 1, T, H);
   auto const g = test::tensor<double>("g", 1, T, E);
   auto const bias = test::tensor<double>("b", 1, 1, E, -0.1, 0.2);
-  TopKRouter<Score, double> router(cfg, H);
+  TopKRouter<Exec, Score, double> router(cfg, H);
   auto loss = [&](std::vector<double> const& w, std::vector<double> const& x) {
     std::copy(w.begin(), w.end(), router.weight().begin());
     auto out = router.forward(std::span<double const>(x), T, ForwardContext{.batch = B});
@@ -299,7 +302,7 @@ void check_router_gradients(RouterConfig cfg, std::string const& what) {
     std::copy(bias.begin(), bias.end(), router.expert_bias().begin());
   loss(w0, x0);
   std::fill(router.weight_grad().begin(), router.weight_grad().end(), 0.0);
-  auto const dx = router.backward(g);
+  std::vector<double> const dx = router.backward(g);
   std::vector<double> const dw(router.weight_grad().begin(), router.weight_grad().end());
   double const eps = 1e-6;
   std::vector<double> fd_w(dw.size()), fd_x(dx.size());
@@ -359,7 +362,7 @@ TEST_CASE("router gradients match central differences for every score variant an
 
 TEST_CASE("invalid router input gives a clear error", "[moe][router][errors]") {
   RouterConfig cfg{.num_experts = 4, .moe_router_topk = 2};
-  TopKRouter<SoftmaxScore, float> router(cfg, 3);
+  TopKRouter<Exec, SoftmaxScore, float> router(cfg, 3);
   std::vector<float> x(6, 1.0f);
   CHECK_THAT(error_of([&] { router.forward(std::span<float const>(x), 3); }),
              Contains("input has 6 elements, expected T·H = 3·3"));
@@ -377,7 +380,7 @@ TEST_CASE("invalid router input gives a clear error", "[moe][router][errors]") {
   ids = {1, 1};
   CHECK_THAT(error_of([&] { Routing<float>::from_top_k(1, 4, 2, ids, p); }),
              Contains("token 0 chooses expert 1 twice"));
-  CHECK_THAT(error_of([&] { TopKRouter<SigmoidScore, float>(cfg, 3); }),
+  CHECK_THAT(error_of([&] { TopKRouter<Exec, SigmoidScore, float>(cfg, 3); }),
              Contains("is not a variant of the router's score policy"));
   CHECK_THAT(error_of([&] { RouterConfig{.num_experts = 4, .moe_router_topk = 5}.validate(); }),
              Contains("moe_router_topk (5) must be in [1, num_experts = 4]"));
@@ -397,6 +400,6 @@ TEST_CASE("invalid router input gives a clear error", "[moe][router][errors]") {
                    .validate();
              }),
              Contains("expert_bias requires the sigmoid score function"));
-  CHECK_THAT(error_of([&] { router.backward(std::vector<float>(3)); }),
+  CHECK_THAT(error_of([&] { router.backward(std::span<float const>(std::vector<float>(3))); }),
              Contains("d_probs has 3 entries"));
 }
