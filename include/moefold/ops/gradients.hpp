@@ -6,7 +6,6 @@
 ///   ScaleInDouble   g[i] = T(double(g[i]) · coeff)       (gradient clipping)
 ///   SumInDouble     out[0] = Σ_i double(x[i]) or Σ_i double(x[i])², i in order (one body owns
 ///                   the whole sum)
-///   FirstNonFinite  out[0] = the first i with x[i] not finite, or −1
 ///
 /// The two reductions are single bodies that walk their tensor in index order, so their
 /// result is the same floating-point sum on every instance (and under any launch order); a
@@ -19,6 +18,7 @@
 #include "moefold/core/hd.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
+#include "moefold/ops/finite.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -52,22 +52,6 @@ struct SumInDouble {
   }
 };
 
-/// out[0] = the smallest i with double(x[i]) not finite, or −1 (launched with one index).
-template <class T>
-struct FirstNonFinite {
-  T const* x;
-  std::int64_t n;
-  std::int64_t* out;
-  MOEFOLD_HD void operator()(std::int64_t) const {
-    using std::isfinite;
-    out[0] = -1;
-    for (std::int64_t i = 0; i < n; ++i)
-      if (!isfinite(static_cast<double>(x[i]))) {
-        out[0] = i;
-        return;
-      }
-  }
-};
 
 namespace detail {
 template <class T, class S>
@@ -98,13 +82,6 @@ void sum_in_double(Exec const& exec, View<T const, typename Exec::memory_space> 
                    View<double, typename Exec::memory_space> out) {
   detail::one_result(x, out.size(), "sum_in_double");
   for_each(exec, 1, SumInDouble<T>{x.data(), x.size(), false, out.data()});
-}
-/// out[0] = the first index of a non-finite element of x, or −1.
-template <class Exec, class T>
-void first_non_finite(Exec const& exec, View<T const, typename Exec::memory_space> x,
-                      View<std::int64_t, typename Exec::memory_space> out) {
-  detail::one_result(x, out.size(), "first_non_finite");
-  for_each(exec, 1, FirstNonFinite<T>{x.data(), x.size(), out.data()});
 }
 
 }  // namespace ops

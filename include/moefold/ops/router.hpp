@@ -17,6 +17,7 @@
 #include "moefold/core/hd.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
+#include "moefold/ops/finite.hpp"
 #include "moefold/ops/elementwise.hpp"
 
 namespace moefold {
@@ -396,21 +397,6 @@ struct SoftmaxRows {
   MOEFOLD_HD void operator()(std::int64_t r) const { softmax_row(x + r * n, n, out + r * n); }
 };
 
-/// bad[t] = the first column of logits[t, ·] that is NaN or infinite, or −1.
-template <class T>
-struct RowFirstNonFinite {
-  T const* logits;
-  std::int64_t experts;
-  std::int64_t* bad;
-  MOEFOLD_HD void operator()(std::int64_t t) const {
-    using std::isfinite;
-    std::int64_t first = -1;
-    for (std::int64_t e = experts - 1; e >= 0; --e)
-      if (!isfinite(static_cast<double>(logits[t * experts + e]))) first = e;
-    bad[t] = first;
-  }
-};
-
 /// Aux-loss-free balancing: bias[e] += T(rate · sign(mean − counts[e])).
 template <class T>
 struct ExpertBiasUpdate {
@@ -548,15 +534,6 @@ void route_backward(Exec const& exec, RouterRule const& rule,
       RouteBackward<Score, T>{rule, logits.data(), topk.data(), d_probs.data(),
                               aux_scores.empty() ? nullptr : aux_scores.data(), aux_d_scores.data(),
                               d_logits.data(), dk.data(), scratch.data(), scale, aux_scale});
-}
-
-/// bad [T] = the first non-finite column of every row of logits [T, E], or −1.
-template <class Exec, class T>
-void first_non_finite(Exec const& exec, View<T const, typename Exec::memory_space> logits,
-                      View<std::int64_t, typename Exec::memory_space> bad) {
-  MOEFOLD_EXPECTS(logits.contiguous() && bad.size() == logits.rows(),
-                  "ops::first_non_finite: {} rows, {} outputs", logits.rows(), bad.size());
-  for_each_row(exec, logits.rows(), RowFirstNonFinite<T>{logits.data(), logits.cols(), bad.data()});
 }
 
 /// bias [E] += rate · sign(mean − counts[e]).
