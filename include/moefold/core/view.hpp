@@ -23,6 +23,21 @@
 namespace moefold {
 inline namespace v0 {
 
+template <class T, MemorySpace Space>
+class View;
+
+template <class V>
+inline constexpr bool is_view_v = false;
+template <class T, class S>
+inline constexpr bool is_view_v<View<T, S>> = true;
+
+/// A view whose elements live in `Space`: what an op run by an instance of that space
+/// accepts. A view of another space passed where a `Space` view is required fails on this
+/// concept (at compile time, naming it).
+template <class V, class Space>
+concept ViewIn = is_view_v<std::remove_cvref_t<V>> &&
+                 std::is_same_v<typename std::remove_cvref_t<V>::memory_space, Space>;
+
 template <class T, MemorySpace Space = HostSpace>
 class View {
  public:
@@ -45,13 +60,22 @@ class View {
     requires(std::is_convertible_v<U*, T*> && sizeof(U) == sizeof(T))
   MOEFOLD_HD constexpr View(View<U, Space> const& v) noexcept  // NOLINT: implicit by design
       : data_(v.data()), rows_(v.rows()), cols_(v.cols()), ld_(v.ld()) {}
+  /// A view of another memory space does not convert: host memory passed to a device op (or the
+  /// reverse) stops the build here, naming `ViewIn`.
+  template <class U, class OtherSpace>
+    requires(!std::is_same_v<OtherSpace, Space>)
+  constexpr View(View<U, OtherSpace> const&) noexcept {  // NOLINT: diagnostic only
+    static_assert(ViewIn<View<U, OtherSpace>, Space>,
+                  "moefold::View: a view of one memory space passed where a view of another is "
+                  "required (copy it with copy(exec, src, dst) first)");
+  }
   /// A host span (or anything a span converts from: std::vector, std::array, Buffer) as 1-D.
   template <class U, std::size_t N>
     requires(Space::host_accessible && std::is_convertible_v<U*, T*> && sizeof(U) == sizeof(T))
   constexpr View(std::span<U, N> s) noexcept  // NOLINT: implicit by design
       : View(s.data(), static_cast<std::int64_t>(s.size())) {}
   template <class R>
-    requires(Space::host_accessible && !std::is_same_v<std::remove_cvref_t<R>, View> &&
+    requires(Space::host_accessible && !is_view_v<std::remove_cvref_t<R>> &&
              requires(R& r) { std::span<T>(r); })
   constexpr View(R& r) noexcept  // NOLINT: implicit by design (std::vector, Buffer)
       : View(std::span<T>(r)) {}
@@ -112,17 +136,6 @@ class View {
 
 template <class T, std::size_t N>
 View(std::span<T, N>) -> View<T, HostSpace>;
-
-template <class V>
-inline constexpr bool is_view_v = false;
-template <class T, class S>
-inline constexpr bool is_view_v<View<T, S>> = true;
-
-/// A view whose elements live in `Space`: what an op run by an instance of that space
-/// accepts. Passing a host view where a device view is required fails on this concept.
-template <class V, class Space>
-concept ViewIn = is_view_v<std::remove_cvref_t<V>> &&
-                 std::same_as<typename std::remove_cvref_t<V>::memory_space, Space>;
 
 }  // namespace v0
 }  // namespace moefold

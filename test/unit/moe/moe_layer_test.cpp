@@ -15,6 +15,7 @@
 #include "moefold/moe/moe_layer.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 #include "support/finite_difference.hpp"
 
 using namespace moefold;
@@ -46,13 +47,13 @@ struct LayerFor<Mode::jitter> {
 };
 template <>
 struct LayerFor<Mode::drop_pad_probs> {
-  using type = MoELayer<Cpu, TopKRouter<SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
-                        GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+  using type = MoELayer<test::Exec, TopKRouter<SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
+                        GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, float>, Comm>;
 };
 template <>
 struct LayerFor<Mode::all_gather> {
-  using type = MoELayer<Cpu, TopKRouter<SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
-                        GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+  using type = MoELayer<test::Exec, TopKRouter<SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
+                        GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, float>, Comm>;
 };
 
 MoELayerConfig layer_config(Mode mode, std::int64_t shared) {

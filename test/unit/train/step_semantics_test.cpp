@@ -32,7 +32,7 @@
 using namespace moefold;
 using Comm = inproc::Communicator;
 using Moe = MoELayer<Cpu, TopKRouter<ConfiguredScore, float>, AllToAllDispatcher<Dropless>,
-                     GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+                     GroupedGemmExperts<Cpu, SwiGLU, BlasGroupedGemm, float>, Comm>;
 using Stage = DecoderStage<float, Comm, Moe>;
 
 namespace {
@@ -347,7 +347,7 @@ TEST_CASE("a train forward of a microbatch already counted in the step is refuse
 TEST_CASE("expert-bias counts are taken after token dropping, padding slots included",
           "[train][moe][expert_bias]") {
   using Dropping = MoELayer<Cpu, TopKRouter<SigmoidScore, float>, AllToAllDispatcher<DropByProbs>,
-                            GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+                            GroupedGemmExperts<Cpu, SwiGLU, BlasGroupedGemm, float>, Comm>;
   auto const fold = FoldedMapping::from({.world = 2, .ep = 2, .etp = 1});
   std::int64_t const tokens = 12, experts = 8;
   for (bool pad : {false, true}) {
