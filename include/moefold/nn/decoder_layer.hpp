@@ -30,8 +30,8 @@ inline namespace v0 {
 template <class B, class T>
 concept TokenBlock = requires(B& b, std::span<T const> x, ForwardContext const& ctx) {
   typename B::Config;
-  { b.forward(x, ctx) } -> std::same_as<std::vector<T>>;
-  { b.backward(x) } -> std::same_as<std::vector<T>>;
+  { b.forward(x, ctx) } -> std::convertible_to<std::vector<T>>;
+  { b.backward(x) } -> std::convertible_to<std::vector<T>>;
   { b.parameters() } -> std::same_as<ParamList<T>>;
 };
 
@@ -87,7 +87,8 @@ requires TokenBlock<Mlp, T> && std::constructible_from < Mlp, typename Mlp::Conf
 
   /// dy → dx, same shape; accumulates every parameter gradient.
   std::vector<T> backward(std::span<T const> dy) {
-    auto const dm = mlp_norm_.backward(detail::cspan(mlp_.backward(dy)));
+    std::vector<T> const mb = mlp_.backward(dy);
+    auto const dm = mlp_norm_.backward(detail::cspan(mb));
     std::vector<T> dh(dy.begin(), dy.end());
     for (std::size_t i = 0; i < dh.size(); ++i) dh[i] += dm[i];
     auto const da = input_norm_.backward(detail::cspan(attention_.backward(detail::cspan(dh))));
