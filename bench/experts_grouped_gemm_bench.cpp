@@ -55,7 +55,7 @@ double dense_gemm_seconds() {
 void BM_GroupedExpertsFwdBwd(benchmark::State& state) {
   bool const zipf = state.range(0) != 0;
   auto const c = counts(zipf);
-  moefold::GroupedGemmExperts<moefold::SwiGLU, moefold::BlasGroupedGemm, float> experts(
+  moefold::GroupedGemmExperts<moefold::Cpu, moefold::SwiGLU, moefold::BlasGroupedGemm, float> experts(
       {.num_local_experts = kExperts, .hidden_size = kH, .ffn_hidden_size = kF}, 1);
   std::vector<float> x(static_cast<std::size_t>(kRows * kH), 0.01f), p(static_cast<std::size_t>(kRows), 0.5f),
       dy(static_cast<std::size_t>(kRows * kH), 0.02f);

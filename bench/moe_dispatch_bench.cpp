@@ -52,7 +52,7 @@ void BM_DispatchCombine(benchmark::State& state) {
     std::vector<std::size_t> moved(kRanks);
     inproc::run(kRanks, [&](Comm& world) {
       ProcessGroups<Comm> groups(fold, world);
-      AllToAllTokenDispatcher<Dropless, Comm, float> d({.num_experts = kExperts,
+      AllToAllTokenDispatcher<Cpu, Dropless, Comm, float> d({.num_experts = kExperts,
                                                         .moe_router_topk = kTopK,
                                                         .hidden_size = kHidden,
                                                         .dedup = dedup},

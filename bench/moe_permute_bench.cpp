@@ -20,7 +20,8 @@ using namespace moefold::bench;
 void BM_PermuteUnpermute(benchmark::State& state) {
   bool const zipf = state.range(0) != 0;
   auto const r = bench_routing(kTokens, zipf);
-  auto const order = ExpertMajorOrder::of(r);
+  Cpu const exec;
+  auto const order = ExpertMajorOrder::of(exec, r);
   auto const probs = order.probs(r);
   auto const x = bench_tensor(static_cast<std::size_t>(kTokens * kHidden));
   std::vector<float> rows(static_cast<std::size_t>(order.tokens.rows() * kHidden));
@@ -30,8 +31,8 @@ void BM_PermuteUnpermute(benchmark::State& state) {
   double lib = 0, ref = 0;
   for (auto _ : state) {
     auto const t0 = Clock::now();
-    permute<float>(order.tokens, x, rows, kHidden);
-    unpermute<float>(order.tokens, rows, y, kHidden, probs);
+    permute<float>(exec, order.tokens, x, rows, kHidden);
+    unpermute<float>(exec, order.tokens, rows, y, kHidden, probs);
     benchmark::ClobberMemory();
     auto const t1 = Clock::now();
     std::memcpy(ref_dst.data(), ref_src.data(), bytes);

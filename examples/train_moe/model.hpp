@@ -31,7 +31,7 @@ using Exec = MOEFOLD_TEST_EXEC;
 template <class T, Communicator Comm>
 using MlpBlock = TimedBlock<
     MoELayer<Exec, TopKRouter<Exec, ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
-             GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>>;
+             GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>>;
 
 /// The MLP slot's config from the command line (EP and ETP come from the folding).
 template <class T, Communicator Comm>

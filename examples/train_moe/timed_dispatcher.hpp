@@ -15,12 +15,13 @@ template <class Policy>
 struct TimedDispatcher {
   using drop_policy = typename Policy::drop_policy;
 
-  template <class Comm, class Real>
+  template <class Exec, class Comm, class Real>
   class dispatcher {
    public:
     using real_type = Real;
-    using Inner = typename Policy::template dispatcher<Comm, Real>;
-    using In = std::span<Real const>;
+    using exec_type = Exec;
+    using Inner = typename Policy::template dispatcher<Exec, Comm, Real>;
+    using In = View<Real const, typename Exec::memory_space>;
 
     template <class... Args>
     explicit dispatcher(Args&&... args) : inner_(std::forward<Args>(args)...) {}
@@ -29,16 +30,16 @@ struct TimedDispatcher {
       return timed(
           phase_times().dispatch, [&]() -> auto const& { return inner_.plan(r); });
     }
-    DispatchOutput<Real> dispatch(In x, In probs) {
+    DispatchOutput<Real, typename Exec::memory_space> dispatch(In x, In probs) {
       return timed(phase_times().dispatch, [&] { return inner_.dispatch(x, probs); });
     }
-    std::vector<Real> combine(In y) {
+    Buffer<Real, typename Exec::memory_space> combine(In y) {
       return timed(phase_times().combine, [&] { return inner_.combine(y); });
     }
-    CombineGrad<Real> combine_backward(In dy) {
+    CombineGrad<Real, typename Exec::memory_space> combine_backward(In dy) {
       return timed(phase_times().combine, [&] { return inner_.combine_backward(dy); });
     }
-    DispatchGrad<Real> dispatch_backward(In dx, In dprobs) {
+    DispatchGrad<Real, typename Exec::memory_space> dispatch_backward(In dx, In dprobs) {
       return timed(phase_times().dispatch, [&] { return inner_.dispatch_backward(dx, dprobs); });
     }
     DispatchMetadata const& metadata() const { return inner_.metadata(); }

@@ -153,7 +153,7 @@ void dispatch_with_fault(Comm world, std::shared_ptr<FaultPlan const> plan) {
   ProcessGroups<Faulty> groups(fault_folding(), Faulty(std::move(world), std::move(plan)));
   constexpr std::int64_t kTokens = 4, kExperts = 8, kHidden = 3;
   constexpr int kTopK = 2;
-  AllToAllDispatcher<Dropless>::dispatcher<Faulty, float> d(
+  AllToAllDispatcher<Dropless>::dispatcher<Cpu, Faulty, float> d(
       {.num_experts = kExperts, .moe_router_topk = kTopK, .hidden_size = kHidden}, Dropless{},
       groups);
   int const me = groups.world().rank();

@@ -2,6 +2,6 @@
 #include "moefold/moe/grouped_gemm_experts.hpp"
 
 int main() {
-  moefold::GroupedGemmExperts<moefold::SwiGLU, moefold::SwiGLU> experts({}, 0);
+  moefold::GroupedGemmExperts<moefold::Cpu, moefold::SwiGLU, moefold::SwiGLU> experts({}, 0);
   return 0;
 }

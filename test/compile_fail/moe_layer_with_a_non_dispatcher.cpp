@@ -3,7 +3,7 @@
 #include "moefold/moe/moe_layer.hpp"
 
 using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore>,
-                                moefold::SwiGLU, moefold::GroupedGemmExperts<moefold::SwiGLU>,
+                                moefold::SwiGLU, moefold::GroupedGemmExperts<moefold::Cpu, moefold::SwiGLU>,
                                 moefold::inproc::Communicator>;
 Layer* layer = nullptr;
 int main() { return layer == nullptr ? 0 : 1; }

@@ -4,7 +4,7 @@
 
 using Layer = moefold::MoELayer<moefold::Cpu, moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore, double>,
                                 moefold::AllToAllDispatcher<moefold::Dropless>,
-                                moefold::GroupedGemmExperts<moefold::SwiGLU>,
+                                moefold::GroupedGemmExperts<moefold::Cpu, moefold::SwiGLU>,
                                 moefold::inproc::Communicator>;
 Layer* layer = nullptr;
 int main() { return layer == nullptr ? 0 : 1; }

@@ -50,7 +50,7 @@ moefold::Routing<float> routing_from(FuzzedDataProvider& in, int experts) {
 template <class Drop>
 void run_rank(Case const& c, Drop drop, Comm& world) {
   moefold::ProcessGroups<Comm> groups(moefold::FoldedMapping::from(c.folding), world);
-  moefold::AllToAllTokenDispatcher<Drop, Comm, float> d(c.cfg, drop, groups);
+  moefold::AllToAllTokenDispatcher<moefold::Cpu, Drop, Comm, float> d(c.cfg, drop, groups);
   auto const& routing = c.routing[static_cast<std::size_t>(world.rank())];
   auto const& meta = d.plan(routing);
   auto const h = static_cast<std::size_t>(c.cfg.hidden_size);

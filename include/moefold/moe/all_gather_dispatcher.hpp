@@ -16,21 +16,32 @@ namespace moefold {
 inline namespace v0 {
 
 /// The all-gather token dispatcher over the expert groups of one rank.
-template <DropPolicy Drop, Communicator Comm, class Real = float>
+template <HostInstance Exec, DropPolicy Drop, Communicator Comm, class Real = float>
 class AllGatherTokenDispatcher {
  public:
   using real_type = Real;
+  using exec_type = Exec;
 
+  AllGatherTokenDispatcher(Exec exec, DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
+      : AllGatherTokenDispatcher(std::move(exec), cfg, drop, groups.ep(), groups.etp(),
+                                 groups.tp_ep()) {}
   AllGatherTokenDispatcher(DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
-      : AllGatherTokenDispatcher(cfg, drop, groups.ep(), groups.etp(), groups.tp_ep()) {}
+    requires std::default_initializable<Exec>
+      : AllGatherTokenDispatcher(Exec{}, cfg, drop, groups) {}
   AllGatherTokenDispatcher(DispatcherConfig cfg, Drop drop, Comm const& ep, Comm const& etp,
                            Comm tp_ep)
-      : cfg_(cfg),
+    requires std::default_initializable<Exec>
+      : AllGatherTokenDispatcher(Exec{}, cfg, drop, ep, etp, std::move(tp_ep)) {}
+  AllGatherTokenDispatcher(Exec exec, DispatcherConfig cfg, Drop drop, Comm const& ep,
+                           Comm const& etp, Comm tp_ep)
+      : exec_(std::move(exec)),
+        cfg_(cfg),
         drop_(drop),
         tp_ep_(std::move(tp_ep)),
         my_ep_(ep.rank()),
         ep_size_(ep.size()),
-        etp_size_(etp.size()) {
+        etp_size_(etp.size()),
+        experts_(exec_) {
     l_ = detail::check_expert_groups(cfg_, ep, etp, tp_ep_);
   }
 
@@ -74,38 +85,39 @@ class AllGatherTokenDispatcher {
     meta_.tokens_per_local_expert.assign(L, 0);
     std::vector<std::int64_t> src;
     entry_.clear();
-    routed_.clear();
     for (std::size_t l = 0; l < L; ++l) {
       auto const e = static_cast<std::size_t>(my_ep_) * L + l;
       for (std::int64_t u = 0; u < gathered_tokens_; ++u) {
         auto const at = static_cast<std::size_t>(u) * E + e;
         if (all[at] == static_cast<std::uint8_t>(Route::none)) continue;
         src.push_back(u);
-        entry_.push_back(static_cast<std::int64_t>(at));
-        routed_.push_back(all[at] == static_cast<std::uint8_t>(Route::routed));
+        entry_.push_back(all[at] == static_cast<std::uint8_t>(Route::routed)
+                             ? static_cast<std::int64_t>(at)
+                             : -1);
         ++meta_.tokens_per_local_expert[l];
       }
     }
-    experts_.set_map(RowMap(std::move(src), gathered_tokens_));
+    experts_.set_map(RowMap(exec_, std::move(src), gathered_tokens_));
     return meta_;
   }
 
   /// All-gathers `hidden [T, H]` and `probs [T, E]` over `tp_ep` and gathers the local experts'
   /// rows. Collective over `tp_ep`.
-  DispatchOutput<Real> dispatch(std::span<Real const> hidden, std::span<Real const> probs) {
+  DispatchOutput<Real> dispatch(View<Real const> hidden, View<Real const> probs) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(hidden.size() == static_cast<std::size_t>(routing_.num_tokens * h) &&
-                        probs.size() == routing_.probs.size(),
+    MOEFOLD_EXPECTS(hidden.size() == routing_.num_tokens * h &&
+                        probs.size() == static_cast<std::int64_t>(routing_.probs.size()),
                     "AllGatherDispatcher::dispatch: hidden {} and probs {} elements for T = {}",
                     hidden.size(), probs.size(), routing_.num_tokens);
     auto& pool = experts_.pool();
-    std::vector<Real> all = pool.take(static_cast<std::size_t>(gathered_tokens_ * h));
-    tp_ep_.all_gather(hidden, std::span<Real>(all));
-    std::vector<Real> all_p(probs.size() * static_cast<std::size_t>(tp_ep_.size()));
-    tp_ep_.all_gather(probs, std::span<Real>(all_p));
-    std::vector<Real> expert_probs(entry_.size());
-    for (std::size_t i = 0; i < entry_.size(); ++i)
-      expert_probs[i] = routed_[i] ? all_p[static_cast<std::size_t>(entry_[i])] : Real(0);
+    Buffer<Real> all = pool.take(static_cast<std::size_t>(gathered_tokens_ * h));
+    tp_ep_.all_gather(std::span<Real const>(hidden), std::span<Real>(all));
+    Buffer<Real> all_p = exec_.template allocate<Real>(probs.size() * tp_ep_.size());
+    tp_ep_.all_gather(std::span<Real const>(probs), std::span<Real>(all_p));
+    Buffer<Real> expert_probs =
+        exec_.template allocate<Real>(static_cast<std::int64_t>(entry_.size()));
+    ops::gather_or_zero<Exec, Real>(exec_, View<std::int64_t const>(entry_), all_p.view(),
+                                    expert_probs.view());
     auto out = experts_.to_experts(all, h, std::move(expert_probs), meta_.tokens_per_local_expert);
     pool.give(std::move(all));
     return out;
@@ -113,40 +125,40 @@ class AllGatherTokenDispatcher {
 
   /// Weighted scatter of the expert rows into the gathered tokens, then reduce-scatter over
   /// `tp_ep`: `[T, H]`. Collective over `tp_ep`.
-  std::vector<Real> combine(std::span<Real const> expert_output) {
+  Buffer<Real> combine(View<Real const> expert_output) {
     auto const h = cfg_.hidden_size;
     auto all = experts_.combine(expert_output, gathered_tokens_, h, "AllGatherDispatcher");
-    std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
+    Buffer<Real> out = exec_.template allocate<Real>(routing_.num_tokens * h);
     tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out), ReduceOp::sum);
     experts_.pool().give(std::move(all));
     return out;
   }
 
-  CombineGrad<Real> combine_backward(std::span<Real const> d_output) {
+  CombineGrad<Real> combine_backward(View<Real const> d_output) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(d_output.size() == static_cast<std::size_t>(routing_.num_tokens * h),
+    MOEFOLD_EXPECTS(d_output.size() == routing_.num_tokens * h,
                     "AllGatherDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
-    std::vector<Real> all = experts_.pool().take(static_cast<std::size_t>(gathered_tokens_ * h));
-    tp_ep_.all_gather(d_output, std::span<Real>(all));
+    Buffer<Real> all = experts_.pool().take(static_cast<std::size_t>(gathered_tokens_ * h));
+    tp_ep_.all_gather(std::span<Real const>(d_output), std::span<Real>(all));
     auto out = experts_.combine_backward(all, h);
     experts_.pool().give(std::move(all));
     return out;
   }
 
-  DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
-                                       std::span<Real const> d_expert_probs) {
+  DispatchGrad<Real> dispatch_backward(View<Real const> d_expert_input,
+                                       View<Real const> d_expert_probs) {
     auto const h = cfg_.hidden_size;
     auto all = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_tokens_, h,
                                           "AllGatherDispatcher");
-    std::vector<Real> all_p(routing_.probs.size() * static_cast<std::size_t>(tp_ep_.size()),
-                            Real(0));
-    for (std::size_t i = 0; i < entry_.size(); ++i)
-      if (routed_[i]) all_p[static_cast<std::size_t>(entry_[i])] += d_expert_probs[i];
+    Buffer<Real> all_p = exec_.template allocate<Real>(
+        static_cast<std::int64_t>(routing_.probs.size()) * tp_ep_.size());
+    ops::scatter<Exec, Real>(exec_, View<std::int64_t const>(entry_), d_expert_probs, all_p.view(),
+                             /*add=*/true);
     DispatchGrad<Real> out;
-    out.d_hidden.resize(static_cast<std::size_t>(routing_.num_tokens * h));
+    out.d_hidden = exec_.template allocate<Real>(routing_.num_tokens * h);
     tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out.d_hidden), ReduceOp::sum);
-    out.d_probs.resize(routing_.probs.size());
+    out.d_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(routing_.probs.size()));
     tp_ep_.reduce_scatter(std::span<Real const>(all_p), std::span<Real>(out.d_probs),
                           ReduceOp::sum);
     experts_.pool().give(std::move(all));
@@ -154,6 +166,7 @@ class AllGatherTokenDispatcher {
   }
 
  private:
+  Exec exec_;
   DispatcherConfig cfg_;
   Drop drop_;
   Comm tp_ep_;
@@ -162,18 +175,22 @@ class AllGatherTokenDispatcher {
   DispatchMetadata meta_;
   Routing<Real> routing_;
   std::int64_t gathered_tokens_ = 0;
-  detail::ExpertRows<Real> experts_;  // expert rows ↔ gathered tokens
-  std::vector<std::int64_t> entry_;  // gathered routing entry of each expert row
-  std::vector<bool> routed_;         // false for padding rows
+  detail::ExpertRows<Exec, Real> experts_;  // expert rows ↔ gathered tokens
+  std::vector<std::int64_t> entry_;  // gathered routed entry of each expert row (−1: padding)
 };
 
-/// Policy tag: `AllGatherDispatcher<Drop>::dispatcher<Comm, Real>` is the dispatcher type.
+/// Policy tag: `AllGatherDispatcher<Drop>::dispatcher<Exec, Comm, Real>` is the dispatcher type.
 template <DropPolicy Drop = Dropless>
 struct AllGatherDispatcher {
   using drop_policy = Drop;
-  template <Communicator Comm, class Real = float>
-  using dispatcher = AllGatherTokenDispatcher<Drop, Comm, Real>;
+  template <class Exec, class Comm, class Real = float>
+  using dispatcher = AllGatherTokenDispatcher<Exec, Drop, Comm, Real>;
 };
+
+namespace cpu {
+template <DropPolicy Drop, Communicator Comm, class Real = float>
+using AllGatherTokenDispatcher = moefold::AllGatherTokenDispatcher<Cpu, Drop, Comm, Real>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

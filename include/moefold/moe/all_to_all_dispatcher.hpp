@@ -18,6 +18,7 @@
 #include "moefold/moe/detail/expert_rows.hpp"
 #include "moefold/moe/permutation.hpp"
 #include "moefold/moe/token_dispatcher.hpp"
+#include "moefold/ops/permute.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -53,17 +54,32 @@ int check_expert_groups(DispatcherConfig const& cfg, Comm const& ep, Comm const&
 }  // namespace detail
 
 /// The all-to-all token dispatcher over the expert groups of one rank.
-template <DropPolicy Drop, Communicator Comm, class Real = float>
+template <HostInstance Exec, DropPolicy Drop, Communicator Comm, class Real = float>
 class AllToAllTokenDispatcher {
  public:
   using real_type = Real;
+  using exec_type = Exec;
 
   /// Uses `groups.ep()`, `.etp()` and `.tp_ep()`. Throws `invalid_config` when E is not
   /// divisible by EP or the configuration is inconsistent.
+  AllToAllTokenDispatcher(Exec exec, DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
+      : AllToAllTokenDispatcher(std::move(exec), cfg, drop, groups.ep(), groups.etp(),
+                                groups.tp_ep()) {}
   AllToAllTokenDispatcher(DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
-      : AllToAllTokenDispatcher(cfg, drop, groups.ep(), groups.etp(), groups.tp_ep()) {}
+    requires std::default_initializable<Exec>
+      : AllToAllTokenDispatcher(Exec{}, cfg, drop, groups) {}
   AllToAllTokenDispatcher(DispatcherConfig cfg, Drop drop, Comm ep, Comm etp, Comm tp_ep)
-      : cfg_(cfg), drop_(drop), ep_(std::move(ep)), etp_(std::move(etp)), tp_ep_(std::move(tp_ep)) {
+    requires std::default_initializable<Exec>
+      : AllToAllTokenDispatcher(Exec{}, cfg, drop, std::move(ep), std::move(etp),
+                                std::move(tp_ep)) {}
+  AllToAllTokenDispatcher(Exec exec, DispatcherConfig cfg, Drop drop, Comm ep, Comm etp, Comm tp_ep)
+      : exec_(std::move(exec)),
+        cfg_(cfg),
+        drop_(drop),
+        ep_(std::move(ep)),
+        etp_(std::move(etp)),
+        tp_ep_(std::move(tp_ep)),
+        experts_(exec_) {
     l_ = detail::check_expert_groups(cfg_, ep_, etp_, tp_ep_);
   }
 
@@ -90,7 +106,7 @@ class AllToAllTokenDispatcher {
     meta_.padded = Drop::drops && drop_.pad_to_capacity;
     meta_.dedup = cfg_.dedup && !meta_.padded;
 
-    auto const order = ExpertMajorOrder::of(routing_);
+    auto const order = ExpertMajorOrder::of(exec_, routing_);
     meta_.num_out = detail::total(order.tokens_per_expert);
     meta_.local_tokens_per_expert = order.tokens_per_expert;
     auto const& n = order.tokens_per_expert;
@@ -113,7 +129,7 @@ class AllToAllTokenDispatcher {
             send_entry_.push_back(
                 routing_.map[base + l] != Route::none ? static_cast<std::int64_t>(base + l) : -1);
         }
-      send_map_ = RowMap(std::move(tokens), routing_.num_tokens);
+      send_map_ = RowMap(exec_, std::move(tokens), routing_.num_tokens);
       meta_.input_splits = distinct;
     } else {
       send_map_ = order.tokens;
@@ -166,33 +182,35 @@ class AllToAllTokenDispatcher {
     if (!meta_.dedup) {
       // Chunk sort (t, j, l) → (l, t, j): Megatron's sort_in over the NG chunks.
       auto src = sort_chunks(ng, transpose_order(static_cast<std::int64_t>(sources), l_));
-      experts_.set_map(RowMap(std::move(src), gathered_rows_));
+      experts_.set_map(RowMap(exec_, std::move(src), gathered_rows_));
     }
+    send_routed_ = exec_.template allocate<std::int64_t>(static_cast<std::int64_t>(send_entry_.size()));
+    ops::routed_index<Exec, Route>(exec_, View<std::int64_t const>(send_entry_),
+                                   View<Route const>(routing_.map), Route::routed,
+                                   send_routed_.view());
     return meta_;
   }
 
   /// Moves this rank's tokens `hidden [T, H]` with probabilities `probs [T, E]` (read at the
   /// planned entries) to the experts. Collective over `ep` and `etp`.
-  DispatchOutput<Real> dispatch(std::span<Real const> hidden, std::span<Real const> probs) {
+  DispatchOutput<Real> dispatch(View<Real const> hidden, View<Real const> probs) {
     auto const h = cfg_.hidden_size;
     auto const T = routing_.num_tokens;
-    MOEFOLD_EXPECTS(hidden.size() == static_cast<std::size_t>(T * h),
+    MOEFOLD_EXPECTS(hidden.size() == T * h,
                     "AllToAllDispatcher::dispatch: hidden has {} elements, planned T·H = {}·{}",
                     hidden.size(), T, h);
-    MOEFOLD_EXPECTS(probs.size() == routing_.probs.size(),
+    MOEFOLD_EXPECTS(probs.size() == static_cast<std::int64_t>(routing_.probs.size()),
                     "AllToAllDispatcher::dispatch: probs has {} elements, expected T·E = {}",
                     probs.size(), routing_.probs.size());
     auto const w = probs_width();
-    std::vector<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
-    permute<Real>(send_map_, hidden, send, h);
-    std::vector<Real> send_p(send_entry_.size());
+    Buffer<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
+    permute<Real>(exec_, send_map_, hidden, send, h);
+    auto const n_sent = static_cast<std::int64_t>(send_entry_.size());
+    Buffer<Real> send_p = exec_.template allocate<Real>(n_sent);
+    ops::gather_or_zero<Exec, Real>(exec_, send_routed_.view(), probs, send_p.view());
     std::vector<std::uint8_t> send_f(meta_.dedup ? send_entry_.size() : 0);
-    for (std::size_t i = 0; i < send_entry_.size(); ++i) {
-      auto const e = send_entry_[i];
-      bool const routed = e >= 0 && routing_.map[static_cast<std::size_t>(e)] == Route::routed;
-      send_p[i] = routed ? probs[static_cast<std::size_t>(e)] : Real(0);
-      if (meta_.dedup) send_f[i] = e >= 0 ? 1 : 0;
-    }
+    if (meta_.dedup)
+      for (std::size_t i = 0; i < send_entry_.size(); ++i) send_f[i] = send_entry_[i] >= 0 ? 1 : 0;
 
     // Token all-to-all over ep (payload bytes recorded as the communicator counts them).
     auto const before = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent;
@@ -200,7 +218,7 @@ class AllToAllTokenDispatcher {
     meta_.ep_token_bytes_sent = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent - before;
     experts_.pool().give(std::move(send));
     auto recv_p = all_to_all<Real>(send_p, meta_.input_splits, meta_.output_splits, w);
-    std::vector<std::uint8_t> recv_f;
+    Buffer<std::uint8_t> recv_f;
     if (meta_.dedup)
       recv_f = all_to_all<std::uint8_t>(send_f, meta_.input_splits, meta_.output_splits, w);
 
@@ -222,14 +240,14 @@ class AllToAllTokenDispatcher {
       MOEFOLD_EXPECTS(static_cast<std::int64_t>(src.size()) == meta_.num_expert_rows(),
                       "AllToAllDispatcher: received {} expert rows, planned {}", src.size(),
                       meta_.num_expert_rows());
-      experts_.set_map(RowMap(std::move(src), gathered_rows_));
+      experts_.set_map(RowMap(exec_, std::move(src), gathered_rows_));
     } else {
       slot_.assign(experts_.map().row_targets().begin(), experts_.map().row_targets().end());
     }
 
-    std::vector<Real> expert_probs(slot_.size());
-    for (std::size_t i = 0; i < slot_.size(); ++i)
-      expert_probs[i] = gathered_p_[static_cast<std::size_t>(slot_[i])];
+    Buffer<Real> expert_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(slot_.size()));
+    ops::gather_or_zero<Exec, Real>(exec_, View<std::int64_t const>(slot_), gathered_p_.view(),
+                                    expert_probs.view());
     auto out = experts_.to_experts(gathered, h, std::move(expert_probs), meta_.tokens_per_local_expert);
     experts_.pool().give(std::move(gathered));
     return out;
@@ -238,27 +256,27 @@ class AllToAllTokenDispatcher {
   /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
   /// rows to their source ranks and sums each token's rows: `[T, H]`. Collective over `etp`
   /// and `ep`.
-  std::vector<Real> combine(std::span<Real const> expert_output) {
+  Buffer<Real> combine(View<Real const> expert_output) {
     auto const h = cfg_.hidden_size;
     auto g = experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher");
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
     experts_.pool().give(std::move(mine));
-    std::vector<Real> out(static_cast<std::size_t>(routing_.num_tokens * h));
-    unpermute<Real>(send_map_, back, out, h);
+    Buffer<Real> out = exec_.template allocate<Real>(routing_.num_tokens * h);
+    unpermute<Real>(exec_, send_map_, back, out, h);
     experts_.pool().give(std::move(back));
     return out;
   }
 
   /// Backward of `combine`: from `d_output [T, H]`, the gradients of the expert output and of
   /// the expert probabilities (this ETP rank's share: sum over `etp` is the full gradient).
-  CombineGrad<Real> combine_backward(std::span<Real const> d_output) {
+  CombineGrad<Real> combine_backward(View<Real const> d_output) {
     auto const h = cfg_.hidden_size;
-    MOEFOLD_EXPECTS(d_output.size() == static_cast<std::size_t>(routing_.num_tokens * h),
+    MOEFOLD_EXPECTS(d_output.size() == routing_.num_tokens * h,
                     "AllToAllDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
-    std::vector<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
-    permute<Real>(send_map_, d_output, send, h);
+    Buffer<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
+    permute<Real>(exec_, send_map_, d_output, send, h);
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
     experts_.pool().give(std::move(send));
     auto g = all_gather_etp<Real>(std::move(recv), h);
@@ -269,30 +287,27 @@ class AllToAllTokenDispatcher {
 
   /// Backward of `dispatch`: sums expert-input gradients (and ETP partials), returns them to
   /// the source ranks: `d_hidden [T, H]` and `d_probs [T, E]`. Collective over `etp` and `ep`.
-  DispatchGrad<Real> dispatch_backward(std::span<Real const> d_expert_input,
-                                       std::span<Real const> d_expert_probs) {
+  DispatchGrad<Real> dispatch_backward(View<Real const> d_expert_input,
+                                       View<Real const> d_expert_probs) {
     auto const h = cfg_.hidden_size;
     auto const w = probs_width();
     auto g = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_rows_, h,
                                         "AllToAllDispatcher");
-    std::vector<Real> gp(static_cast<std::size_t>(gathered_rows_ * w), Real(0));
-    for (std::size_t i = 0; i < slot_.size(); ++i)
-      gp[static_cast<std::size_t>(slot_[i])] += d_expert_probs[i];
+    Buffer<Real> gp = exec_.template allocate<Real>(gathered_rows_ * w);
+    ops::scatter<Exec, Real>(exec_, View<std::int64_t const>(slot_), d_expert_probs, gp.view(),
+                             /*add=*/true);
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto mine_p = reduce_scatter_etp<Real>(std::move(gp), w);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
     experts_.pool().give(std::move(mine));
     auto back_p = all_to_all<Real>(mine_p, meta_.output_splits, meta_.input_splits, w);
     DispatchGrad<Real> out;
-    out.d_hidden.resize(static_cast<std::size_t>(routing_.num_tokens * h));
-    unpermute<Real>(send_map_, back, out.d_hidden, h);
+    out.d_hidden = exec_.template allocate<Real>(routing_.num_tokens * h);
+    unpermute<Real>(exec_, send_map_, back, out.d_hidden, h);
     experts_.pool().give(std::move(back));
-    out.d_probs.assign(routing_.probs.size(), Real(0));
-    for (std::size_t i = 0; i < send_entry_.size(); ++i) {
-      auto const e = send_entry_[i];
-      if (e >= 0 && routing_.map[static_cast<std::size_t>(e)] == Route::routed)
-        out.d_probs[static_cast<std::size_t>(e)] = back_p[i];
-    }
+    out.d_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(routing_.probs.size()));
+    ops::scatter<Exec, Real>(exec_, send_routed_.view(), back_p.view(), out.d_probs.view(),
+                             /*add=*/false);
     return out;
   }
 
@@ -301,28 +316,33 @@ class AllToAllTokenDispatcher {
   std::int64_t probs_width() const { return meta_.dedup ? l_ : 1; }
 
   template <class U>
-  std::vector<U> all_to_all(std::span<U const> send, std::span<std::int64_t const> send_rows,
-                            std::span<std::int64_t const> recv_rows, std::int64_t width) {
+  Buffer<U> all_to_all(std::span<U const> send, std::span<std::int64_t const> send_rows,
+                       std::span<std::int64_t const> recv_rows, std::int64_t width) {
     auto const sc = detail::scaled(send_rows, width), rc = detail::scaled(recv_rows, width);
     auto const n = static_cast<std::size_t>(detail::total(rc));
-    std::vector<U> recv;
+    Buffer<U> recv;
     if constexpr (std::is_same_v<U, Real>) recv = experts_.pool().take(n);
-    else recv.assign(n, U{});
+    else recv = Buffer<U>(static_cast<std::int64_t>(n));
     ep_.all_to_all_v(send, std::span<std::int64_t const>(sc), std::span<U>(recv),
                      std::span<std::int64_t const>(rc));
     return recv;
   }
   template <class U>
-  std::vector<U> all_to_all(std::vector<U> const& send, std::span<std::int64_t const> s,
-                            std::span<std::int64_t const> r, std::int64_t width) {
+  Buffer<U> all_to_all(Buffer<U> const& send, std::span<std::int64_t const> s,
+                       std::span<std::int64_t const> r, std::int64_t width) {
+    return all_to_all<U>(std::span<U const>(send.data(), send.size()), s, r, width);
+  }
+  template <class U>
+  Buffer<U> all_to_all(std::vector<U> const& send, std::span<std::int64_t const> s,
+                       std::span<std::int64_t const> r, std::int64_t width) {
     return all_to_all<U>(std::span<U const>(send), s, r, width);
   }
   /// AllGather-V over etp of each ETP rank's received rows (identity when ETP = 1).
   template <class U>
-  std::vector<U> all_gather_etp(std::vector<U> mine, std::int64_t width) {
+  Buffer<U> all_gather_etp(Buffer<U> mine, std::int64_t width) {
     if (etp_.size() == 1) return mine;
     auto const c = detail::scaled(meta_.output_splits_tp, width);
-    std::vector<U> out(static_cast<std::size_t>(detail::total(c)));
+    Buffer<U> out(detail::total(c));
     etp_.all_gather_v(std::span<U const>(mine), std::span<U>(out),
                       std::span<std::int64_t const>(c));
     if constexpr (std::is_same_v<U, Real>) experts_.pool().give(std::move(mine));
@@ -330,15 +350,16 @@ class AllToAllTokenDispatcher {
   }
   /// ReduceScatter-V (sum) over etp back to each ETP rank's rows (identity when ETP = 1).
   template <class U>
-  std::vector<U> reduce_scatter_etp(std::vector<U> all, std::int64_t width) {
+  Buffer<U> reduce_scatter_etp(Buffer<U> all, std::int64_t width) {
     if (etp_.size() == 1) return all;
     auto const c = detail::scaled(meta_.output_splits_tp, width);
-    std::vector<U> out(static_cast<std::size_t>(c[static_cast<std::size_t>(etp_.rank())]));
+    Buffer<U> out(c[static_cast<std::size_t>(etp_.rank())]);
     etp_.reduce_scatter_v(std::span<U const>(all), std::span<U>(out),
                           std::span<std::int64_t const>(c), ReduceOp::sum);
     return out;
   }
 
+  Exec exec_;
   DispatcherConfig cfg_;
   Drop drop_;
   Comm ep_, etp_, tp_ep_;
@@ -348,18 +369,24 @@ class AllToAllTokenDispatcher {
   RowMap send_map_;                       // sent rows → tokens
   std::vector<std::int64_t> send_entry_;  // routing entry per sent row (× L with dedup; -1: none)
   std::int64_t gathered_rows_ = 0;        // R: rows after the ETP all-gather
-  detail::ExpertRows<Real> experts_;     // expert rows ↔ gathered rows
+  Buffer<std::int64_t> send_routed_;     // routing entry per sent probability, −1: not routed
+  detail::ExpertRows<Exec, Real> experts_;  // expert rows ↔ gathered rows
   std::vector<std::int64_t> slot_;        // expert row → probability slot of the gathered rows
-  std::vector<Real> gathered_p_;
+  Buffer<Real> gathered_p_;
 };
 
-/// Policy tag: `AllToAllDispatcher<Drop>::dispatcher<Comm, Real>` is the dispatcher type.
+/// Policy tag: `AllToAllDispatcher<Drop>::dispatcher<Exec, Comm, Real>` is the dispatcher type.
 template <DropPolicy Drop = Dropless>
 struct AllToAllDispatcher {
   using drop_policy = Drop;
-  template <Communicator Comm, class Real = float>
-  using dispatcher = AllToAllTokenDispatcher<Drop, Comm, Real>;
+  template <class Exec, class Comm, class Real = float>
+  using dispatcher = AllToAllTokenDispatcher<Exec, Drop, Comm, Real>;
 };
+
+namespace cpu {
+template <DropPolicy Drop, Communicator Comm, class Real = float>
+using AllToAllTokenDispatcher = moefold::AllToAllTokenDispatcher<Cpu, Drop, Comm, Real>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

@@ -1,11 +1,14 @@
 #pragma once
 /// \file
-/// `GroupedGemmExperts<Activation, Gemm, T>`: the routed experts of one rank — per local expert
+/// `GroupedGemmExperts<Exec, Activation, Gemm, T>`: the routed experts of one rank — per local expert
 /// an fc1 `[G·F/ETP, H]` (column-sharded over ETP; G = 2 for SwiGLU, stored as
 /// [gate shard; up shard]) and an fc2 `[H, F/ETP]` (row-sharded), Megatron's `[out, in]` layout,
 /// run as grouped GEMMs over each expert's contiguous rows (spec §2.7):
 ///
 ///   y1 = x·W1ᵀ  →  act  →  · prob (the token's routing probability)  →  y = ·W2ᵀ
+///
+/// `forward(x, counts)` skips the probability (the MoE layer applies it in the dispatcher's
+/// combine); `forward(x, probs, counts)` applies it between the activation and fc2.
 ///
 /// With ETP > 1 the output is a partial sum over the ETP group (the dispatcher's
 /// ReduceScatter-V adds the partials); likewise the input and probability gradients returned by
@@ -19,10 +22,14 @@
 #include <vector>
 #include <fmt/format.h>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
-#include "moefold/ops/activations.hpp"
-#include "moefold/exec/grouped_gemm.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/grouped_gemm.hpp"
+#include "moefold/ops/activations.hpp"
+#include "moefold/ops/row_scale.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -40,21 +47,28 @@ struct ExpertsConfig {
 };
 
 /// The experts' input and probability gradients from `backward`.
-template <class T>
+template <class T, MemorySpace Space = HostSpace>
 struct ExpertsGrad {
-  std::vector<T> input;  ///< [N, H], partial over ETP
-  std::vector<T> probs;  ///< [N], partial over ETP
+  Buffer<T, Space> input;  ///< [N, H], partial over ETP
+  Buffer<T, Space> probs;  ///< [N], partial over ETP; empty after a forward without probabilities
 };
 
-template <ExpertActivation Activation, GroupedGemmPolicy Gemm = BlasGroupedGemm, class T = float>
+template <ExecutionInstance Exec, ExpertActivation Activation,
+          GroupedGemmPolicy<Exec> Gemm = BlasGroupedGemm, class T = float>
 class GroupedGemmExperts {
  public:
   using value_type = T;
+  using exec_type = Exec;
+  using Space = typename Exec::memory_space;
   static constexpr int kGates = Activation::kGates;
 
   /// Checks the config (throws invalid_config naming the rule) and initializes the weights
   /// from (seed, name, global index), so every folding holds slices of the same experts.
-  GroupedGemmExperts(ExpertsConfig config, std::uint64_t seed) : cfg_(std::move(config)) {
+  GroupedGemmExperts(ExpertsConfig config, std::uint64_t seed)
+    requires std::default_initializable<Exec>
+      : GroupedGemmExperts(Exec{}, std::move(config), seed) {}
+  GroupedGemmExperts(Exec exec, ExpertsConfig config, std::uint64_t seed)
+      : exec_(std::move(exec)), cfg_(std::move(config)) {
     auto bad = [](std::string const& m) { throw invalid_config("GroupedGemmExperts: " + m); };
     if (cfg_.num_local_experts < 1) bad(fmt::format("num_local_experts must be ≥ 1 (got {})", cfg_.num_local_experts));
     if (cfg_.hidden_size < 1 || cfg_.ffn_hidden_size < 1)
@@ -87,7 +101,9 @@ class GroupedGemmExperts {
   std::int64_t local_ffn() const noexcept { return cfg_.ffn_hidden_size / cfg_.etp_size; }
 
   /// fc1 and fc2 of every local expert, in a fixed order.
-  ParamList<T> parameters() {
+  ParamList<T> parameters()
+    requires std::same_as<Space, HostSpace>
+  {
     ParamList<T> out;
     for (int l = 0; l < cfg_.num_local_experts; ++l) {
       out.push_back(&fc1_[static_cast<std::size_t>(l)]);
@@ -95,22 +111,109 @@ class GroupedGemmExperts {
     }
     return out;
   }
-  Param<T>& fc1(int local) { return fc1_.at(static_cast<std::size_t>(local)); }
-  Param<T>& fc2(int local) { return fc2_.at(static_cast<std::size_t>(local)); }
+  Param<T, Space>& fc1(int local) { return fc1_.at(static_cast<std::size_t>(local)); }
+  Param<T, Space>& fc2(int local) { return fc2_.at(static_cast<std::size_t>(local)); }
 
   /// y [N, H] for rows x [N, H] grouped by local expert (`tokens_per_expert[l]` consecutive
   /// rows each) with their routing probabilities `probs` [N]. Keeps what backward needs.
-  std::vector<T> forward(std::span<T const> x, std::span<T const> probs,
-                         std::span<std::int64_t const> tokens_per_expert) {
+  Buffer<T, Space> forward(View<T const, Space> x, View<T const, Space> probs,
+                           std::span<std::int64_t const> tokens_per_expert) {
+    auto y = exec_.template allocate<T>(x.size());
+    forward(x, probs, tokens_per_expert, y.view());
+    return y;
+  }
+  /// f_e(x) without probabilities: y [N, H] for rows x [N, H] grouped by local expert.
+  Buffer<T, Space> forward(View<T const, Space> x, std::span<std::int64_t const> tokens_per_expert) {
+    auto y = exec_.template allocate<T>(x.size());
+    forward(x, tokens_per_expert, y.view());
+    return y;
+  }
+  /// As the returning `forward`, into y [N, H].
+  void forward(View<T const, Space> x, View<T const, Space> probs,
+               std::span<std::int64_t const> tokens_per_expert, View<T, Space> y) {
+    MOEFOLD_EXPECTS(probs.size() == x.size() / cfg_.hidden_size,
+                    "GroupedGemmExperts: {} probabilities for {} rows", probs.size(),
+                    x.size() / cfg_.hidden_size);
+    run_forward(x, &probs, tokens_per_expert, y);
+  }
+  void forward(View<T const, Space> x, std::span<std::int64_t const> tokens_per_expert,
+               View<T, Space> y) {
+    run_forward(x, nullptr, tokens_per_expert, y);
+  }
+
+  /// From dy [N, H]: accumulates the weight gradients and returns the (ETP-partial) input and
+  /// probability gradients (no probability gradient after a forward without them). Call after
+  /// `forward`.
+  ExpertsGrad<T, Space> backward(View<T const, Space> dy) {
+    ExpertsGrad<T, Space> out{exec_.template allocate<T>(rows_ * cfg_.hidden_size),
+                              exec_.template allocate<T>(with_probs_ ? rows_ : 0)};
+    backward(dy, out.input.view(), out.probs.view());
+    return out;
+  }
+  /// As the returning `backward`, into d_input [N, H] and d_probs [N] (empty without
+  /// probabilities).
+  void backward(View<T const, Space> dy, View<T, Space> d_input, View<T, Space> d_probs) {
     std::int64_t const h = cfg_.hidden_size, fr = local_ffn(), g = kGates * fr;
-    rows_ = check_inputs(x, probs, tokens_per_expert);
+    MOEFOLD_EXPECTS(dy.size() == rows_ * h,
+                    "GroupedGemmExperts::backward: dy has {} elements, forward had {} rows of {}",
+                    dy.size(), rows_, h);
+    MOEFOLD_EXPECTS(d_input.size() == rows_ * h && d_probs.size() == (with_probs_ ? rows_ : 0),
+                    "GroupedGemmExperts::backward: outputs of {} and {} elements for {} rows of {}",
+                    d_input.size(), d_probs.size(), rows_, h);
+    resize(d_scaled_, rows_ * fr);
+    resize(dh1_, rows_ * g);
+    // dW2_l += dy_lᵀ · (act·p)_l ;  d(act·p)_l = dy_l · W2_l
+    T const* fc2_in = with_probs_ ? scaled_.data() : act_.data();
+    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
+      return GemmProblem<T>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = h, .n = fr, .k = n,
+                            .a = dy.data() + off * h, .lda = h, .b = fc2_in + off * fr,
+                            .ldb = fr, .beta = T(1), .c = fc2(l).grad.data(), .ldc = fr};
+    }));
+    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
+      return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::no, .m = n, .n = fr, .k = h,
+                            .a = dy.data() + off * h, .lda = h, .b = fc2(l).value.data(), .ldb = fr,
+                            .c = d_scaled_.data() + off * fr, .ldc = fr};
+    }));
+    // through the probability and the activation
+    View<T const, Space> d_act = d_scaled_.view(rows_, fr);
+    if (with_probs_) {
+      resize(d_act_, rows_ * fr);
+      ops::scale_rows_backward<Exec, T>(exec_, d_scaled_.view(rows_, fr), act_.view(rows_, fr),
+                                        probs_.view(), d_act_.view(rows_, fr), d_probs);
+      d_act = d_act_.view(rows_, fr);
+    }
+    ops::activation_backward<Activation, Exec, T>(exec_, h1_.view(rows_, g), d_act,
+                                                  dh1_.view(rows_, g));
+    // dW1_l += dh1_lᵀ · x_l ;  dx_l = dh1_l · W1_l
+    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
+      return GemmProblem<T>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = g, .n = h, .k = n,
+                            .a = dh1_.data() + off * g, .lda = g, .b = x_.data() + off * h, .ldb = h,
+                            .beta = T(1), .c = fc1(l).grad.data(), .ldc = h};
+    }));
+    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
+      return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::no, .m = n, .n = h, .k = g,
+                            .a = dh1_.data() + off * g, .lda = g, .b = fc1(l).value.data(), .ldb = h,
+                            .c = d_input.data() + off * h, .ldc = h};
+    }));
+  }
+
+ private:
+  /// The forward, with the probabilities applied between activation and fc2 when `probs` is
+  /// given.
+  void run_forward(View<T const, Space> x, View<T const, Space> const* probs,
+                   std::span<std::int64_t const> tokens_per_expert, View<T, Space> y) {
+    std::int64_t const h = cfg_.hidden_size, fr = local_ffn(), g = kGates * fr;
+    MOEFOLD_EXPECTS(x.contiguous() && y.contiguous() && (!probs || probs->contiguous()),
+                    "GroupedGemmExperts: strided views");
+    rows_ = check_inputs(x, tokens_per_expert);
+    MOEFOLD_EXPECTS(y.size() == rows_ * h, "GroupedGemmExperts: output has {} elements, expected {} rows × {}",
+                    y.size(), rows_, h);
+    with_probs_ = probs != nullptr;
     counts_.assign(tokens_per_expert.begin(), tokens_per_expert.end());
-    x_.assign(x.begin(), x.end());
-    probs_.assign(probs.begin(), probs.end());
-    h1_.assign(static_cast<std::size_t>(rows_ * g), T{});
-    act_.assign(static_cast<std::size_t>(rows_ * fr), T{});
-    scaled_.assign(static_cast<std::size_t>(rows_ * fr), T{});
-    std::vector<T> y(static_cast<std::size_t>(rows_ * h), T{});
+    resize(x_, x.size());
+    copy<T>(exec_, x.reshaped(1, x.size()), x_.view());
+    resize(h1_, rows_ * g);
+    resize(act_, rows_ * fr);
 
     // fc1: h1_l = x_l · W1_lᵀ
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
@@ -119,74 +222,29 @@ class GroupedGemmExperts {
                             .c = h1_.data() + off * g, .ldc = g};
     }));
     // activation, then the routing probability
-    for (std::int64_t i = 0; i < rows_; ++i) {
-      T* a = act_.data() + i * fr;
-      for (std::int64_t j = 0; j < fr; ++j) Activation::forward(h1_.data() + i * g, fr, j, a);
-      T const p = probs_[static_cast<std::size_t>(i)];
-      for (std::int64_t j = 0; j < fr; ++j) scaled_[static_cast<std::size_t>(i * fr + j)] = a[j] * p;
+    ops::activation_forward<Activation, Exec, T>(exec_, h1_.view(rows_, g), act_.view(rows_, fr));
+    T const* fc2_in = act_.data();
+    if (with_probs_) {
+      resize(probs_, rows_);
+      copy<T>(exec_, probs->reshaped(1, probs->size()), probs_.view());
+      resize(scaled_, rows_ * fr);
+      ops::scale_rows<Exec, T>(exec_, act_.view(rows_, fr), probs_.view(), scaled_.view(rows_, fr));
+      fc2_in = scaled_.data();
     }
     // fc2: y_l = (act · p)_l · W2_lᵀ
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
       return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::yes, .m = n, .n = h, .k = fr,
-                            .a = scaled_.data() + off * fr, .lda = fr, .b = fc2(l).value.data(),
+                            .a = fc2_in + off * fr, .lda = fr, .b = fc2(l).value.data(),
                             .ldb = fr, .c = y.data() + off * h, .ldc = h};
     }));
-    return y;
   }
 
-  /// From dy [N, H]: accumulates the weight gradients and returns the (ETP-partial) input and
-  /// probability gradients. Call after `forward`.
-  ExpertsGrad<T> backward(std::span<T const> dy) {
-    std::int64_t const h = cfg_.hidden_size, fr = local_ffn(), g = kGates * fr;
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(dy.size()) == rows_ * h,
-                    "GroupedGemmExperts::backward: dy has {} elements, forward had {} rows of {}",
-                    dy.size(), rows_, h);
-    std::vector<T> d_scaled(static_cast<std::size_t>(rows_ * fr), T{});
-    std::vector<T> dh1(static_cast<std::size_t>(rows_ * g), T{});
-    ExpertsGrad<T> out{std::vector<T>(static_cast<std::size_t>(rows_ * h), T{}),
-                       std::vector<T>(static_cast<std::size_t>(rows_), T{})};
-    // dW2_l += dy_lᵀ · (act·p)_l ;  d(act·p)_l = dy_l · W2_l
-    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
-      return GemmProblem<T>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = h, .n = fr, .k = n,
-                            .a = dy.data() + off * h, .lda = h, .b = scaled_.data() + off * fr,
-                            .ldb = fr, .beta = T(1), .c = fc2(l).grad.data(), .ldc = fr};
-    }));
-    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
-      return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::no, .m = n, .n = fr, .k = h,
-                            .a = dy.data() + off * h, .lda = h, .b = fc2(l).value.data(), .ldb = fr,
-                            .c = d_scaled.data() + off * fr, .ldc = fr};
-    }));
-    // through the probability and the activation
-    std::vector<T> d_act(static_cast<std::size_t>(fr));
-    for (std::int64_t i = 0; i < rows_; ++i) {
-      T const p = probs_[static_cast<std::size_t>(i)];
-      T dp{};
-      for (std::int64_t j = 0; j < fr; ++j) {
-        T const ds = d_scaled[static_cast<std::size_t>(i * fr + j)];
-        dp += ds * act_[static_cast<std::size_t>(i * fr + j)];
-        d_act[static_cast<std::size_t>(j)] = ds * p;
-      }
-      out.probs[static_cast<std::size_t>(i)] = dp;
-      for (std::int64_t j = 0; j < fr; ++j)
-        Activation::backward(h1_.data() + i * g, d_act.data(), fr, j, dh1.data() + i * g);
-    }
-    // dW1_l += dh1_lᵀ · x_l ;  dx_l = dh1_l · W1_l
-    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
-      return GemmProblem<T>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = g, .n = h, .k = n,
-                            .a = dh1.data() + off * g, .lda = g, .b = x_.data() + off * h, .ldb = h,
-                            .beta = T(1), .c = fc1(l).grad.data(), .ldc = h};
-    }));
-    run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
-      return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::no, .m = n, .n = h, .k = g,
-                            .a = dh1.data() + off * g, .lda = g, .b = fc1(l).value.data(), .ldb = h,
-                            .c = out.input.data() + off * h, .ldc = h};
-    }));
-    return out;
+  /// A reusable buffer of n elements (reallocated only when the size changes).
+  void resize(Buffer<T, Space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<T>(n);
   }
 
- private:
-  std::int64_t check_inputs(std::span<T const> x, std::span<T const> probs,
-                            std::span<std::int64_t const> counts) const {
+  std::int64_t check_inputs(View<T const, Space> x, std::span<std::int64_t const> counts) const {
     MOEFOLD_EXPECTS(static_cast<int>(counts.size()) == cfg_.num_local_experts,
                     "GroupedGemmExperts: tokens_per_expert has {} entries for {} local experts",
                     counts.size(), cfg_.num_local_experts);
@@ -196,11 +254,9 @@ class GroupedGemmExperts {
                       l, counts[l]);
       n += counts[l];
     }
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(x.size()) == n * cfg_.hidden_size,
+    MOEFOLD_EXPECTS(x.size() == n * cfg_.hidden_size,
                     "GroupedGemmExperts: input has {} elements, expected {} rows × {}", x.size(), n,
                     cfg_.hidden_size);
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(probs.size()) == n,
-                    "GroupedGemmExperts: {} probabilities for {} rows", probs.size(), n);
     return n;
   }
 
@@ -219,17 +275,26 @@ class GroupedGemmExperts {
   }
 
   void run(std::vector<GemmProblem<T>> const& ps) {
-    grouped_gemm<Gemm>(Cpu{}, std::span<GemmProblem<T> const>(ps), workspace_);
+    grouped_gemm<Gemm>(exec_, std::span<GemmProblem<T> const>(ps), workspace_);
   }
 
+  Exec exec_;
   ExpertsConfig cfg_;
-  std::vector<Param<T>> fc1_, fc2_;
+  std::vector<Param<T, Space>> fc1_, fc2_;
   // saved by forward for backward
   std::int64_t rows_ = 0;
+  bool with_probs_ = false;
   std::vector<std::int64_t> counts_;
-  std::vector<T> x_, probs_, h1_, act_, scaled_;
-  Buffer<std::byte> workspace_;
+  Buffer<T, Space> x_, probs_, h1_, act_, scaled_;
+  // backward's temporaries, reused
+  Buffer<T, Space> d_scaled_, d_act_, dh1_;
+  Buffer<std::byte, Space> workspace_;
 };
+
+namespace cpu {
+template <ExpertActivation Activation, GroupedGemmPolicy Gemm = BlasGroupedGemm, class T = float>
+using GroupedGemmExperts = moefold::GroupedGemmExperts<Cpu, Activation, Gemm, T>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

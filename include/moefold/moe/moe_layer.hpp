@@ -10,7 +10,7 @@
 ///   using Layer = moefold::MoELayer<moefold::Cpu,
 ///                                   moefold::TopKRouter<moefold::Cpu, moefold::SoftmaxScore>,
 ///                                   moefold::AllToAllDispatcher<moefold::Dropless>,
-///                                   moefold::GroupedGemmExperts<moefold::SwiGLU>,
+///                                   moefold::GroupedGemmExperts<moefold::Cpu, moefold::SwiGLU>,
 ///                                   moefold::inproc::Communicator>;
 ///   Layer moe(cfg, groups);   // cfg: MoELayerConfig with Megatron's names
 ///   auto y = moe.forward(x, {.mode = ForwardMode::train, .batch = B, .microbatch = mb,
@@ -46,7 +46,12 @@
 #include "moefold/moe/router.hpp"
 #include "moefold/nn/dense_mlp.hpp"
 #include "moefold/nn/forward_context.hpp"
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/gate.hpp"
+#include "moefold/ops/row_scale.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -79,6 +84,16 @@ struct router_traits;
 template <class Exec, class Score, class Real>
 struct router_traits<TopKRouter<Exec, Score, Real>> {
   using real_type = Real;
+};
+/// The router's execution instance: its `exec_type`, or `Default` for a router without one.
+template <class R, class Default>
+struct router_exec {
+  using type = Default;
+};
+template <class R, class Default>
+  requires requires { typename R::exec_type; }
+struct router_exec<R, Default> {
+  using type = typename R::exec_type;
 };
 
 /// The drop policy object for tag `Drop` from the run-time config; a config that asks for
@@ -113,49 +128,63 @@ template <class R>
 concept MoERouterPolicy = requires { typename detail::router_traits<R>::real_type; };
 
 /// A dispatcher policy tag (`AllToAllDispatcher<Drop>`, `AllGatherDispatcher<Drop>`) whose
-/// dispatcher for (Comm, Real) models `TokenDispatcher`.
-template <class D, class Comm, class Real>
+/// dispatcher for (Exec, Comm, Real) models `TokenDispatcher`.
+template <class D, class Exec, class Comm, class Real>
 concept MoEDispatcherPolicy = requires { typename D::drop_policy; } &&
-                              TokenDispatcher<typename D::template dispatcher<Comm, Real>>;
+                              TokenDispatcher<typename D::template dispatcher<Exec, Comm, Real>>;
 
-/// An experts policy: grouped experts over `value_type` rows, built from (ExpertsConfig, seed).
+/// An experts policy: grouped experts over `value_type` rows of its `exec_type`'s memory,
+/// built from (Exec, ExpertsConfig, seed); `forward(x, counts)` computes f_e(x) without
+/// probabilities.
 template <class E>
-concept MoEExpertsPolicy = requires(E& e, std::span<typename E::value_type const> x,
-                                    std::span<std::int64_t const> counts) {
-  typename E::value_type;
-  { e.forward(x, x, counts) } -> std::same_as<std::vector<typename E::value_type>>;
-  e.backward(x);
-  { e.parameters() } -> std::same_as<ParamList<typename E::value_type>>;
-} && std::constructible_from<E, ExpertsConfig, std::uint64_t>;
+concept MoEExpertsPolicy =
+    requires(E& e, View<typename E::value_type const, typename E::exec_type::memory_space> x,
+             std::span<std::int64_t const> counts) {
+      typename E::value_type;
+      typename E::exec_type;
+      { e.forward(x, counts) } -> std::same_as<
+          Buffer<typename E::value_type, typename E::exec_type::memory_space>>;
+      e.backward(x);
+      { e.parameters() } -> std::same_as<ParamList<typename E::value_type>>;
+    } && std::constructible_from<E, typename E::exec_type, ExpertsConfig, std::uint64_t>;
 
 template <ExecutionInstance Exec, MoERouterPolicy Router, class Dispatcher, MoEExpertsPolicy Experts,
           Communicator Comm>
   requires std::same_as<typename detail::router_traits<Router>::real_type,
                         typename Experts::value_type> &&
-           MoEDispatcherPolicy<Dispatcher, Comm, typename Experts::value_type> &&
-           std::same_as<typename Exec::memory_space, HostSpace>
+           std::same_as<typename Experts::exec_type, Exec> &&
+           std::same_as<typename detail::router_exec<Router, Exec>::type, Exec> &&
+           MoEDispatcherPolicy<Dispatcher, Exec, Comm, typename Experts::value_type> &&
+           HostInstance<Exec>
 class MoELayer {
  public:
   using T = typename Experts::value_type;
+  using Space = typename Exec::memory_space;
   using Config = MoELayerConfig;
-  using DispatcherType = typename Dispatcher::template dispatcher<Comm, T>;
+  using DispatcherType = typename Dispatcher::template dispatcher<Exec, Comm, T>;
 
   /// Builds the router, dispatcher, experts (this rank's E/EP experts, ETP shard) and the
   /// optional shared expert. Throws `invalid_config` naming the rule, e.g. num_experts not
   /// divisible by EP, moe_ffn_hidden_size not divisible by ETP, a capacity factor with a
   /// Dropless dispatcher.
   MoELayer(Config cfg, ProcessGroups<Comm>& groups)
-      : cfg_(std::move(cfg)),
+    requires std::default_initializable<Exec>
+      : MoELayer(Exec{}, std::move(cfg), groups) {}
+  MoELayer(Exec exec, Config cfg, ProcessGroups<Comm>& groups)
+      : exec_(std::move(exec)),
+        cfg_(std::move(cfg)),
         groups_(&groups),
-        router_(checked(cfg_, groups).router, cfg_.hidden_size, cfg_.name + ".router.weight",
-                cfg_.seed),
-        dispatcher_(DispatcherConfig{.num_experts = cfg_.router.num_experts,
+        router_(exec_, checked(cfg_, groups).router, cfg_.hidden_size,
+                cfg_.name + ".router.weight", cfg_.seed),
+        dispatcher_(exec_,
+                    DispatcherConfig{.num_experts = cfg_.router.num_experts,
                                      .moe_router_topk = cfg_.router.moe_router_topk,
                                      .hidden_size = cfg_.hidden_size,
                                      .dedup = cfg_.moe_token_dispatcher_dedup},
                     detail::make_drop_policy<typename Dispatcher::drop_policy>(cfg_.router),
                     groups),
-        experts_(ExpertsConfig{.num_local_experts = cfg_.router.num_experts / groups.ep().size(),
+        experts_(exec_,
+                 ExpertsConfig{.num_local_experts = cfg_.router.num_experts / groups.ep().size(),
                                .first_expert = groups.ep().rank() *
                                                (cfg_.router.num_experts / groups.ep().size()),
                                .hidden_size = cfg_.hidden_size,
@@ -174,7 +203,7 @@ class MoELayer {
       gate_weight_->init(cfg_.seed, InitDist::normal, cfg_.init_std);
     }
     if (cfg_.moe_shared_expert_intermediate_size > 0)
-      shared_.emplace(DenseMlpConfig{.name = cfg_.name + ".shared_experts",
+      shared_.emplace(exec_, DenseMlpConfig{.name = cfg_.name + ".shared_experts",
                                      .hidden = cfg_.hidden_size,
                                      .ffn = cfg_.moe_shared_expert_intermediate_size,
                                      .seed = cfg_.seed},
@@ -188,12 +217,21 @@ class MoELayer {
   /// auxiliary losses' gradient weight for the following backward. Collective over tp_cp and
   /// tp_dp_cp (router statistics of a train forward, when enabled), ep, etp, tp_ep and tp (shared
   /// expert): every rank of those groups must call it.
-  std::vector<T> forward(std::span<T const> x, ForwardContext const& ctx = {}) {
-    MOEFOLD_EXPECTS(static_cast<std::int64_t>(x.size()) % cfg_.hidden_size == 0,
+  Buffer<T, Space> forward(View<T const, Space> x, ForwardContext const& ctx = {}) {
+    auto y = exec_.template allocate<T>(x.size());
+    forward(x, y.view(), ctx);
+    return y;
+  }
+  /// As the returning `forward`, into y [T, H].
+  void forward(View<T const, Space> x, View<T, Space> y, ForwardContext const& ctx = {}) {
+    MOEFOLD_EXPECTS(x.size() % cfg_.hidden_size == 0,
                     "MoELayer::forward: {} values are not whole rows of hidden size {}", x.size(),
                     cfg_.hidden_size);
-    std::int64_t const tokens = static_cast<std::int64_t>(x.size()) / cfg_.hidden_size;
-    auto routed = router_.forward(x, tokens,
+    MOEFOLD_EXPECTS(y.size() == x.size() && x.contiguous() && y.contiguous(),
+                    "MoELayer::forward: output of {} for input of {} (contiguous views)", y.size(),
+                    x.size());
+    std::int64_t const tokens = x.size() / cfg_.hidden_size;
+    auto routed = router_.forward(std::span<T const>(x), tokens,
                                   RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(),
                                                      .tp_dp_cp = &groups_->tp_dp_cp()},
                                   ctx);
@@ -202,64 +240,62 @@ class MoELayer {
     aux_loss_scale_ = ctx.aux_loss_scale;
     auto const& meta = dispatcher_.plan(routed.routing);
     if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
-    auto in = dispatcher_.dispatch(x, std::span<T const>(routed.routing.probs));
+    auto in = dispatcher_.dispatch(x, View<T const, Space>(routed.routing.probs));
     // Probabilities are applied in combine: the experts compute f_e(x).
-    ones_.assign(in.expert_probs.size(), T(1));
-    auto const expert_out = experts_.forward(std::span<T const>(in.expert_input),
-                                             std::span<T const>(ones_),
+    auto const expert_out = experts_.forward(in.expert_input.view(),
                                              std::span<std::int64_t const>(in.tokens_per_local_expert));
-    auto y = dispatcher_.combine(std::span<T const>(expert_out));
+    auto combined = dispatcher_.combine(expert_out.view());
+    copy<T>(exec_, combined.view(), y.reshaped(1, y.size()));
     if (shared_) {
-      shared_out_ = shared_->forward(x);
+      shared_out_ = shared_->forward(std::span<T const>(x));
+      View<T const, Space> const s(shared_out_);
       if (gate_weight_) {
-        x_.assign(x.begin(), x.end());
-        gate_.assign(static_cast<std::size_t>(tokens), T(0));
-        std::int64_t const h = cfg_.hidden_size;
-        for (std::int64_t t = 0; t < tokens; ++t) {
-          T z{};
-          for (std::int64_t j = 0; j < h; ++j) z += x[static_cast<std::size_t>(t * h + j)] * gate_weight_->value[static_cast<std::size_t>(j)];
-          gate_[static_cast<std::size_t>(t)] = T(1) / (T(1) + std::exp(-z));
-        }
+        resize(x_, x.size());
+        copy<T>(exec_, x.reshaped(1, x.size()), x_.view());
+        resize(gate_, tokens);
+        ops::row_gate<Exec, T>(exec_, x.reshaped(tokens, cfg_.hidden_size), gate_weight_->value.view(),
+                               gate_.view());
+        ops::add_scaled_rows<Exec, T>(exec_, s.reshaped(tokens, cfg_.hidden_size), gate_.view(), y);
+      } else {
+        ops::add_into<Exec, T>(exec_, s, y);
       }
-      for (std::size_t i = 0; i < y.size(); ++i)
-        y[i] += shared_out_[i] * (gate_weight_ ? gate_[i / static_cast<std::size_t>(cfg_.hidden_size)] : T(1));
     }
-    return y;
   }
 
   /// dy [T, H] → dx [T, H]; accumulates the router, expert and shared-expert gradients (the
   /// auxiliary losses enter with weight `aux_loss_scale()`). Collective like `forward`.
-  std::vector<T> backward(std::span<T const> dy) {
+  Buffer<T, Space> backward(View<T const, Space> dy) {
+    auto dx = exec_.template allocate<T>(dy.size());
+    backward(dy, dx.view());
+    return dx;
+  }
+  /// As the returning `backward`, into dx [T, H].
+  void backward(View<T const, Space> dy, View<T, Space> dx) {
     auto const cg = dispatcher_.combine_backward(dy);
-    auto const eg = experts_.backward(std::span<T const>(cg.d_expert_output));
-    auto dg = dispatcher_.dispatch_backward(std::span<T const>(eg.input),
-                                            std::span<T const>(cg.d_expert_probs));
+    auto const eg = experts_.backward(cg.d_expert_output.view());
+    auto dg = dispatcher_.dispatch_backward(eg.input.view(), cg.d_expert_probs.view());
     auto const dr = router_.backward(std::span<T const>(dg.d_probs), aux_loss_scale_);
-    auto& dx = dg.d_hidden;
-    for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += dr[i];
+    MOEFOLD_EXPECTS(dx.size() == static_cast<std::int64_t>(dg.d_hidden.size()),
+                    "MoELayer::backward: dx of {} for {} gradient values", dx.size(),
+                    dg.d_hidden.size());
+    copy<T>(exec_, dg.d_hidden.view(), dx.reshaped(1, dx.size()));
+    ops::add_into<Exec, T>(exec_, View<T const, Space>(dr), dx);
     if (shared_) {
-      std::vector<T> d_shared(dy.begin(), dy.end());
+      View<T const, Space> d_shared = dy;
       if (gate_weight_) {
         // y += s · σ(z), z = x·g: ds = dy·σ; dz = (dy·s)·σ(1−σ); dx += dz·g; dg += Σ dz·x.
-        auto const h = static_cast<std::size_t>(cfg_.hidden_size);
-        for (std::size_t t = 0; t < gate_.size(); ++t) {
-          T const g = gate_[t];
-          T dz{};
-          for (std::size_t j = 0; j < h; ++j) {
-            dz += dy[t * h + j] * shared_out_[t * h + j];
-            d_shared[t * h + j] *= g;
-          }
-          dz *= g * (T(1) - g);
-          for (std::size_t j = 0; j < h; ++j) {
-            dx[t * h + j] += dz * gate_weight_->value[j];
-            gate_weight_->grad[j] += dz * x_[t * h + j];
-          }
-        }
+        std::int64_t const h = cfg_.hidden_size, tokens = static_cast<std::int64_t>(gate_.size());
+        resize(d_shared_, dy.size());
+        resize(dz_, tokens);
+        ops::row_gate_backward<Exec, T>(exec_, dy, View<T const, Space>(shared_out_), gate_.view(),
+                                        gate_weight_->value.view(), d_shared_.view(), dz_.view(), dx);
+        ops::row_gate_weight_grad<Exec, T>(exec_, dz_.view(), x_.view(tokens, h),
+                                           gate_weight_->grad.view());
+        d_shared = d_shared_.view();
       }
       auto const ds = shared_->backward(std::span<T const>(d_shared));
-      for (std::size_t i = 0; i < dx.size(); ++i) dx[i] += ds[i];
+      ops::add_into<Exec, T>(exec_, View<T const, Space>(ds), dx);
     }
-    return std::move(dx);
   }
 
   /// Router weight, then the experts' weights, then the shared expert's.
@@ -298,6 +334,11 @@ class MoELayer {
   Experts& experts() noexcept { return experts_; }
 
  private:
+  /// A reusable buffer of n elements (reallocated only when the size changes).
+  void resize(Buffer<T, Space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<T>(n);
+  }
+
   /// Checks the folding-dependent rules before any member is built.
   static Config const& checked(Config const& c, ProcessGroups<Comm>& g) {
     if (c.hidden_size < 1)
@@ -313,15 +354,17 @@ class MoELayer {
     return c;
   }
 
+  Exec exec_;
   Config cfg_;
   ProcessGroups<Comm>* groups_;
   Router router_;
   DispatcherType dispatcher_;
   Experts experts_;
-  std::optional<DenseMlp<Cpu, T, Comm>> shared_;
+  std::optional<DenseMlp<Exec, T, Comm>> shared_;
   std::optional<Param<T>> gate_weight_;          // shared-expert gate g [1, H]
-  std::vector<T> shared_out_, gate_, x_;         // saved for backward
-  std::vector<T> ones_;
+  std::vector<T> shared_out_;                    // saved for backward
+  Buffer<T, Space> gate_, x_;                    // saved for backward
+  Buffer<T, Space> d_shared_, dz_;               // backward's temporaries
   double aux_loss_ = 0;
   double aux_loss_scale_ = 1.0;
 };
@@ -330,7 +373,12 @@ class MoELayer {
 /// all-to-all dispatcher, SwiGLU grouped-GEMM experts on the CPU.
 template <class T, Communicator Comm>
 using DefaultMoELayer = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
-                                 GroupedGemmExperts<SwiGLU, BlasGroupedGemm, T>, Comm>;
+                                 GroupedGemmExperts<Cpu, SwiGLU, BlasGroupedGemm, T>, Comm>;
+
+namespace cpu {
+template <MoERouterPolicy Router, class Dispatcher, class Experts, Communicator Comm>
+using MoELayer = moefold::MoELayer<Cpu, Router, Dispatcher, Experts, Comm>;
+}  // namespace cpu
 
 }  // namespace v0
 }  // namespace moefold

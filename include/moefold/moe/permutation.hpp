@@ -11,44 +11,47 @@
 /// `row_dots` for the weights.
 
 #include <algorithm>
+#include <concepts>
 #include <cstdint>
-#include <cstring>
 #include <numeric>
 #include <span>
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
 #include "moefold/moe/routing.hpp"
+#include "moefold/ops/permute.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
 /// A many-to-one map from N rows to R targets: row i belongs to target `target(i)`. It keeps the
 /// inverse (targets' rows in ascending row order) so that reductions are gathers: each target
-/// row is written once, in a deterministic order.
+/// row is written once, in a deterministic order. Host metadata (the index arrays live in host
+/// memory).
 class RowMap {
  public:
   RowMap() = default;
   /// Row i belongs to target `row_target[i]` ∈ [0, num_targets).
   RowMap(std::vector<std::int64_t> row_target, std::int64_t num_targets)
-      : row_target_(std::move(row_target)), offsets_(static_cast<std::size_t>(num_targets) + 1, 0) {
+      : RowMap(Cpu{}, std::move(row_target), num_targets) {}
+  /// The inverse by `histogram`, `exclusive_scan` and `stable_sort_by_key` of `exec`.
+  template <HostInstance Exec>
+  RowMap(Exec const& exec, std::vector<std::int64_t> row_target, std::int64_t num_targets)
+      : row_target_(std::move(row_target)), offsets_(num_targets + 1) {
     MOEFOLD_EXPECTS(num_targets >= 0, "RowMap: negative target count {}", num_targets);
-    for (auto t : row_target_) {
+    for (auto t : row_target_)
       MOEFOLD_EXPECTS(t >= 0 && t < num_targets, "RowMap: target {} outside [0, {})", t,
                       num_targets);
-      ++offsets_[static_cast<std::size_t>(t) + 1];
-    }
-    std::partial_sum(offsets_.begin(), offsets_.end(), offsets_.begin());
-    target_rows_.resize(row_target_.size());
-    std::vector<std::int64_t> next(offsets_.begin(), offsets_.end() - 1);
-    for (std::size_t i = 0; i < row_target_.size(); ++i)
-      target_rows_[static_cast<std::size_t>(next[static_cast<std::size_t>(row_target_[i])]++)] =
-          static_cast<std::int64_t>(i);
+    View<std::int64_t const> const keys(row_target_);
+    histogram<std::int64_t>(exec, keys, offsets_.view().cols(0, num_targets));
+    offsets_[static_cast<std::size_t>(num_targets)] = 0;
+    exclusive_scan<std::int64_t>(exec, offsets_.view(), offsets_.view());
+    target_rows_ = Buffer<std::int64_t>(rows());
+    stable_sort_by_key<std::int64_t>(exec, keys, num_targets, target_rows_.view());
   }
 
   std::int64_t rows() const noexcept { return static_cast<std::int64_t>(row_target_.size()); }
@@ -59,136 +62,63 @@ class RowMap {
   std::span<std::int64_t const> rows_of(std::int64_t t) const {
     auto const b = offsets_[static_cast<std::size_t>(t)],
                e = offsets_[static_cast<std::size_t>(t) + 1];
-    return std::span<std::int64_t const>(target_rows_)
-        .subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(e - b));
+    return std::span<std::int64_t const>(target_rows_.data() + b, static_cast<std::size_t>(e - b));
   }
+  /// Each target's first row in `target_rows()` `[R + 1]`.
+  View<std::int64_t const> offsets() const noexcept { return offsets_.view(); }
+  /// The rows of every target, target by target `[N]`.
+  View<std::int64_t const> target_rows() const noexcept { return target_rows_.view(); }
 
  private:
   std::vector<std::int64_t> row_target_;
-  std::vector<std::int64_t> offsets_;  // [R + 1]
-  std::vector<std::int64_t> target_rows_;
+  Buffer<std::int64_t> offsets_;  // [R + 1]
+  Buffer<std::int64_t> target_rows_;
 };
 
 namespace detail {
-/// Copies one row; large rows use non-temporal stores (the permuted buffer is written once and
-/// read much later, so caching it only evicts the source).
-/// `next` (the following source row, may be null) is prefetched along the way: rows are a page
-/// each at typical H, where the hardware prefetcher stops.
 template <class Real>
-inline void copy_row(Real* __restrict dst, Real const* __restrict src, std::size_t n,
-                     Real const* next = nullptr) {
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<Real, float>) {
-    if (n >= 256 && n % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 16 == 0) {
-      for (std::size_t c = 0; c < n; c += 16) {
-        if (next) __builtin_prefetch(next + c);
-        _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
-        _mm_stream_ps(dst + c + 4, _mm_loadu_ps(src + c + 4));
-        _mm_stream_ps(dst + c + 8, _mm_loadu_ps(src + c + 8));
-        _mm_stream_ps(dst + c + 12, _mm_loadu_ps(src + c + 12));
-      }
-      return;
-    }
-  } else if constexpr (std::is_same_v<Real, double>) {
-    if (n >= 128 && n % 2 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 16 == 0) {
-      for (std::size_t c = 0; c < n; c += 2) _mm_stream_pd(dst + c, _mm_loadu_pd(src + c));
-      return;
-    }
-  }
-#endif
-  std::memcpy(dst, src, n * sizeof(Real));
-}
-/// Orders the non-temporal stores of `copy_row` before later loads by other threads.
-inline void copy_rows_done() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-template <class Real>
-void check_rows(std::span<Real const> a, std::int64_t rows, std::int64_t h, char const* what) {
-  MOEFOLD_EXPECTS(a.size() == static_cast<std::size_t>(rows * h),
-                  "{}: expected {} rows × {} = {} elements, got {}", what, rows, h, rows * h,
-                  a.size());
+void check_rows(View<Real const> a, std::int64_t rows, std::int64_t h, char const* what) {
+  MOEFOLD_EXPECTS(a.size() == rows * h, "{}: expected {} rows × {} = {} elements, got {}", what,
+                  rows, h, rows * h, a.size());
 }
 }  // namespace detail
 
 /// out[i] = w[i] · src[map.target(i)] (w = 1 when `weights` is empty): `src` is `[R, H]`, `out`
 /// `[N, H]`.
-template <class Real>
-void permute(RowMap const& map, std::span<Real const> src, std::span<Real> out, std::int64_t h,
-             std::span<Real const> weights = {}) {
+template <class Real, HostInstance Exec>
+void permute(Exec const& exec, RowMap const& map, std::type_identity_t<View<Real const>> src,
+             std::type_identity_t<View<Real>> out, std::int64_t h,
+             std::type_identity_t<View<Real const>> weights = {}) {
   detail::check_rows<Real>(src, map.targets(), h, "permute: source");
   detail::check_rows<Real>(out, map.rows(), h, "permute: output");
-  auto const hs = static_cast<std::size_t>(h);
-  for (std::int64_t i = 0; i < map.rows(); ++i) {
-    Real const* s = src.data() + static_cast<std::size_t>(map.target(i)) * hs;
-    Real* o = out.data() + static_cast<std::size_t>(i) * hs;
-    if (weights.empty()) {
-      Real const* next = i + 1 < map.rows()
-                             ? src.data() + static_cast<std::size_t>(map.target(i + 1)) * hs
-                             : nullptr;
-      detail::copy_row(o, s, hs, next);
-    } else {
-      Real const w = weights[static_cast<std::size_t>(i)];
-      for (std::size_t c = 0; c < hs; ++c) o[c] = w * s[c];
-    }
-  }
-  if (weights.empty()) detail::copy_rows_done();
+  ops::gather_rows<Exec, Real>(exec, View<std::int64_t const>(map.row_targets()),
+                               src.reshaped(map.targets(), h), out.reshaped(map.rows(), h), weights);
 }
 
 /// out[r] = Σ_{i: map.target(i) = r} w[i] · rows[i] (rows summed in ascending order; targets
 /// with no row become 0): `rows` is `[N, H]`, `out` `[R, H]`.
-template <class Real>
-void unpermute(RowMap const& map, std::span<Real const> rows, std::span<Real> out, std::int64_t h,
-               std::span<Real const> weights = {}) {
+template <class Real, HostInstance Exec>
+void unpermute(Exec const& exec, RowMap const& map, std::type_identity_t<View<Real const>> rows,
+               std::type_identity_t<View<Real>> out, std::int64_t h,
+               std::type_identity_t<View<Real const>> weights = {}) {
   detail::check_rows<Real>(rows, map.rows(), h, "unpermute: rows");
   detail::check_rows<Real>(out, map.targets(), h, "unpermute: output");
-  auto const hs = static_cast<std::size_t>(h);
-  for (std::int64_t r = 0; r < map.targets(); ++r) {
-    Real* __restrict o = out.data() + static_cast<std::size_t>(r) * hs;
-    auto const idx = map.rows_of(r);
-    if (idx.empty()) {
-      std::fill_n(o, hs, Real(0));
-      continue;
-    }
-    bool first = true;
-    auto const next = r + 1 < map.targets() ? map.rows_of(r + 1) : std::span<std::int64_t const>{};
-    std::size_t k = 0;
-    for (auto i : idx) {
-      Real const* __restrict s = rows.data() + static_cast<std::size_t>(i) * hs;
-      if (k < next.size()) {  // the next target's k-th row, a cache line per 16 bytes × 4
-        Real const* pf = rows.data() + static_cast<std::size_t>(next[k]) * hs;
-        for (std::size_t c = 0; c < hs; c += 64 / sizeof(Real)) __builtin_prefetch(pf + c);
-      }
-      ++k;
-      Real const w = weights.empty() ? Real(1) : weights[static_cast<std::size_t>(i)];
-      if (first)
-        for (std::size_t c = 0; c < hs; ++c) o[c] = w * s[c];
-      else
-        for (std::size_t c = 0; c < hs; ++c) o[c] += w * s[c];
-      first = false;
-    }
-  }
+  ops::gather_sum_rows<Exec, Real>(exec, map.offsets(), map.target_rows(), weights,
+                                   rows.reshaped(map.rows(), h), out.reshaped(map.targets(), h));
 }
 
 /// out[i] = ⟨a[map.target(i)], b[i]⟩: the gradient of a weighted `unpermute` with respect to
 /// its weights (`a` = output gradient `[R, H]`, `b` = the rows `[N, H]`).
-template <class Real>
-void row_dots(RowMap const& map, std::span<Real const> a, std::span<Real const> b,
-              std::span<Real> out, std::int64_t h) {
+template <class Real, HostInstance Exec>
+void row_dots(Exec const& exec, RowMap const& map, std::type_identity_t<View<Real const>> a,
+              std::type_identity_t<View<Real const>> b, std::type_identity_t<View<Real>> out,
+              std::int64_t h) {
   detail::check_rows<Real>(a, map.targets(), h, "row_dots: a");
   detail::check_rows<Real>(b, map.rows(), h, "row_dots: b");
-  MOEFOLD_EXPECTS(out.size() == static_cast<std::size_t>(map.rows()),
-                  "row_dots: {} outputs for {} rows", out.size(), map.rows());
-  auto const hs = static_cast<std::size_t>(h);
-  for (std::int64_t i = 0; i < map.rows(); ++i) {
-    Real const* x = a.data() + static_cast<std::size_t>(map.target(i)) * hs;
-    Real const* y = b.data() + static_cast<std::size_t>(i) * hs;
-    Real s = 0;
-    for (std::size_t c = 0; c < hs; ++c) s += x[c] * y[c];
-    out[static_cast<std::size_t>(i)] = s;
-  }
+  MOEFOLD_EXPECTS(out.size() == map.rows(), "row_dots: {} outputs for {} rows", out.size(),
+                  map.rows());
+  ops::row_dots<Exec, Real>(exec, View<std::int64_t const>(map.row_targets()),
+                            a.reshaped(map.targets(), h), b.reshaped(map.rows(), h), out);
 }
 
 /// The stable expert-major order of a routing's entries (spec §2.3 `permute`): the entries whose
@@ -199,40 +129,43 @@ struct ExpertMajorOrder {
   std::vector<std::int64_t> entry;              ///< [N]
   std::vector<std::int64_t> tokens_per_expert;  ///< [E]
 
-  template <class Real>
-  static ExpertMajorOrder of(Routing<Real> const& r) {
+  /// The order by `stable_sort_by_key` over the entries' experts (key −1 for `none`).
+  template <class Real, HostInstance Exec>
+  static ExpertMajorOrder of(Exec const& exec, Routing<Real> const& r) {
     r.check_shape("expert-major permutation");
     ExpertMajorOrder o;
-    o.tokens_per_expert = r.tokens_per_expert();
-    auto const e_count = static_cast<std::size_t>(r.num_experts);
-    std::vector<std::int64_t> next(e_count, 0);
-    std::exclusive_scan(o.tokens_per_expert.begin(), o.tokens_per_expert.end(), next.begin(),
-                        std::int64_t{0});
-    auto const n = static_cast<std::size_t>(
-        std::accumulate(o.tokens_per_expert.begin(), o.tokens_per_expert.end(), std::int64_t{0}));
-    std::vector<std::int64_t> token(n);
-    o.entry.resize(n);
-    for (std::int64_t t = 0; t < r.num_tokens; ++t)
-      for (std::size_t e = 0; e < e_count; ++e) {
-        auto const i = static_cast<std::size_t>(t) * e_count + e;
-        if (r.map[i] == Route::none) continue;
-        auto const row = static_cast<std::size_t>(next[e]++);
-        token[row] = t;
-        o.entry[row] = static_cast<std::int64_t>(i);
-      }
-    o.tokens = RowMap(std::move(token), r.num_tokens);
+    std::int64_t const E = r.num_experts;
+    Buffer<std::int64_t> keys(static_cast<std::int64_t>(r.map.size()));
+    ops::expert_keys<Exec, Route>(exec, View<Route const>(r.map), Route::none, E, keys.view());
+    o.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
+    histogram<std::int64_t>(exec, keys.view(), View<std::int64_t>(o.tokens_per_expert));
+    o.entry.resize(static_cast<std::size_t>(
+        std::accumulate(o.tokens_per_expert.begin(), o.tokens_per_expert.end(), std::int64_t{0})));
+    stable_sort_by_key<std::int64_t>(exec, keys.view(), E, View<std::int64_t>(o.entry));
+    std::vector<std::int64_t> token(o.entry.size());
+    ops::divide_index<Exec>(exec, View<std::int64_t const>(o.entry), E, View<std::int64_t>(token));
+    o.tokens = RowMap(exec, std::move(token), r.num_tokens);
     return o;
+  }
+  template <class Real>
+  static ExpertMajorOrder of(Routing<Real> const& r) {
+    return of(Cpu{}, r);
   }
 
   /// The probabilities of the rows, `[N]` (0 for padding entries).
+  template <class Real, HostInstance Exec>
+  Buffer<Real> probs(Exec const& exec, Routing<Real> const& r) const {
+    auto const n = static_cast<std::int64_t>(entry.size());
+    Buffer<std::int64_t> at(n);
+    ops::routed_index<Exec, Route>(exec, View<std::int64_t const>(entry),
+                                   View<Route const>(r.map), Route::routed, at.view());
+    Buffer<Real> p(n);
+    ops::gather_or_zero<Exec, Real>(exec, at.view(), View<Real const>(r.probs), p.view());
+    return p;
+  }
   template <class Real>
   std::vector<Real> probs(Routing<Real> const& r) const {
-    std::vector<Real> p(entry.size());
-    for (std::size_t i = 0; i < entry.size(); ++i) {
-      auto const at = static_cast<std::size_t>(entry[i]);
-      p[i] = r.map[at] == Route::routed ? r.probs[at] : Real(0);
-    }
-    return p;
+    return probs(Cpu{}, r);
   }
 };
 
@@ -268,16 +201,16 @@ inline std::vector<std::int64_t> transpose_order(std::int64_t rows, std::int64_t
 }
 
 /// Moves rows `[·, H]` by an index map from `sort_chunks`: out[i] = in[src[i]].
-template <class Real>
-void gather_rows(std::span<std::int64_t const> src, std::span<Real const> in, std::span<Real> out,
+template <class Real, HostInstance Exec>
+void gather_rows(Exec const& exec, std::span<std::int64_t const> src,
+                 std::type_identity_t<View<Real const>> in, std::type_identity_t<View<Real>> out,
                  std::int64_t h) {
-  auto const hs = static_cast<std::size_t>(h);
-  MOEFOLD_EXPECTS(out.size() == src.size() * hs && in.size() == out.size(),
-                  "gather_rows: {} rows of {} for buffers of {} and {}", src.size(), h, in.size(),
+  auto const n = static_cast<std::int64_t>(src.size());
+  MOEFOLD_EXPECTS(out.size() == n * h && in.size() == out.size(),
+                  "gather_rows: {} rows of {} for buffers of {} and {}", n, h, in.size(),
                   out.size());
-  for (std::size_t i = 0; i < src.size(); ++i)
-    std::memcpy(out.data() + i * hs, in.data() + static_cast<std::size_t>(src[i]) * hs,
-                hs * sizeof(Real));
+  ops::gather_rows<Exec, Real>(exec, View<std::int64_t const>(src), in.reshaped(n, h),
+                               out.reshaped(n, h));
 }
 
 }  // namespace v0

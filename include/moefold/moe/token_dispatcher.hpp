@@ -19,6 +19,9 @@
 #include <span>
 #include <vector>
 
+#include "moefold/core/buffer.hpp"
+#include "moefold/core/memory_space.hpp"
+#include "moefold/core/view.hpp"
 #include "moefold/moe/routing.hpp"
 
 namespace moefold {
@@ -65,40 +68,47 @@ struct DispatchMetadata {
 };
 
 /// The experts' input: rows grouped by local expert (expert 0's rows first).
-template <class Real>
+template <class Real, MemorySpace Space = HostSpace>
 struct DispatchOutput {
-  std::vector<Real> expert_input;                     ///< [N, H]
-  std::vector<Real> expert_probs;                     ///< [N]
-  std::vector<std::int64_t> tokens_per_local_expert;  ///< [L], sums to N
+  Buffer<Real, Space> expert_input;                   ///< [N, H]
+  Buffer<Real, Space> expert_probs;                   ///< [N]
+  std::vector<std::int64_t> tokens_per_local_expert;  ///< [L], sums to N (host)
 };
 
 /// Gradients returned by `combine_backward`.
-template <class Real>
+template <class Real, MemorySpace Space = HostSpace>
 struct CombineGrad {
-  std::vector<Real> d_expert_output;  ///< [N, H]
-  std::vector<Real> d_expert_probs;   ///< [N]
+  Buffer<Real, Space> d_expert_output;  ///< [N, H]
+  Buffer<Real, Space> d_expert_probs;   ///< [N]
 };
 
 /// Gradients returned by `dispatch_backward`.
-template <class Real>
+template <class Real, MemorySpace Space = HostSpace>
 struct DispatchGrad {
-  std::vector<Real> d_hidden;  ///< [T, H]
-  std::vector<Real> d_probs;   ///< [T, E], zero outside the routed (kept) entries
+  Buffer<Real, Space> d_hidden;  ///< [T, H]
+  Buffer<Real, Space> d_probs;   ///< [T, E], zero outside the routed (kept) entries
 };
 
-/// A token dispatcher: plan once per routing, then dispatch and combine, forward and backward.
-/// Every member is collective over the dispatcher's expert groups.
+/// A token dispatcher: plan once per routing, then dispatch and combine, forward and backward,
+/// over views and buffers of its instance's memory space (`exec_type::memory_space`). Every
+/// member is collective over the dispatcher's expert groups.
 template <class D>
-concept TokenDispatcher = requires(D& d, D const& cd, Routing<typename D::real_type> const& r,
-                                   std::span<typename D::real_type const> x) {
-  typename D::real_type;
-  { d.plan(r) } -> std::same_as<DispatchMetadata const&>;
-  { d.dispatch(x, x) } -> std::same_as<DispatchOutput<typename D::real_type>>;
-  { d.combine(x) } -> std::same_as<std::vector<typename D::real_type>>;
-  { d.combine_backward(x) } -> std::same_as<CombineGrad<typename D::real_type>>;
-  { d.dispatch_backward(x, x) } -> std::same_as<DispatchGrad<typename D::real_type>>;
-  { cd.metadata() } -> std::same_as<DispatchMetadata const&>;
-};
+concept TokenDispatcher =
+    requires(D& d, D const& cd, Routing<typename D::real_type> const& r,
+             View<typename D::real_type const, typename D::exec_type::memory_space> x) {
+      typename D::real_type;
+      typename D::exec_type;
+      { d.plan(r) } -> std::same_as<DispatchMetadata const&>;
+      { d.dispatch(x, x) } -> std::same_as<
+          DispatchOutput<typename D::real_type, typename D::exec_type::memory_space>>;
+      { d.combine(x) } -> std::same_as<
+          Buffer<typename D::real_type, typename D::exec_type::memory_space>>;
+      { d.combine_backward(x) } -> std::same_as<
+          CombineGrad<typename D::real_type, typename D::exec_type::memory_space>>;
+      { d.dispatch_backward(x, x) } -> std::same_as<
+          DispatchGrad<typename D::real_type, typename D::exec_type::memory_space>>;
+      { cd.metadata() } -> std::same_as<DispatchMetadata const&>;
+    };
 
 }  // namespace v0
 }  // namespace moefold

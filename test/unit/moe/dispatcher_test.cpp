@@ -11,6 +11,7 @@
 
 #include "comm/backends.hpp"
 #include "moe_test_support.hpp"
+#include "support/exec.hpp"
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/moe/all_gather_dispatcher.hpp"
 #include "moefold/moe/all_to_all_dispatcher.hpp"
@@ -150,9 +151,9 @@ void check_mode(Dispatcher& d, Drop const& drop, Mode const& mode, Case const& c
   auto kept = routing;
   apply_drop(drop, kept, c.topk);
   auto const ref = test::serial_moe<float>(kept, x, g, kHidden);
-  checks.check(rel_error(y, ref.y) <= kTol,
+  checks.check(rel_error<float>(y, ref.y) <= kTol,
                fmt::format("{}: output differs from the serial reference by {}", where,
-                           rel_error(y, ref.y)));
+                           rel_error<float>(y, ref.y)));
 
   auto cg = d.combine_backward(g);
   std::vector<float> d_in(cg.d_expert_output.size());
@@ -163,10 +164,10 @@ void check_mode(Dispatcher& d, Drop const& drop, Mode const& mode, Case const& c
           static_cast<float>(row_expert[i] + 1) / static_cast<float>(etp) * cg.d_expert_output[at];
     }
   auto dg = d.dispatch_backward(d_in, cg.d_expert_probs);
-  checks.check(rel_error(dg.d_hidden, ref.dx) <= kTol,
-               fmt::format("{}: d_hidden differs by {}", where, rel_error(dg.d_hidden, ref.dx)));
-  checks.check(rel_error(dg.d_probs, ref.dp) <= kTol,
-               fmt::format("{}: d_probs differs by {}", where, rel_error(dg.d_probs, ref.dp)));
+  checks.check(rel_error<float>(dg.d_hidden, ref.dx) <= kTol,
+               fmt::format("{}: d_hidden differs by {}", where, rel_error<float>(dg.d_hidden, ref.dx)));
+  checks.check(rel_error<float>(dg.d_probs, ref.dp) <= kTol,
+               fmt::format("{}: d_probs differs by {}", where, rel_error<float>(dg.d_probs, ref.dp)));
 
   // Metadata by direct count: every rank of my tp_ep group recomputes its routing here.
   auto members = fold.group_of(Group::tp_ep, me);
@@ -238,12 +239,12 @@ void run_mode(Mode const& mode, Drop drop, Case const& c, FoldedMapping const& f
                              .hidden_size = kHidden,
                              .dedup = mode.dedup};
   if (mode.kind == Kind::all_to_all) {
-    typename AllToAllDispatcher<Drop>::template dispatcher<Comm, float> d(cfg, drop, groups);
+    typename AllToAllDispatcher<Drop>::template dispatcher<test::Exec, Comm, float> d(cfg, drop, groups);
     check_mode(d, drop, mode, c, fold, groups, checks);
     // A second routing through the same dispatcher (plan is per routing).
     check_mode(d, drop, mode, c, fold, groups, checks);
   } else {
-    typename AllGatherDispatcher<Drop>::template dispatcher<Comm, float> d(cfg, drop, groups);
+    typename AllGatherDispatcher<Drop>::template dispatcher<test::Exec, Comm, float> d(cfg, drop, groups);
     check_mode(d, drop, mode, c, fold, groups, checks);
   }
 }
@@ -283,13 +284,13 @@ TEST_CASE("dispatcher rejects bad configurations and inputs with clear messages"
     ProcessGroups<Comm> groups(fold, world);
     auto& msg = messages[static_cast<std::size_t>(world.rank())];
     try {
-      AllToAllTokenDispatcher<Dropless, Comm, float> d(
+      AllToAllTokenDispatcher<test::Exec, Dropless, Comm, float> d(
           {.num_experts = 3, .moe_router_topk = 1, .hidden_size = 4}, {}, groups);
     } catch (invalid_config const& e) {
       msg = e.what();
     }
     msg += " | ";
-    AllToAllTokenDispatcher<Dropless, Comm, float> d(
+    AllToAllTokenDispatcher<test::Exec, Dropless, Comm, float> d(
         {.num_experts = 4, .moe_router_topk = 1, .hidden_size = 4}, {}, groups);
     try {
       d.plan(Routing<float>::empty(2, 6));
@@ -299,7 +300,8 @@ TEST_CASE("dispatcher rejects bad configurations and inputs with clear messages"
     msg += " | ";
     d.plan(Routing<float>::empty(2, 4));
     try {
-      d.dispatch(std::vector<float>(7), std::vector<float>(8));
+      std::vector<float> const x7(7), p8(8);
+      d.dispatch(x7, p8);
     } catch (error const& e) {
       msg += e.what();
     }

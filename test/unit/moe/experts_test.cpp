@@ -10,6 +10,7 @@
 
 #include "moefold/moe/grouped_gemm_experts.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 #include "support/finite_difference.hpp"
 
 using namespace moefold;
@@ -58,7 +59,7 @@ double rel_err(std::vector<double> const& a, std::vector<double> const& b) {
 
 TEMPLATE_TEST_CASE("grouped experts equal a direct per-expert computation, empty experts too",
                    "[experts]", SwiGLU, GeLU) {
-  GroupedGemmExperts<TestType, BlasGroupedGemm, double> experts(config(1, 0), 11);
+  GroupedGemmExperts<test::Exec, TestType, BlasGroupedGemm, double> experts(config(1, 0), 11);
   std::vector<std::int64_t> const counts{2, 0, 3};  // the middle expert gets no tokens
   auto const x = values<double>(5 * kH, 1);
   auto const p = values<double>(5, 2);
@@ -78,7 +79,7 @@ TEMPLATE_TEST_CASE("grouped experts equal a direct per-expert computation, empty
 
 TEMPLATE_TEST_CASE("ETP shards of the experts sum to the unsharded experts, gradients included",
                    "[experts]", SwiGLU, GeLU) {
-  using Experts = GroupedGemmExperts<TestType, BlasGroupedGemm, double>;
+  using Experts = GroupedGemmExperts<test::Exec, TestType, BlasGroupedGemm, double>;
   std::vector<std::int64_t> const counts{1, 3, 2};
   auto const x = values<double>(6 * kH, 3);
   auto const p = values<double>(6, 4);
@@ -109,7 +110,7 @@ TEMPLATE_TEST_CASE("ETP shards of the experts sum to the unsharded experts, grad
 
 TEMPLATE_TEST_CASE("expert gradients agree with central finite differences", "[experts]", SwiGLU,
                    GeLU) {
-  using Experts = GroupedGemmExperts<TestType, BlasGroupedGemm, double>;
+  using Experts = GroupedGemmExperts<test::Exec, TestType, BlasGroupedGemm, double>;
   std::vector<std::int64_t> const counts{2, 1, 2};
   auto x = values<double>(5 * kH, 6);
   auto p = values<double>(5, 7);
@@ -144,10 +145,10 @@ TEMPLATE_TEST_CASE("expert gradients agree with central finite differences", "[e
 
 TEST_CASE("bad expert configurations and inputs are rejected with the numbers") {
   auto c = config(3, 0);  // F = 4 is not divisible by ETP = 3
-  CHECK_THROWS_WITH((GroupedGemmExperts<SwiGLU>(c, 1)),
+  CHECK_THROWS_WITH((GroupedGemmExperts<test::Exec, SwiGLU>(c, 1)),
                     Contains("moe_ffn_hidden_size (4) is not divisible by "
                              "expert_tensor_parallel_size (3)"));
-  GroupedGemmExperts<SwiGLU> experts(config(1, 0), 1);
+  GroupedGemmExperts<test::Exec, SwiGLU> experts(config(1, 0), 1);
   std::vector<float> x(2 * kH), p(2);
   std::vector<std::int64_t> wrong{1, 1};
   CHECK_THROWS_WITH(experts.forward(x, p, wrong), Contains("tokens_per_expert has 2 entries for 3 local experts"));

@@ -24,6 +24,7 @@
 #include "moefold/moe/grouped_gemm_experts.hpp"
 #include "moefold/moe/routing.hpp"
 #include "support/catch.hpp"
+#include "support/exec.hpp"
 #include "support/error_of.hpp"
 #include "support/finite_difference.hpp"
 
@@ -270,9 +271,10 @@ std::vector<double> check_shards_against_reference(int etp, double tol) {
   std::vector<double> y_sum, dx_sum, dp_sum, ref_y, ref_dx, ref_dp;
   for (int r = 0; r < etp; ++r) {
     INFO("ETP " << etp << ", shard " << r);
-    GroupedGemmExperts<Act, BlasGroupedGemm, T> experts(experts_config(etp, r), 7);
-    auto const y = experts.forward(as<T>(x), as<T>(p), counts);
-    auto const grads = experts.backward(as<T>(dy));
+    GroupedGemmExperts<test::Exec, Act, BlasGroupedGemm, T> experts(experts_config(etp, r), 7);
+    auto const xt = as<T>(x), pt = as<T>(p), dyt = as<T>(dy);
+    auto const y = experts.forward(xt, pt, counts);
+    auto const grads = experts.backward(dyt);
     RefInput const in{weights_of(experts), kF / etp, x, p, counts};
     auto const ref = reference_forward(in, form_of<Act>());
     auto const ref_g = reference_backward(in, form_of<Act>(), dy);
@@ -441,10 +443,10 @@ TEST_CASE(
     "ETP shard r of a SwiGLU expert's fc1 is [W_gate rows r·F/ETP…; W_up rows r·F/ETP…], "
     "fc2 its columns r·F/ETP…",
     "[reference][experts]") {
-  GroupedGemmExperts<SwiGLU, BlasGroupedGemm, double> whole(experts_config(1, 0), 7);
+  GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, double> whole(experts_config(1, 0), 7);
   std::int64_t const fr = kF / 2;
   for (int r = 0; r < 2; ++r) {
-    GroupedGemmExperts<SwiGLU, BlasGroupedGemm, double> shard(experts_config(2, r), 7);
+    GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, double> shard(experts_config(2, r), 7);
     for (int l = 0; l < kLocal; ++l) {
       int const e = kFirst + l;
       INFO("shard " << r << ", expert " << e);
@@ -535,7 +537,7 @@ TEMPLATE_TEST_CASE(
   std::vector<std::int64_t> const counts{2, 0, 3};
   auto const x = uniform(5 * kH, 101);
   auto const p = uniform(5, 102, 0.1, 1.0);
-  GroupedGemmExperts<TestType, BlasGroupedGemm, double> experts(experts_config(1, 0), 7);
+  GroupedGemmExperts<test::Exec, TestType, BlasGroupedGemm, double> experts(experts_config(1, 0), 7);
   auto const y = experts.forward(x, p, counts);
   RefInput const in{weights_of(experts), kF, x, p, counts};
   Form const right = form_of<TestType>();

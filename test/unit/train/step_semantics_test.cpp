@@ -32,8 +32,8 @@
 
 using namespace moefold;
 using Comm = inproc::Communicator;
-using Moe = MoELayer<Cpu, TopKRouter<Cpu, ConfiguredScore, float>, AllToAllDispatcher<Dropless>,
-                     GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+using Moe = MoELayer<test::Exec, TopKRouter<test::Exec, ConfiguredScore, float>, AllToAllDispatcher<Dropless>,
+                     GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, float>, Comm>;
 using Stage = DecoderStage<test::Exec, float, Comm, Moe>;
 
 namespace {
@@ -347,8 +347,8 @@ TEST_CASE("a train forward of a microbatch already counted in the step is refuse
 
 TEST_CASE("expert-bias counts are taken after token dropping, padding slots included",
           "[train][moe][expert_bias]") {
-  using Dropping = MoELayer<Cpu, TopKRouter<Cpu, SigmoidScore, float>, AllToAllDispatcher<DropByProbs>,
-                            GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
+  using Dropping = MoELayer<test::Exec, TopKRouter<test::Exec, SigmoidScore, float>, AllToAllDispatcher<DropByProbs>,
+                            GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, float>, Comm>;
   auto const fold = FoldedMapping::from({.world = 2, .ep = 2, .etp = 1});
   std::int64_t const tokens = 12, experts = 8;
   for (bool pad : {false, true}) {

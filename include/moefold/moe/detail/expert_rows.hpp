@@ -10,7 +10,10 @@
 #include <utility>
 #include <vector>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
 #include "moefold/moe/permutation.hpp"
 #include "moefold/moe/token_dispatcher.hpp"
 
@@ -20,12 +23,12 @@ namespace detail {
 
 /// Reuses the large temporary buffers of a dispatcher from call to call. Above glibc's mmap
 /// threshold (at most 32 MB) every fresh allocation is new memory that the kernel must fault
-/// in and zero on each step; a recycled buffer keeps its pages.
+/// in and zero on each step; a recycled buffer keeps its pages. Host buffers.
 template <class U>
 class BufferPool {
  public:
   /// A buffer of `n` zeroed elements, from the smallest recycled one that is large enough.
-  std::vector<U> take(std::size_t n) {
+  Buffer<U> take(std::size_t n) {
     std::size_t best = free_.size();
     for (std::size_t i = 0; i < free_.size(); ++i)
       if (free_[i].capacity() >= n && (best == free_.size() || free_[i].capacity() < free_[best].capacity()))
@@ -36,10 +39,11 @@ class BufferPool {
       free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
     }
     v.assign(n, U{});
-    return v;
+    return Buffer<U>(std::move(v));
   }
   /// Returns a buffer for reuse (a few are kept).
-  void give(std::vector<U>&& v) {
+  void give(Buffer<U>&& b) {
+    std::vector<U> v = std::move(b);
     if (v.capacity() == 0) return;
     v.clear();
     free_.push_back(std::move(v));
@@ -51,9 +55,10 @@ class BufferPool {
   std::vector<std::vector<U>> free_;
 };
 
-template <class Real>
+template <HostInstance Exec, class Real>
 class ExpertRows {
  public:
+  explicit ExpertRows(Exec exec) : exec_(std::move(exec)) {}
   /// The map of this plan (expert rows → gathered rows), and the gathered row count.
   void set_map(RowMap map) { map_ = std::move(map); }
   /// The dispatcher's recycled buffers.
@@ -62,15 +67,15 @@ class ExpertRows {
   std::int64_t rows() const noexcept { return map_.rows(); }
 
   /// Dispatch's last step: the experts' rows of `gathered` [G, H] with their probabilities.
-  DispatchOutput<Real> to_experts(std::span<Real const> gathered, std::int64_t h,
-                                  std::vector<Real> probs,
+  DispatchOutput<Real> to_experts(View<Real const> gathered, std::int64_t h, Buffer<Real> probs,
                                   std::vector<std::int64_t> const& tokens_per_local_expert) {
     MOEFOLD_EXPECTS(static_cast<std::int64_t>(probs.size()) == rows(),
                     "dispatcher: {} probabilities for {} expert rows", probs.size(), rows());
     DispatchOutput<Real> out;
-    out.expert_input.resize(static_cast<std::size_t>(rows() * h));
-    permute<Real>(map_, gathered, out.expert_input, h);
-    probs_ = probs;
+    out.expert_input = exec_.template allocate<Real>(rows() * h);
+    permute<Real>(exec_, map_, gathered, out.expert_input, h);
+    probs_.resize(probs.size());
+    copy<Real>(exec_, probs.view(), probs_.view());
     out.expert_probs = std::move(probs);
     out.tokens_per_local_expert = tokens_per_local_expert;
     return out;
@@ -78,45 +83,45 @@ class ExpertRows {
 
   /// Combine's first step: each expert row times its probability, summed into the gathered
   /// rows [G, H]. Keeps the expert output for `combine_backward`.
-  std::vector<Real> combine(std::span<Real const> expert_output, std::int64_t gathered_rows,
-                            std::int64_t h, char const* who) {
-    MOEFOLD_EXPECTS(expert_output.size() == static_cast<std::size_t>(rows() * h),
+  Buffer<Real> combine(View<Real const> expert_output, std::int64_t gathered_rows, std::int64_t h,
+                       char const* who) {
+    MOEFOLD_EXPECTS(expert_output.size() == rows() * h,
                     "{}::combine: expert output has {} elements, expected N·H = {}·{}", who,
                     expert_output.size(), rows(), h);
-    saved_output_.assign(expert_output.begin(), expert_output.end());
-    std::vector<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
-    unpermute<Real>(map_, expert_output, g, h, probs_);
+    saved_output_.resize(static_cast<std::size_t>(expert_output.size()));
+    copy<Real>(exec_, expert_output.reshaped(1, expert_output.size()), saved_output_.view());
+    Buffer<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
+    unpermute<Real>(exec_, map_, expert_output, g, h, probs_);
     return g;
   }
 
   /// Backward of `combine` from the gathered rows' gradient: d expert output (probabilities
   /// applied) and d probabilities.
-  CombineGrad<Real> combine_backward(std::span<Real const> gathered_grad, std::int64_t h) {
+  CombineGrad<Real> combine_backward(View<Real const> gathered_grad, std::int64_t h) {
     CombineGrad<Real> out;
-    out.d_expert_output.resize(static_cast<std::size_t>(rows() * h));
-    permute<Real>(map_, gathered_grad, out.d_expert_output, h, probs_);
-    out.d_expert_probs.resize(static_cast<std::size_t>(rows()));
-    row_dots<Real>(map_, gathered_grad, saved_output_, out.d_expert_probs, h);
+    out.d_expert_output = exec_.template allocate<Real>(rows() * h);
+    permute<Real>(exec_, map_, gathered_grad, out.d_expert_output, h, probs_);
+    out.d_expert_probs = exec_.template allocate<Real>(rows());
+    row_dots<Real>(exec_, map_, gathered_grad, saved_output_, out.d_expert_probs, h);
     return out;
   }
 
   /// Backward of `to_experts`: the expert inputs' gradient summed into the gathered rows [G, H].
-  std::vector<Real> dispatch_backward(std::span<Real const> d_expert_input,
-                                      std::span<Real const> d_expert_probs,
-                                      std::int64_t gathered_rows, std::int64_t h, char const* who) {
-    MOEFOLD_EXPECTS(d_expert_input.size() == static_cast<std::size_t>(rows() * h) &&
-                        d_expert_probs.size() == static_cast<std::size_t>(rows()),
+  Buffer<Real> dispatch_backward(View<Real const> d_expert_input, View<Real const> d_expert_probs,
+                                 std::int64_t gathered_rows, std::int64_t h, char const* who) {
+    MOEFOLD_EXPECTS(d_expert_input.size() == rows() * h && d_expert_probs.size() == rows(),
                     "{}::dispatch_backward: gradients of {} and {} elements for N = {} rows of "
                     "H = {}",
                     who, d_expert_input.size(), d_expert_probs.size(), rows(), h);
-    std::vector<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
-    unpermute<Real>(map_, d_expert_input, g, h);
+    Buffer<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
+    unpermute<Real>(exec_, map_, d_expert_input, g, h);
     return g;
   }
 
  private:
+  Exec exec_;
   RowMap map_;
-  std::vector<Real> probs_, saved_output_;
+  Buffer<Real> probs_, saved_output_;
   BufferPool<Real> pool_;
 };
 
