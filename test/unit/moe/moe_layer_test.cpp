@@ -47,23 +47,13 @@ struct LayerFor<Mode::jitter> {
 };
 template <>
 struct LayerFor<Mode::drop_pad_probs> {
-<<<<<<< HEAD
-  using type = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
-                        GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
-};
-template <>
-struct LayerFor<Mode::all_gather> {
-  using type = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
-                        GroupedGemmExperts<SwiGLU, BlasGroupedGemm, float>, Comm>;
-=======
-  using type = MoELayer<test::Exec, TopKRouter<SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
+  using type = MoELayer<test::Exec, TopKRouter<test::Exec, SoftmaxScore, float>, AllToAllDispatcher<DropByProbs>,
                         GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, float>, Comm>;
 };
 template <>
 struct LayerFor<Mode::all_gather> {
-  using type = MoELayer<test::Exec, TopKRouter<SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
+  using type = MoELayer<test::Exec, TopKRouter<test::Exec, SoftmaxScore, float>, AllGatherDispatcher<Dropless>,
                         GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, float>, Comm>;
->>>>>>> movement
 };
 
 MoELayerConfig layer_config(Mode mode, std::int64_t shared) {
