@@ -89,7 +89,7 @@ void BM_MoELayerFwdBwdOneRank(benchmark::State& state) {
   double seconds = 0;
   moefold::inproc::run(1, [&](Comm& world) {
     moefold::ProcessGroups groups(fold, world);
-    moefold::DefaultMoELayer<float, Comm> moe(cfg, groups);
+    moefold::cpu::DefaultMoELayer<float, Comm> moe(cfg, groups);
     std::vector<float> x(static_cast<std::size_t>(tokens * kH));
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(i % 97) - 0.4f;
     for (auto _ : state) {

@@ -30,7 +30,7 @@ int main() {
   std::mutex print;
   moefold::inproc::run(fold.world_size(), [&](Comm& world) {
     moefold::ProcessGroups groups(fold, world);
-    moefold::DefaultMoELayer<float, Comm> moe(cfg, groups);
+    moefold::cpu::DefaultMoELayer<float, Comm> moe(cfg, groups);
 
     std::vector<float> x(kTokens * cfg.hidden_size);
     for (std::size_t i = 0; i < x.size(); ++i)

@@ -369,13 +369,16 @@ class MoELayer {
   double aux_loss_scale_ = 1.0;
 };
 
-/// The default MoE block for a decoder layer's MLP slot: softmax top-k router, dropless
-/// all-to-all dispatcher, SwiGLU grouped-GEMM experts on the CPU.
-template <class T, Communicator Comm>
-using DefaultMoELayer = MoELayer<Cpu, TopKRouter<Cpu, SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
-                                 GroupedGemmExperts<Cpu, SwiGLU, BlasGroupedGemm, T>, Comm>;
+/// The default MoE block for a decoder layer's MLP slot on instance `Exec`: softmax top-k
+/// router, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts (BLAS on the CPU).
+template <ExecutionInstance Exec, class T, Communicator Comm>
+using DefaultMoELayer =
+    MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
+             GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>;
 
 namespace cpu {
+template <class T, Communicator Comm>
+using DefaultMoELayer = moefold::DefaultMoELayer<Cpu, T, Comm>;
 template <MoERouterPolicy Router, class Dispatcher, class Experts, Communicator Comm>
 using MoELayer = moefold::MoELayer<Cpu, Router, Dispatcher, Experts, Comm>;
 }  // namespace cpu

@@ -31,19 +31,19 @@ template <Mode M>
 struct LayerFor;
 template <>
 struct LayerFor<Mode::dropless> {
-  using type = DefaultMoELayer<float, Comm>;
+  using type = DefaultMoELayer<test::Exec, float, Comm>;
 };
 template <>
 struct LayerFor<Mode::dropless_megatron> {
-  using type = DefaultMoELayer<float, Comm>;
+  using type = DefaultMoELayer<test::Exec, float, Comm>;
 };
 template <>
 struct LayerFor<Mode::sinkhorn> {
-  using type = DefaultMoELayer<float, Comm>;
+  using type = DefaultMoELayer<test::Exec, float, Comm>;
 };
 template <>
 struct LayerFor<Mode::jitter> {
-  using type = DefaultMoELayer<float, Comm>;
+  using type = DefaultMoELayer<test::Exec, float, Comm>;
 };
 template <>
 struct LayerFor<Mode::drop_pad_probs> {
@@ -243,12 +243,12 @@ TEST_CASE("MoE configurations that cannot fit the folding are rejected with the 
     expect(0, [&] {
       auto c = layer_config(Mode::dropless, 0);
       c.moe_ffn_hidden_size = 7;
-      DefaultMoELayer<float, Comm> layer(c, groups);
+      DefaultMoELayer<test::Exec, float, Comm> layer(c, groups);
     });
     expect(1, [&] {
       auto c = layer_config(Mode::dropless, 0);
       c.router.moe_expert_capacity_factor = 1.5;
-      DefaultMoELayer<float, Comm> layer(c, groups);
+      DefaultMoELayer<test::Exec, float, Comm> layer(c, groups);
     });
   });
   CHECK_THAT(messages[0], Contains("moe_ffn_hidden_size (7) is not divisible by expert_tensor_parallel_size (2)"));
@@ -258,7 +258,7 @@ TEST_CASE("MoE configurations that cannot fit the folding are rejected with the 
   inproc::run(3, [&](Comm& world) {
     ProcessGroups groups(fold3, world);
     try {
-      DefaultMoELayer<float, Comm> layer(layer_config(Mode::dropless, 0), groups);
+      DefaultMoELayer<test::Exec, float, Comm> layer(layer_config(Mode::dropless, 0), groups);
     } catch (invalid_config const& e) {
       if (world.rank() == 0) m3 = e.what();
     }
@@ -267,7 +267,7 @@ TEST_CASE("MoE configurations that cannot fit the folding are rejected with the 
 }
 
 TEST_CASE("the MoE layer's gradients agree with central finite differences (fp64, one rank)") {
-  using Layer = DefaultMoELayer<double, Comm>;
+  using Layer = DefaultMoELayer<test::Exec, double, Comm>;
   auto const fold = FoldedMapping::from({.world = 1});
   std::vector<double> analytic, numeric;
   inproc::run(1, [&](Comm& w) {

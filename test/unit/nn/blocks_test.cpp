@@ -160,7 +160,7 @@ TEST_CASE("a folded decoder layer with the MoE block equals the single-rank laye
                                       {.tp = 2, .cp = 2, .dp = 1, .ep = 2, .etp = 2},
                                       {.tp = 4, .cp = 1, .dp = 2, .ep = 4, .etp = 2},
                                       {.tp = 2, .cp = 4, .dp = 2, .ep = 8, .etp = 2}};
-  using Moe = DefaultMoELayer<float, Comm>;
+  using Moe = DefaultMoELayer<test::Exec, float, Comm>;
   MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 32, .moe_ffn_hidden_size = 16,
                      .moe_shared_expert_intermediate_size = 32, .seed = kSeed, .init_std = 0.3};
   moe.router.num_experts = 8;
