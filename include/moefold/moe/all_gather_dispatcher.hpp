@@ -50,12 +50,8 @@ class AllGatherTokenDispatcher {
   /// Applies the drop policy locally, all-gathers the routing map over `tp_ep` and selects the
   /// local experts' entries. Collective over `tp_ep`; throws when ranks hold different T.
   DispatchMetadata const& plan(Routing<Real> const& routing) {
-    routing.check_shape("AllGatherDispatcher::plan");
-    MOEFOLD_EXPECTS(routing.num_experts == cfg_.num_experts,
-                    "AllGatherDispatcher::plan: routing over {} experts, configured for {}",
-                    routing.num_experts, cfg_.num_experts);
-    routing_ = routing;
-    auto const cap = apply_capacity(drop_, routing_, cfg_.moe_router_topk);
+    auto const cap =
+        detail::accept_routing(routing, routing_, cfg_, drop_, "AllGatherDispatcher::plan");
     auto const W = static_cast<std::size_t>(tp_ep_.size());
     auto const E = static_cast<std::size_t>(cfg_.num_experts);
     auto const L = static_cast<std::size_t>(l_);

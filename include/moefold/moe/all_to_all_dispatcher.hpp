@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -51,6 +52,21 @@ int check_expert_groups(DispatcherConfig const& cfg, Comm const& ep, Comm const&
         tp_ep.rank(), tp_ep.size(), etp.rank(), etp.size(), ep.rank(), ep.size()));
   return cfg.num_experts / ep.size();
 }
+
+/// The start of every dispatcher's `plan`: checks `routing` against the configuration, keeps a
+/// copy in `kept` and applies the drop policy to it (capacity on this rank's tokens). Returns
+/// the capacity per expert, or nothing when dropless.
+template <class Drop, class Real>
+std::optional<std::int64_t> accept_routing(Routing<Real> const& routing, Routing<Real>& kept,
+                                           DispatcherConfig const& cfg, Drop const& drop,
+                                           char const* who) {
+  routing.check_shape(who);
+  MOEFOLD_EXPECTS(routing.num_experts == cfg.num_experts,
+                  "{}: routing over {} experts, configured for {}", who, routing.num_experts,
+                  cfg.num_experts);
+  kept = routing;
+  return apply_capacity(drop, kept, cfg.moe_router_topk);
+}
 }  // namespace detail
 
 /// The all-to-all token dispatcher over the expert groups of one rank.
@@ -88,12 +104,8 @@ class AllToAllTokenDispatcher {
   /// Applies the drop policy to this rank's routing (capacity on local tokens) and computes the
   /// splits. Collective over `tp_ep` (count all-gather), except in drop-and-pad mode.
   DispatchMetadata const& plan(Routing<Real> const& routing) {
-    routing.check_shape("AllToAllDispatcher::plan");
-    MOEFOLD_EXPECTS(routing.num_experts == cfg_.num_experts,
-                    "AllToAllDispatcher::plan: routing over {} experts, configured for {}",
-                    routing.num_experts, cfg_.num_experts);
-    routing_ = routing;
-    auto const cap = apply_capacity(drop_, routing_, cfg_.moe_router_topk);
+    auto const cap =
+        detail::accept_routing(routing, routing_, cfg_, drop_, "AllToAllDispatcher::plan");
     int const ep = ep_.size(), etp = etp_.size(), me_ep = ep_.rank(), me_etp = etp_.rank();
     auto const L = static_cast<std::size_t>(l_);
     auto const E = static_cast<std::size_t>(cfg_.num_experts);
