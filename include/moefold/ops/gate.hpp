@@ -15,6 +15,7 @@
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/row_scale.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -47,11 +48,7 @@ struct RowGateBackward {
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t t) const {
     T const gt = gate[t];
-    T acc{};
-    for (std::int64_t j = 0; j < h; ++j) {
-      acc += dy[t * h + j] * s[t * h + j];
-      d_s[t * h + j] = dy[t * h + j] * gt;
-    }
+    T acc = scale_row_backward(dy + t * h, s + t * h, gt, d_s + t * h, h);
     acc *= gt * (T(1) - gt);
     for (std::int64_t j = 0; j < h; ++j) dx[t * h + j] += acc * g[j];
     dz[t] = acc;

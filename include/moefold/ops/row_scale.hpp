@@ -28,6 +28,19 @@ struct ScaleRows {
   MOEFOLD_HD void operator()(std::int64_t i) const { out[i] = a[i] * p[i / f]; }
 };
 
+/// One row of the backward of out = a · p (p a scalar): da[j] = ds[j] · p; returns
+/// Σ_j ds[j] · a[j], j ascending.
+template <class T>
+MOEFOLD_HD inline T scale_row_backward(T const* ds, T const* a, T p, T* da, std::int64_t f) {
+  T acc{};
+  for (std::int64_t j = 0; j < f; ++j) {
+    T const d = ds[j];
+    acc += d * a[j];
+    da[j] = d * p;
+  }
+  return acc;
+}
+
 /// Row i: dp[i] = Σ_j ds[i, j] · a[i, j] (j ascending), da[i, j] = ds[i, j] · p[i].
 template <class T>
 struct ScaleRowsBackward {
@@ -38,14 +51,7 @@ struct ScaleRowsBackward {
   T* dp;
   std::int64_t f;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    T const pi = p[i];
-    T acc{};
-    for (std::int64_t j = 0; j < f; ++j) {
-      T const d = ds[i * f + j];
-      acc += d * a[i * f + j];
-      da[i * f + j] = d * pi;
-    }
-    dp[i] = acc;
+    dp[i] = scale_row_backward(ds + i * f, a + i * f, p[i], da + i * f, f);
   }
 };
 
