@@ -4,7 +4,8 @@
 /// allocated through an execution instance (`exec.allocate<T>(n)`, exec/cpu.hpp). A host
 /// buffer behaves like `std::vector` (it keeps one: size, resize, assign, iteration, indexing),
 /// so host code reads it as it read vectors; a device buffer only hands out its pointer and
-/// views (its memory comes from `cuda::allocate`, defined in component `moefold::cuda`).
+/// views (its memory comes from `Space::allocate`: `cuda::allocate` for `CudaSpace`, defined in
+/// component `moefold::cuda`).
 ///
 ///   auto y = exec.template allocate<float>(rows * cols);   // Buffer<float, HostSpace>
 ///   View<float> v = y.view(rows, cols);
@@ -22,14 +23,6 @@
 namespace moefold {
 inline namespace v0 {
 
-namespace cuda {
-/// Device memory of the current CUDA device (`cudaMalloc`); throws `moefold::error` on failure.
-/// Defined in component `moefold::cuda` (cuda/memory.cu).
-void* allocate(std::size_t bytes);
-/// Frees memory from `allocate` (null is ignored).
-void deallocate(void* p) noexcept;
-}  // namespace cuda
-
 /// Owning storage of `T` in `Space` (device spaces: move-only, uninitialized).
 template <class T, MemorySpace Space = HostSpace>
 class Buffer {
@@ -39,7 +32,7 @@ class Buffer {
 
   Buffer() = default;
   explicit Buffer(std::int64_t n)
-      : data_(static_cast<T*>(cuda::allocate(static_cast<std::size_t>(n) * sizeof(T)))), size_(n) {}
+      : data_(static_cast<T*>(Space::allocate(static_cast<std::size_t>(n) * sizeof(T)))), size_(n) {}
   Buffer(Buffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   Buffer& operator=(Buffer&& o) noexcept {
     std::swap(data_, o.data_);
@@ -48,7 +41,7 @@ class Buffer {
   }
   Buffer(Buffer const&) = delete;
   Buffer& operator=(Buffer const&) = delete;
-  ~Buffer() { cuda::deallocate(data_); }
+  ~Buffer() { Space::deallocate(data_); }
 
   T* data() noexcept { return data_; }
   T const* data() const noexcept { return data_; }

@@ -7,20 +7,25 @@
 
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "moefold/moe/all_to_all_dispatcher.hpp"
 #include "moefold/moe/detail/expert_rows.hpp"
+#include "moefold/ops/dispatch.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
-/// The all-gather token dispatcher over the expert groups of one rank.
-template <HostInstance Exec, DropPolicy Drop, Communicator Comm, class Real = float>
+/// The all-gather token dispatcher over the expert groups of one rank. Its row maps are built
+/// by the instance from the gathered routing in the instance's memory; the host sees the counts
+/// (one copy per plan).
+template <ExecutionInstance Exec, DropPolicy Drop, Communicator Comm, class Real = float>
 class AllGatherTokenDispatcher {
  public:
   using real_type = Real;
   using exec_type = Exec;
+  using Space = typename Exec::memory_space;
 
   AllGatherTokenDispatcher(Exec exec, DispatcherConfig cfg, Drop drop, ProcessGroups<Comm>& groups)
       : AllGatherTokenDispatcher(std::move(exec), cfg, drop, groups.ep(), groups.etp(),
@@ -49,13 +54,13 @@ class AllGatherTokenDispatcher {
 
   /// Applies the drop policy locally, all-gathers the routing map over `tp_ep` and selects the
   /// local experts' entries. Collective over `tp_ep`; throws when ranks hold different T.
-  DispatchMetadata const& plan(Routing<Real> const& routing) {
-    auto const cap =
-        detail::accept_routing(routing, routing_, cfg_, drop_, "AllGatherDispatcher::plan");
-    auto const W = static_cast<std::size_t>(tp_ep_.size());
-    auto const E = static_cast<std::size_t>(cfg_.num_experts);
-    auto const L = static_cast<std::size_t>(l_);
-    std::vector<std::int64_t> ts(W);
+  /// Copies E + L counts to the host, once.
+  DispatchMetadata const& plan(Routing<Real, Space> const& routing) {
+    auto const cap = detail::accept_routing(exec_, routing, routing_, cfg_, drop_, workspace_,
+                                            "AllGatherDispatcher::plan");
+    auto const W = tp_ep_.size();
+    std::int64_t const E = cfg_.num_experts;
+    std::vector<std::int64_t> ts(static_cast<std::size_t>(W));
     std::int64_t const mine = routing_.num_tokens;
     tp_ep_.all_gather(std::span<std::int64_t const>(&mine, 1), std::span<std::int64_t>(ts));
     for (auto t : ts)
@@ -63,105 +68,139 @@ class AllGatherTokenDispatcher {
                       "AllGatherDispatcher needs the same token count on every tp_ep rank (this "
                       "rank has {}, another {})",
                       mine, t);
-    std::vector<std::uint8_t> local(routing_.map.size()), all(routing_.map.size() * W);
-    for (std::size_t i = 0; i < local.size(); ++i)
-      local[i] = static_cast<std::uint8_t>(routing_.map[i]);
-    tp_ep_.all_gather(std::span<std::uint8_t const>(local), std::span<std::uint8_t>(all));
-    gathered_tokens_ = mine * static_cast<std::int64_t>(W);
+    gathered_tokens_ = mine * W;
+    auto all = exec_.template allocate<Route>(gathered_tokens_ * E);
+    detail::collective<Exec, Comm, std::uint8_t>(
+        exec_, tp_ep_, as_bytes(routing_.map.view()), as_bytes(all.view()),
+        [&](std::span<std::uint8_t const> in, std::span<std::uint8_t> out) {
+          tp_ep_.all_gather(in, out);
+        },
+        "all-gather of the routing over tp_ep");
 
     meta_ = DispatchMetadata{};
     meta_.ep_size = ep_size_;
     meta_.etp_size = etp_size_;
     meta_.num_local_experts = l_;
     meta_.num_tokens = mine;
-    meta_.local_tokens_per_expert = routing_.tokens_per_expert();
-    meta_.num_out = detail::total(meta_.local_tokens_per_expert);
     meta_.capacity = cap ? *cap : -1;
     meta_.padded = Drop::drops && drop_.pad_to_capacity;
-    meta_.tokens_per_local_expert.assign(L, 0);
-    std::vector<std::int64_t> src;
-    entry_.clear();
-    for (std::size_t l = 0; l < L; ++l) {
-      auto const e = static_cast<std::size_t>(my_ep_) * L + l;
-      for (std::int64_t u = 0; u < gathered_tokens_; ++u) {
-        auto const at = static_cast<std::size_t>(u) * E + e;
-        if (all[at] == static_cast<std::uint8_t>(Route::none)) continue;
-        src.push_back(u);
-        entry_.push_back(all[at] == static_cast<std::uint8_t>(Route::routed)
-                             ? static_cast<std::int64_t>(at)
-                             : -1);
-        ++meta_.tokens_per_local_expert[l];
-      }
-    }
-    experts_.set_map(RowMap(exec_, std::move(src), gathered_tokens_));
+    // Counts: this rank's entries per expert, and the gathered entries per local expert.
+    auto const first = static_cast<std::int64_t>(my_ep_) * l_;
+    auto const all_map = View<Route const, Space>(all.view(gathered_tokens_, E));
+    auto const keys = sized(keys_, mine * E);
+    ExpertMajorOrderIn<Space>::keys(exec_, routing_, keys);
+    auto const local_keys = sized(local_keys_, gathered_tokens_ * l_);
+    ops::local_expert_keys<Exec, Route>(exec_, all_map, Route::none, first, l_, local_keys);
+    detail::PlanCounts<Exec> counts(exec_, {E, static_cast<std::int64_t>(l_)});
+    counts.count(0, keys);
+    counts.count(1, local_keys);
+    counts.check_finite(routing, status_keys_);
+    counts.to_host("AllGatherDispatcher::plan");  // the one copy to the host
+    meta_.local_tokens_per_expert = counts.host(0);
+    meta_.num_out = detail::total(meta_.local_tokens_per_expert);
+    meta_.tokens_per_local_expert = counts.host(1);
+    auto const rows = meta_.num_expert_rows();
+    auto sorted = exec_.template allocate<std::int64_t>(rows);
+    stable_sort_by_key<std::int64_t>(exec_, View<std::int64_t const, Space>(local_keys), l_,
+                                     sorted.view());
+    auto src = exec_.template allocate<std::int64_t>(rows);
+    entry_ = exec_.template allocate<std::int64_t>(rows);
+    ops::local_expert_rows<Exec, Route>(exec_, sorted.view(), all_map, Route::routed, first,
+                                        src.view(), entry_.view());
+    experts_.set_map(RowMapIn<Space>(exec_, std::move(src), gathered_tokens_));
     return meta_;
   }
 
   /// All-gathers `hidden [T, H]` and `probs [T, E]` over `tp_ep` and gathers the local experts'
   /// rows. Collective over `tp_ep`.
-  DispatchOutput<Real> dispatch(View<Real const> hidden, View<Real const> probs) {
+  DispatchOutput<Real, Space> dispatch(View<Real const, Space> hidden, View<Real const, Space> probs) {
     auto const h = cfg_.hidden_size;
     MOEFOLD_EXPECTS(hidden.size() == routing_.num_tokens * h &&
                         probs.size() == static_cast<std::int64_t>(routing_.probs.size()),
                     "AllGatherDispatcher::dispatch: hidden {} and probs {} elements for T = {}",
                     hidden.size(), probs.size(), routing_.num_tokens);
-    auto& pool = experts_.pool();
-    Buffer<Real> all = pool.take(static_cast<std::size_t>(gathered_tokens_ * h));
-    tp_ep_.all_gather(std::span<Real const>(hidden), std::span<Real>(all));
-    Buffer<Real> all_p = exec_.template allocate<Real>(probs.size() * tp_ep_.size());
-    tp_ep_.all_gather(std::span<Real const>(probs), std::span<Real>(all_p));
-    Buffer<Real> expert_probs =
-        exec_.template allocate<Real>(static_cast<std::int64_t>(entry_.size()));
-    ops::gather_or_zero<Exec, Real>(exec_, View<std::int64_t const>(entry_), all_p.view(),
-                                    expert_probs.view());
-    auto out = experts_.to_experts(all, h, std::move(expert_probs), meta_.tokens_per_local_expert);
-    pool.give(std::move(all));
+    auto all = experts_.take(static_cast<std::size_t>(gathered_tokens_ * h));
+    gather(hidden, all.view(), "all-gather of the tokens over tp_ep");
+    auto all_p = exec_.template allocate<Real>(probs.size() * tp_ep_.size());
+    gather(probs, all_p.view(), "all-gather of the probabilities over tp_ep");
+    auto expert_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(entry_.size()));
+    ops::gather_or_zero<Exec, Real>(exec_, entry_.view(), all_p.view(), expert_probs.view());
+    auto out = experts_.to_experts(all.view(), h, std::move(expert_probs),
+                                   meta_.tokens_per_local_expert);
+    experts_.give(std::move(all));
     return out;
   }
 
   /// Weighted scatter of the expert rows into the gathered tokens, then reduce-scatter over
   /// `tp_ep`: `[T, H]`. Collective over `tp_ep`.
-  Buffer<Real> combine(View<Real const> expert_output) {
+  Buffer<Real, Space> combine(View<Real const, Space> expert_output) {
     auto const h = cfg_.hidden_size;
     auto all = experts_.combine(expert_output, gathered_tokens_, h, "AllGatherDispatcher");
-    Buffer<Real> out = exec_.template allocate<Real>(routing_.num_tokens * h);
-    tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out), ReduceOp::sum);
-    experts_.pool().give(std::move(all));
+    auto out = exec_.template allocate<Real>(routing_.num_tokens * h);
+    scatter(all.view(), out.view(), "reduce-scatter of the outputs over tp_ep");
+    experts_.give(std::move(all));
     return out;
   }
 
-  CombineGrad<Real> combine_backward(View<Real const> d_output) {
+  CombineGrad<Real, Space> combine_backward(View<Real const, Space> d_output) {
     auto const h = cfg_.hidden_size;
     MOEFOLD_EXPECTS(d_output.size() == routing_.num_tokens * h,
                     "AllGatherDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
-    Buffer<Real> all = experts_.pool().take(static_cast<std::size_t>(gathered_tokens_ * h));
-    tp_ep_.all_gather(std::span<Real const>(d_output), std::span<Real>(all));
-    auto out = experts_.combine_backward(all, h);
-    experts_.pool().give(std::move(all));
+    auto all = experts_.take(static_cast<std::size_t>(gathered_tokens_ * h));
+    gather(d_output, all.view(), "all-gather of the output gradient over tp_ep");
+    auto out = experts_.combine_backward(all.view(), h);
+    experts_.give(std::move(all));
     return out;
   }
 
-  DispatchGrad<Real> dispatch_backward(View<Real const> d_expert_input,
-                                       View<Real const> d_expert_probs) {
+  DispatchGrad<Real, Space> dispatch_backward(View<Real const, Space> d_expert_input,
+                                              View<Real const, Space> d_expert_probs) {
     auto const h = cfg_.hidden_size;
     auto all = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_tokens_, h,
                                           "AllGatherDispatcher");
-    Buffer<Real> all_p = exec_.template allocate<Real>(
+    auto all_p = exec_.template allocate<Real>(
         static_cast<std::int64_t>(routing_.probs.size()) * tp_ep_.size());
-    ops::scatter<Exec, Real>(exec_, View<std::int64_t const>(entry_), d_expert_probs, all_p.view(),
-                             /*add=*/true);
-    DispatchGrad<Real> out;
+    ops::fill(exec_, all_p.view(), Real(0));
+    ops::scatter<Exec, Real>(exec_, entry_.view(), d_expert_probs, all_p.view(), /*add=*/true);
+    DispatchGrad<Real, Space> out;
     out.d_hidden = exec_.template allocate<Real>(routing_.num_tokens * h);
-    tp_ep_.reduce_scatter(std::span<Real const>(all), std::span<Real>(out.d_hidden), ReduceOp::sum);
+    scatter(all.view(), out.d_hidden.view(), "reduce-scatter of the input gradient over tp_ep");
     out.d_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(routing_.probs.size()));
-    tp_ep_.reduce_scatter(std::span<Real const>(all_p), std::span<Real>(out.d_probs),
-                          ReduceOp::sum);
-    experts_.pool().give(std::move(all));
+    scatter(all_p.view(), out.d_probs.view(), "reduce-scatter of the probability gradient over tp_ep");
+    experts_.give(std::move(all));
     return out;
   }
 
  private:
+  /// `b` as n elements (reallocated only when its size changes).
+  View<std::int64_t, Space> sized(Buffer<std::int64_t, Space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<std::int64_t>(n);
+    return b.view();
+  }
+  /// The routing entries as bytes (what the communicator moves).
+  template <class R>
+  static auto as_bytes(View<R, Space> v) {
+    using B = std::conditional_t<std::is_const_v<R>, std::uint8_t const, std::uint8_t>;
+    static_assert(sizeof(R) == 1);
+    return View<B, Space>(reinterpret_cast<B*>(v.data()), v.size());
+  }
+  /// All-gather over tp_ep.
+  void gather(View<Real const, Space> in, View<Real, Space> out, char const* what) {
+    detail::collective<Exec, Comm, Real>(
+        exec_, tp_ep_, in, out,
+        [&](std::span<Real const> i, std::span<Real> o) { tp_ep_.all_gather(i, o); }, what);
+  }
+  /// Reduce-scatter (sum) over tp_ep.
+  void scatter(View<Real const, Space> in, View<Real, Space> out, char const* what) {
+    detail::collective<Exec, Comm, Real>(
+        exec_, tp_ep_, in, out,
+        [&](std::span<Real const> i, std::span<Real> o) {
+          tp_ep_.reduce_scatter(i, o, ReduceOp::sum);
+        },
+        what);
+  }
+
   Exec exec_;
   DispatcherConfig cfg_;
   Drop drop_;
@@ -169,10 +208,12 @@ class AllGatherTokenDispatcher {
   int my_ep_ = 0, ep_size_ = 1, etp_size_ = 1;
   int l_ = 1;
   DispatchMetadata meta_;
-  Routing<Real> routing_;
+  Routing<Real, Space> routing_;
   std::int64_t gathered_tokens_ = 0;
   detail::ExpertRows<Exec, Real> experts_;  // expert rows ↔ gathered tokens
-  std::vector<std::int64_t> entry_;  // gathered routed entry of each expert row (−1: padding)
+  Buffer<std::int64_t, Space> entry_;  // gathered routed entry of each expert row (−1: padding)
+  // Per-plan temporaries, reused: sort keys and the drop policy's rankings.
+  Buffer<std::int64_t, Space> keys_, local_keys_, status_keys_, workspace_;
 };
 
 /// Policy tag: `AllGatherDispatcher<Drop>::dispatcher<Exec, Comm, Real>` is the dispatcher type.

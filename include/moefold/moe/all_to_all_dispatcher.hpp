@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -19,6 +20,8 @@
 #include "moefold/moe/detail/expert_rows.hpp"
 #include "moefold/moe/permutation.hpp"
 #include "moefold/moe/token_dispatcher.hpp"
+#include "moefold/ops/dispatch.hpp"
+#include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/permute.hpp"
 
 namespace moefold {
@@ -54,27 +57,114 @@ int check_expert_groups(DispatcherConfig const& cfg, Comm const& ep, Comm const&
 }
 
 /// The start of every dispatcher's `plan`: checks `routing` against the configuration, keeps a
-/// copy in `kept` and applies the drop policy to it (capacity on this rank's tokens). Returns
-/// the capacity per expert, or nothing when dropless.
-template <class Drop, class Real>
-std::optional<std::int64_t> accept_routing(Routing<Real> const& routing, Routing<Real>& kept,
-                                           DispatcherConfig const& cfg, Drop const& drop,
-                                           char const* who) {
+/// copy in `kept` (the instance's memory) and applies the drop policy to it (capacity on this
+/// rank's tokens). Returns the capacity per expert, or nothing when dropless.
+template <class Drop, class Exec, class Real>
+std::optional<std::int64_t> accept_routing(
+    Exec const& exec, Routing<Real, typename Exec::memory_space> const& routing,
+    Routing<Real, typename Exec::memory_space>& kept, DispatcherConfig const& cfg, Drop const& drop,
+    Buffer<std::int64_t, typename Exec::memory_space>& workspace, char const* who) {
   routing.check_shape(who);
   MOEFOLD_EXPECTS(routing.num_experts == cfg.num_experts,
                   "{}: routing over {} experts, configured for {}", who, routing.num_experts,
                   cfg.num_experts);
-  kept = routing;
-  return apply_capacity(drop, kept, cfg.moe_router_topk);
+  kept = routing.clone(exec);
+  return apply_capacity(exec, drop, kept, cfg.moe_router_topk, workspace);
+}
+
+/// The counts a plan brings to the host, computed by the instance into one buffer and copied
+/// in ONE transfer: histograms of sort keys, side by side, then the router's deferred
+/// finiteness check of a device routing (the number of tokens with a NaN or infinite logit).
+template <ExecutionInstance Exec>
+class PlanCounts {
+ public:
+  using Space = typename Exec::memory_space;
+  /// Reserves `bins` counts per histogram, in order, plus the status slot.
+  PlanCounts(Exec const& exec, std::initializer_list<std::int64_t> bins) : exec_(&exec) {
+    std::int64_t at = 0;
+    for (auto b : bins) {
+      start_.push_back(at);
+      at += b;
+    }
+    start_.push_back(at);
+    counts_ = exec.template allocate<std::int64_t>(at + 1);
+    ops::fill(exec, counts_.view(), std::int64_t{0});
+  }
+  /// Histogram i of `keys` (keys outside [0, bins_i) are not counted).
+  void count(std::size_t i, View<std::int64_t const, Space> keys) {
+    histogram<std::int64_t>(*exec_, keys, counts_.view().cols(start_[i], start_[i + 1] - start_[i]));
+  }
+  /// The status slot counts the tokens of `routing` whose logits were not finite.
+  template <class Real>
+  void check_finite(Routing<Real, Space> const& routing, Buffer<std::int64_t, Space>& keys) {
+    routing_non_finite_ = routing.non_finite.empty() ? nullptr : &routing.non_finite;
+    if (!routing_non_finite_) return;
+    auto const n = static_cast<std::int64_t>(routing.non_finite.size());
+    if (static_cast<std::int64_t>(keys.size()) < n) keys = exec_->template allocate<std::int64_t>(n);
+    ops::non_negative_keys(*exec_, routing.non_finite.view(), keys.view().cols(0, n));
+    histogram<std::int64_t>(*exec_, View<std::int64_t const, Space>(keys.view().cols(0, n)),
+                            counts_.view().cols(start_.back(), 1));
+  }
+  /// The one copy to the host; throws when the status counted non-finite logits.
+  void to_host(char const* who) {
+    host_.resize(counts_.size());
+    copy<std::int64_t>(*exec_, View<std::int64_t const, Space>(counts_.view()),
+                       View<std::int64_t>(host_));
+    if (host_.back() == 0) return;
+    // Error path: find the first such token (more copies do not matter here).
+    std::vector<std::int64_t> bad(routing_non_finite_->size());
+    copy<std::int64_t>(*exec_, routing_non_finite_->view(), View<std::int64_t>(bad));
+    for (std::size_t t = 0; t < bad.size(); ++t)
+      MOEFOLD_EXPECTS(bad[t] < 0,
+                      "TopKRouter::forward: logit of token {} for expert {} is NaN or infinite "
+                      "(NaN or infinite input or weight; found by {} on the device)",
+                      t, bad[t], who);
+  }
+  /// Histogram i, on the host.
+  std::vector<std::int64_t> host(std::size_t i) const {
+    return {host_.begin() + start_[i], host_.begin() + start_[i + 1]};
+  }
+
+ private:
+  Exec const* exec_;
+  std::vector<std::int64_t> start_;
+  Buffer<std::int64_t, Space> counts_;
+  std::vector<std::int64_t> host_;
+  Buffer<std::int64_t, Space> const* routing_non_finite_ = nullptr;
+};
+
+/// A collective of a dispatcher on buffers of `Space`: host memory goes to the communicator;
+/// device memory needs a device communicator (NCCL, component `moefold::nccl`) unless the group
+/// has one rank, where the collective is a copy by the instance.
+template <class Exec, class Comm, class U, class Collective>
+void collective(Exec const& exec, Comm const& group, View<U const, typename Exec::memory_space> in,
+                View<U, typename Exec::memory_space> out, Collective&& run, char const* what) {
+  if constexpr (Exec::memory_space::host_accessible) {
+    (void)exec;
+    (void)group;
+    (void)what;
+    run(std::span<U const>(in), std::span<U>(out));
+  } else {
+    MOEFOLD_EXPECTS(group.size() == 1,
+                    "dispatcher {}: device memory crosses ranks only through a device "
+                    "communicator; this group has {} ranks",
+                    what, group.size());
+    MOEFOLD_EXPECTS(in.size() == out.size(), "dispatcher {}: {} values in, {} out on one rank",
+                    what, in.size(), out.size());
+    copy<U>(exec, in.reshaped(1, in.size()), out.reshaped(1, out.size()));
+  }
 }
 }  // namespace detail
 
-/// The all-to-all token dispatcher over the expert groups of one rank.
-template <HostInstance Exec, DropPolicy Drop, Communicator Comm, class Real = float>
+/// The all-to-all token dispatcher over the expert groups of one rank. Its row maps are built
+/// by the instance from the routing in the instance's memory; the host sees the counts per
+/// expert (one copy per plan) and the splits derived from them.
+template <ExecutionInstance Exec, DropPolicy Drop, Communicator Comm, class Real = float>
 class AllToAllTokenDispatcher {
  public:
   using real_type = Real;
   using exec_type = Exec;
+  using Space = typename Exec::memory_space;
 
   /// Uses `groups.ep()`, `.etp()` and `.tp_ep()`. Throws `invalid_config` when E is not
   /// divisible by EP or the configuration is inconsistent.
@@ -102,50 +192,58 @@ class AllToAllTokenDispatcher {
   DispatchMetadata const& metadata() const noexcept { return meta_; }
 
   /// Applies the drop policy to this rank's routing (capacity on local tokens) and computes the
-  /// splits. Collective over `tp_ep` (count all-gather), except in drop-and-pad mode.
-  DispatchMetadata const& plan(Routing<Real> const& routing) {
-    auto const cap =
-        detail::accept_routing(routing, routing_, cfg_, drop_, "AllToAllDispatcher::plan");
+  /// splits. Collective over `tp_ep` (count all-gather), except in drop-and-pad mode. Copies
+  /// E counts (with dedup E + EP) to the host, once.
+  DispatchMetadata const& plan(Routing<Real, Space> const& routing) {
+    auto const cap = detail::accept_routing(exec_, routing, routing_, cfg_, drop_, workspace_,
+                                            "AllToAllDispatcher::plan");
     int const ep = ep_.size(), etp = etp_.size(), me_ep = ep_.rank(), me_etp = etp_.rank();
     auto const L = static_cast<std::size_t>(l_);
     auto const E = static_cast<std::size_t>(cfg_.num_experts);
+    auto const T = routing_.num_tokens;
     meta_ = DispatchMetadata{};
     meta_.ep_size = ep;
     meta_.etp_size = etp;
     meta_.num_local_experts = l_;
-    meta_.num_tokens = routing_.num_tokens;
+    meta_.num_tokens = T;
     meta_.capacity = cap ? *cap : -1;
     meta_.padded = Drop::drops && drop_.pad_to_capacity;
     meta_.dedup = cfg_.dedup && !meta_.padded;
 
-    auto const order = ExpertMajorOrder::of(exec_, routing_);
-    meta_.num_out = detail::total(order.tokens_per_expert);
-    meta_.local_tokens_per_expert = order.tokens_per_expert;
+    // Sort keys and their counts: entries per expert; with dedup, tokens per destination.
+    auto const map = View<Route const, Space>(routing_.map.view(T, cfg_.num_experts));
+    auto const keys = sized(keys_, T * cfg_.num_experts);
+    ExpertMajorOrderIn<Space>::keys(exec_, routing_, keys);
+    auto const dest_keys = sized(dest_keys_, meta_.dedup ? T * ep : 0);
+    if (meta_.dedup) ops::destination_keys<Exec, Route>(exec_, map, Route::none, l_, dest_keys);
+    detail::PlanCounts<Exec> counts(exec_, {cfg_.num_experts, meta_.dedup ? ep : 0});
+    counts.count(0, keys);
+    if (meta_.dedup) counts.count(1, dest_keys);
+    counts.check_finite(routing, status_keys_);
+    counts.to_host("AllToAllDispatcher::plan");  // the one copy to the host
+    auto const order = ExpertMajorOrderIn<Space>::from_keys(exec_, keys, counts.host(0), T);
     auto const& n = order.tokens_per_expert;
+    meta_.num_out = detail::total(n);
+    meta_.local_tokens_per_expert = n;
     auto const sources = static_cast<std::size_t>(ep * etp);
-    std::vector<std::int64_t> distinct(static_cast<std::size_t>(ep), 0);  // dedup rows per dest
+    std::vector<std::int64_t> distinct = counts.host(1);  // dedup rows per destination
 
     if (meta_.dedup) {
       // Rows: (destination EP rank j, token t) with t ascending within j.
-      std::vector<std::int64_t> tokens;
-      send_entry_.clear();
-      for (int j = 0; j < ep; ++j)
-        for (std::int64_t t = 0; t < routing_.num_tokens; ++t) {
-          auto const base = static_cast<std::size_t>(t) * E + static_cast<std::size_t>(j) * L;
-          bool any = false;
-          for (std::size_t l = 0; l < L; ++l) any = any || routing_.map[base + l] != Route::none;
-          if (!any) continue;
-          tokens.push_back(t);
-          ++distinct[static_cast<std::size_t>(j)];
-          for (std::size_t l = 0; l < L; ++l)
-            send_entry_.push_back(
-                routing_.map[base + l] != Route::none ? static_cast<std::int64_t>(base + l) : -1);
-        }
-      send_map_ = RowMap(exec_, std::move(tokens), routing_.num_tokens);
+      auto const rows = detail::total(distinct);
+      auto sorted = exec_.template allocate<std::int64_t>(rows);
+      stable_sort_by_key<std::int64_t>(exec_, View<std::int64_t const, Space>(dest_keys), ep,
+                                       sorted.view());
+      auto tokens = exec_.template allocate<std::int64_t>(rows);
+      send_entry_ = exec_.template allocate<std::int64_t>(rows * l_);
+      ops::destination_rows<Exec, Route>(exec_, sorted.view(), map, Route::none, l_, tokens.view(),
+                                         send_entry_.view());
+      send_map_ = RowMapIn<Space>(exec_, std::move(tokens), T);
       meta_.input_splits = distinct;
     } else {
       send_map_ = order.tokens;
-      send_entry_ = order.entry;
+      send_entry_ = exec_.template allocate<std::int64_t>(static_cast<std::int64_t>(order.entry.size()));
+      copy<std::int64_t>(exec_, order.entry.view(), send_entry_.view());
       meta_.input_splits.assign(static_cast<std::size_t>(ep), 0);
       for (std::size_t e = 0; e < E; ++e) meta_.input_splits[e / L] += n[e];
     }
@@ -193,19 +291,18 @@ class AllToAllTokenDispatcher {
     gathered_rows_ = detail::total(meta_.output_splits_tp);
     if (!meta_.dedup) {
       // Chunk sort (t, j, l) → (l, t, j): Megatron's sort_in over the NG chunks.
-      auto src = sort_chunks(ng, transpose_order(static_cast<std::int64_t>(sources), l_));
-      experts_.set_map(RowMap(exec_, std::move(src), gathered_rows_));
+      auto const order_in = transpose_order(static_cast<std::int64_t>(sources), l_);
+      experts_.set_map(RowMapIn<Space>(exec_, sort_chunks(exec_, ng, order_in), gathered_rows_));
     }
     send_routed_ = exec_.template allocate<std::int64_t>(static_cast<std::int64_t>(send_entry_.size()));
-    ops::routed_index<Exec, Route>(exec_, View<std::int64_t const>(send_entry_),
-                                   View<Route const>(routing_.map), Route::routed,
+    ops::routed_index<Exec, Route>(exec_, send_entry_.view(), routing_.map.view(), Route::routed,
                                    send_routed_.view());
     return meta_;
   }
 
   /// Moves this rank's tokens `hidden [T, H]` with probabilities `probs [T, E]` (read at the
   /// planned entries) to the experts. Collective over `ep` and `etp`.
-  DispatchOutput<Real> dispatch(View<Real const> hidden, View<Real const> probs) {
+  DispatchOutput<Real, Space> dispatch(View<Real const, Space> hidden, View<Real const, Space> probs) {
     auto const h = cfg_.hidden_size;
     auto const T = routing_.num_tokens;
     MOEFOLD_EXPECTS(hidden.size() == T * h,
@@ -215,22 +312,24 @@ class AllToAllTokenDispatcher {
                     "AllToAllDispatcher::dispatch: probs has {} elements, expected T·E = {}",
                     probs.size(), routing_.probs.size());
     auto const w = probs_width();
-    Buffer<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
-    permute<Real>(exec_, send_map_, hidden, send, h);
+    auto send = experts_.take(static_cast<std::size_t>(send_map_.rows() * h));
+    permute<Real>(exec_, send_map_, hidden, send.view(), h);
     auto const n_sent = static_cast<std::int64_t>(send_entry_.size());
-    Buffer<Real> send_p = exec_.template allocate<Real>(n_sent);
+    auto send_p = exec_.template allocate<Real>(n_sent);
     ops::gather_or_zero<Exec, Real>(exec_, send_routed_.view(), probs, send_p.view());
-    std::vector<std::uint8_t> send_f(meta_.dedup ? send_entry_.size() : 0);
-    if (meta_.dedup)
-      for (std::size_t i = 0; i < send_entry_.size(); ++i) send_f[i] = send_entry_[i] >= 0 ? 1 : 0;
+    Buffer<std::uint8_t, Space> send_f;
+    if (meta_.dedup) {
+      send_f = exec_.template allocate<std::uint8_t>(n_sent);
+      ops::entry_flags<Exec>(exec_, send_entry_.view(), send_f.view());
+    }
 
     // Token all-to-all over ep (payload bytes recorded as the communicator counts them).
     auto const before = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent;
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
     meta_.ep_token_bytes_sent = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent - before;
-    experts_.pool().give(std::move(send));
+    experts_.give(std::move(send));
     auto recv_p = all_to_all<Real>(send_p, meta_.input_splits, meta_.output_splits, w);
-    Buffer<std::uint8_t> recv_f;
+    Buffer<std::uint8_t, Space> recv_f;
     if (meta_.dedup)
       recv_f = all_to_all<std::uint8_t>(send_f, meta_.input_splits, meta_.output_splits, w);
 
@@ -240,84 +339,83 @@ class AllToAllTokenDispatcher {
     if (meta_.dedup) {
       auto flags = all_gather_etp<std::uint8_t>(std::move(recv_f), w);
       // Expand each gathered row to its local experts: (l, then gathered row) order.
-      std::vector<std::int64_t> src;
-      slot_.clear();
-      auto const L = static_cast<std::size_t>(l_);
-      for (std::size_t l = 0; l < L; ++l)
-        for (std::int64_t r = 0; r < gathered_rows_; ++r)
-          if (flags[static_cast<std::size_t>(r) * L + l]) {
-            src.push_back(r);
-            slot_.push_back(r * l_ + static_cast<std::int64_t>(l));
-          }
-      MOEFOLD_EXPECTS(static_cast<std::int64_t>(src.size()) == meta_.num_expert_rows(),
-                      "AllToAllDispatcher: received {} expert rows, planned {}", src.size(),
-                      meta_.num_expert_rows());
-      experts_.set_map(RowMap(exec_, std::move(src), gathered_rows_));
+      auto const rows = meta_.num_expert_rows();
+      auto const keys = sized(expand_keys_, gathered_rows_ * l_);
+      ops::expand_keys<Exec>(exec_, flags.view(), l_, keys);
+      auto sorted = exec_.template allocate<std::int64_t>(rows);
+      stable_sort_by_key<std::int64_t>(exec_, View<std::int64_t const, Space>(keys), l_,
+                                       sorted.view());
+      auto src = exec_.template allocate<std::int64_t>(rows);
+      slot_ = exec_.template allocate<std::int64_t>(rows);
+      ops::expand_rows<Exec>(exec_, sorted.view(), gathered_rows_, l_, src.view(), slot_.view());
+      experts_.set_map(RowMapIn<Space>(exec_, std::move(src), gathered_rows_));
     } else {
-      slot_.assign(experts_.map().row_targets().begin(), experts_.map().row_targets().end());
+      slot_ = exec_.template allocate<std::int64_t>(experts_.rows());
+      copy<std::int64_t>(exec_, experts_.map().row_targets(), slot_.view());
     }
 
-    Buffer<Real> expert_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(slot_.size()));
-    ops::gather_or_zero<Exec, Real>(exec_, View<std::int64_t const>(slot_), gathered_p_.view(),
-                                    expert_probs.view());
-    auto out = experts_.to_experts(gathered, h, std::move(expert_probs), meta_.tokens_per_local_expert);
-    experts_.pool().give(std::move(gathered));
+    auto expert_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(slot_.size()));
+    ops::gather_or_zero<Exec, Real>(exec_, slot_.view(), gathered_p_.view(), expert_probs.view());
+    auto out = experts_.to_experts(gathered.view(), h, std::move(expert_probs),
+                                   meta_.tokens_per_local_expert);
+    experts_.give(std::move(gathered));
     return out;
   }
 
   /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
   /// rows to their source ranks and sums each token's rows: `[T, H]`. Collective over `etp`
   /// and `ep`.
-  Buffer<Real> combine(View<Real const> expert_output) {
+  Buffer<Real, Space> combine(View<Real const, Space> expert_output) {
     auto const h = cfg_.hidden_size;
     auto g = experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher");
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
-    experts_.pool().give(std::move(mine));
-    Buffer<Real> out = exec_.template allocate<Real>(routing_.num_tokens * h);
-    unpermute<Real>(exec_, send_map_, back, out, h);
-    experts_.pool().give(std::move(back));
+    experts_.give(std::move(mine));
+    auto out = exec_.template allocate<Real>(routing_.num_tokens * h);
+    unpermute<Real>(exec_, send_map_, back.view(), out.view(), h);
+    experts_.give(std::move(back));
     return out;
   }
 
   /// Backward of `combine`: from `d_output [T, H]`, the gradients of the expert output and of
   /// the expert probabilities (this ETP rank's share: sum over `etp` is the full gradient).
-  CombineGrad<Real> combine_backward(View<Real const> d_output) {
+  CombineGrad<Real, Space> combine_backward(View<Real const, Space> d_output) {
     auto const h = cfg_.hidden_size;
     MOEFOLD_EXPECTS(d_output.size() == routing_.num_tokens * h,
                     "AllToAllDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
-    Buffer<Real> send = experts_.pool().take(static_cast<std::size_t>(send_map_.rows() * h));
-    permute<Real>(exec_, send_map_, d_output, send, h);
+    auto send = experts_.take(static_cast<std::size_t>(send_map_.rows() * h));
+    permute<Real>(exec_, send_map_, d_output, send.view(), h);
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
-    experts_.pool().give(std::move(send));
+    experts_.give(std::move(send));
     auto g = all_gather_etp<Real>(std::move(recv), h);
-    auto out = experts_.combine_backward(g, h);
-    experts_.pool().give(std::move(g));
+    auto out = experts_.combine_backward(g.view(), h);
+    experts_.give(std::move(g));
     return out;
   }
 
   /// Backward of `dispatch`: sums expert-input gradients (and ETP partials), returns them to
   /// the source ranks: `d_hidden [T, H]` and `d_probs [T, E]`. Collective over `etp` and `ep`.
-  DispatchGrad<Real> dispatch_backward(View<Real const> d_expert_input,
-                                       View<Real const> d_expert_probs) {
+  DispatchGrad<Real, Space> dispatch_backward(View<Real const, Space> d_expert_input,
+                                              View<Real const, Space> d_expert_probs) {
     auto const h = cfg_.hidden_size;
     auto const w = probs_width();
     auto g = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_rows_, h,
                                         "AllToAllDispatcher");
-    Buffer<Real> gp = exec_.template allocate<Real>(gathered_rows_ * w);
-    ops::scatter<Exec, Real>(exec_, View<std::int64_t const>(slot_), d_expert_probs, gp.view(),
-                             /*add=*/true);
+    auto gp = exec_.template allocate<Real>(gathered_rows_ * w);
+    ops::fill(exec_, gp.view(), Real(0));
+    ops::scatter<Exec, Real>(exec_, slot_.view(), d_expert_probs, gp.view(), /*add=*/true);
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
     auto mine_p = reduce_scatter_etp<Real>(std::move(gp), w);
     auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
-    experts_.pool().give(std::move(mine));
+    experts_.give(std::move(mine));
     auto back_p = all_to_all<Real>(mine_p, meta_.output_splits, meta_.input_splits, w);
-    DispatchGrad<Real> out;
+    DispatchGrad<Real, Space> out;
     out.d_hidden = exec_.template allocate<Real>(routing_.num_tokens * h);
-    unpermute<Real>(exec_, send_map_, back, out.d_hidden, h);
-    experts_.pool().give(std::move(back));
+    unpermute<Real>(exec_, send_map_, back.view(), out.d_hidden.view(), h);
+    experts_.give(std::move(back));
     out.d_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(routing_.probs.size()));
+    ops::fill(exec_, out.d_probs.view(), Real(0));
     ops::scatter<Exec, Real>(exec_, send_routed_.view(), back_p.view(), out.d_probs.view(),
                              /*add=*/false);
     return out;
@@ -327,47 +425,57 @@ class AllToAllTokenDispatcher {
   /// Probabilities per moved row: one (Megatron), or L (dedup: one per local expert).
   std::int64_t probs_width() const { return meta_.dedup ? l_ : 1; }
 
+  /// `b` as n elements (reallocated only when its size changes).
   template <class U>
-  Buffer<U> all_to_all(std::span<U const> send, std::span<std::int64_t const> send_rows,
-                       std::span<std::int64_t const> recv_rows, std::int64_t width) {
+  View<U, Space> sized(Buffer<U, Space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<U>(n);
+    return b.view();
+  }
+
+  template <class U>
+  Buffer<U, Space> all_to_all(Buffer<U, Space> const& send, std::span<std::int64_t const> send_rows,
+                              std::span<std::int64_t const> recv_rows, std::int64_t width) {
     auto const sc = detail::scaled(send_rows, width), rc = detail::scaled(recv_rows, width);
     auto const n = static_cast<std::size_t>(detail::total(rc));
-    Buffer<U> recv;
-    if constexpr (std::is_same_v<U, Real>) recv = experts_.pool().take(n);
-    else recv = Buffer<U>(static_cast<std::int64_t>(n));
-    ep_.all_to_all_v(send, std::span<std::int64_t const>(sc), std::span<U>(recv),
-                     std::span<std::int64_t const>(rc));
+    Buffer<U, Space> recv;
+    if constexpr (std::is_same_v<U, Real>) recv = experts_.take(n);
+    else recv = exec_.template allocate<U>(static_cast<std::int64_t>(n));
+    detail::collective<Exec, Comm, U>(
+        exec_, ep_, send.view(), recv.view(),
+        [&](std::span<U const> in, std::span<U> out) {
+          ep_.all_to_all_v(in, std::span<std::int64_t const>(sc), out,
+                           std::span<std::int64_t const>(rc));
+        },
+        "all-to-all over ep");
     return recv;
-  }
-  template <class U>
-  Buffer<U> all_to_all(Buffer<U> const& send, std::span<std::int64_t const> s,
-                       std::span<std::int64_t const> r, std::int64_t width) {
-    return all_to_all<U>(std::span<U const>(send.data(), send.size()), s, r, width);
-  }
-  template <class U>
-  Buffer<U> all_to_all(std::vector<U> const& send, std::span<std::int64_t const> s,
-                       std::span<std::int64_t const> r, std::int64_t width) {
-    return all_to_all<U>(std::span<U const>(send), s, r, width);
   }
   /// AllGather-V over etp of each ETP rank's received rows (identity when ETP = 1).
   template <class U>
-  Buffer<U> all_gather_etp(Buffer<U> mine, std::int64_t width) {
+  Buffer<U, Space> all_gather_etp(Buffer<U, Space> mine, std::int64_t width) {
     if (etp_.size() == 1) return mine;
     auto const c = detail::scaled(meta_.output_splits_tp, width);
-    Buffer<U> out(detail::total(c));
-    etp_.all_gather_v(std::span<U const>(mine), std::span<U>(out),
-                      std::span<std::int64_t const>(c));
-    if constexpr (std::is_same_v<U, Real>) experts_.pool().give(std::move(mine));
+    auto out = exec_.template allocate<U>(detail::total(c));
+    detail::collective<Exec, Comm, U>(
+        exec_, etp_, mine.view(), out.view(),
+        [&](std::span<U const> in, std::span<U> o) {
+          etp_.all_gather_v(in, o, std::span<std::int64_t const>(c));
+        },
+        "all-gather over etp");
+    if constexpr (std::is_same_v<U, Real>) experts_.give(std::move(mine));
     return out;
   }
   /// ReduceScatter-V (sum) over etp back to each ETP rank's rows (identity when ETP = 1).
   template <class U>
-  Buffer<U> reduce_scatter_etp(Buffer<U> all, std::int64_t width) {
+  Buffer<U, Space> reduce_scatter_etp(Buffer<U, Space> all, std::int64_t width) {
     if (etp_.size() == 1) return all;
     auto const c = detail::scaled(meta_.output_splits_tp, width);
-    Buffer<U> out(c[static_cast<std::size_t>(etp_.rank())]);
-    etp_.reduce_scatter_v(std::span<U const>(all), std::span<U>(out),
-                          std::span<std::int64_t const>(c), ReduceOp::sum);
+    auto out = exec_.template allocate<U>(c[static_cast<std::size_t>(etp_.rank())]);
+    detail::collective<Exec, Comm, U>(
+        exec_, etp_, all.view(), out.view(),
+        [&](std::span<U const> in, std::span<U> o) {
+          etp_.reduce_scatter_v(in, o, std::span<std::int64_t const>(c), ReduceOp::sum);
+        },
+        "reduce-scatter over etp");
     return out;
   }
 
@@ -377,14 +485,16 @@ class AllToAllTokenDispatcher {
   Comm ep_, etp_, tp_ep_;
   int l_ = 1;
   DispatchMetadata meta_;
-  Routing<Real> routing_;                 // after the drop policy
-  RowMap send_map_;                       // sent rows → tokens
-  std::vector<std::int64_t> send_entry_;  // routing entry per sent row (× L with dedup; -1: none)
-  std::int64_t gathered_rows_ = 0;        // R: rows after the ETP all-gather
-  Buffer<std::int64_t> send_routed_;     // routing entry per sent probability, −1: not routed
+  Routing<Real, Space> routing_;            // after the drop policy
+  RowMapIn<Space> send_map_;                // sent rows → tokens
+  Buffer<std::int64_t, Space> send_entry_;  // routing entry per sent row (× L with dedup; -1: none)
+  std::int64_t gathered_rows_ = 0;          // R: rows after the ETP all-gather
+  Buffer<std::int64_t, Space> send_routed_;  // routing entry per sent probability, −1: not routed
   detail::ExpertRows<Exec, Real> experts_;  // expert rows ↔ gathered rows
-  std::vector<std::int64_t> slot_;        // expert row → probability slot of the gathered rows
-  Buffer<Real> gathered_p_;
+  Buffer<std::int64_t, Space> slot_;        // expert row → probability slot of the gathered rows
+  Buffer<Real, Space> gathered_p_;
+  // Per-plan temporaries, reused: sort keys and the drop policy's rankings.
+  Buffer<std::int64_t, Space> keys_, dest_keys_, expand_keys_, status_keys_, workspace_;
 };
 
 /// Policy tag: `AllToAllDispatcher<Drop>::dispatcher<Exec, Comm, Real>` is the dispatcher type.

@@ -2,7 +2,8 @@
 /// \file
 /// Expert capacity and the token-drop policies (spec §2.2 step 5): `Dropless`, `DropByProbs`,
 /// `DropByPosition`, each (but the first) with optional pad-to-capacity. Capacity is decided
-/// per source rank on its local tokens, as Megatron does (sub-sequence dropping).
+/// per source rank on its local tokens, as Megatron does (sub-sequence dropping), by the ops of
+/// ops/capacity.hpp on the routing's instance.
 
 #include <algorithm>
 #include <cmath>
@@ -13,8 +14,13 @@
 #include <vector>
 #include <fmt/format.h>
 
+#include "moefold/core/buffer.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
 #include "moefold/moe/router_config.hpp"
 #include "moefold/moe/routing.hpp"
+#include "moefold/ops/capacity.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -32,32 +38,20 @@ inline std::int64_t expert_capacity(std::int64_t num_tokens, int topk, std::int6
 /// No token is ever dropped; every expert takes all tokens routed to it.
 struct Dropless {
   static constexpr bool drops = false;
+  static constexpr ops::DropOrder order = ops::DropOrder::position;  ///< unused
   bool pad_to_capacity = false;  ///< always false
   std::optional<std::int64_t> capacity(std::int64_t, int, std::int64_t) const { return {}; }
-  template <class Real>
-  void keep_order(Routing<Real> const&, std::int64_t, std::vector<std::int32_t>&) const {}
 };
 
 /// Over-full experts keep the tokens with the highest probability (ties: lower token first).
 struct DropByProbs {
   static constexpr bool drops = true;
+  static constexpr ops::DropOrder order = ops::DropOrder::probs;
   double capacity_factor = 1.0;
   bool pad_to_capacity = false;  ///< pad every expert with prob-0 tokens up to capacity
 
   std::optional<std::int64_t> capacity(std::int64_t t, int k, std::int64_t e) const {
     return expert_capacity(t, k, e, capacity_factor);
-  }
-  /// The tokens of column `e`, best first (routed tokens by prob, then the others).
-  template <class Real>
-  void keep_order(Routing<Real> const& r, std::int64_t e, std::vector<std::int32_t>& order) const {
-    order.resize(static_cast<std::size_t>(r.num_tokens));
-    std::iota(order.begin(), order.end(), 0);
-    auto key = [&](std::int32_t t) {
-      auto const i = static_cast<std::size_t>(t * r.num_experts + e);
-      return std::pair<bool, Real>(r.map[i] != Route::none, r.probs[i]);
-    };
-    std::stable_sort(order.begin(), order.end(),
-                     [&](std::int32_t a, std::int32_t b) { return key(a) > key(b); });
   }
 };
 
@@ -65,31 +59,22 @@ struct DropByProbs {
 /// order is unspecified, ours is by position).
 struct DropByPosition {
   static constexpr bool drops = true;
+  static constexpr ops::DropOrder order = ops::DropOrder::position;
   double capacity_factor = 1.0;
   bool pad_to_capacity = false;
 
   std::optional<std::int64_t> capacity(std::int64_t t, int k, std::int64_t e) const {
     return expert_capacity(t, k, e, capacity_factor);
   }
-  template <class Real>
-  void keep_order(Routing<Real> const& r, std::int64_t e, std::vector<std::int32_t>& order) const {
-    order.clear();
-    for (std::int64_t t = 0; t < r.num_tokens; ++t)
-      if (r.map[static_cast<std::size_t>(t * r.num_experts + e)] != Route::none)
-        order.push_back(static_cast<std::int32_t>(t));
-    for (std::int64_t t = 0; t < r.num_tokens; ++t)
-      if (r.map[static_cast<std::size_t>(t * r.num_experts + e)] == Route::none)
-        order.push_back(static_cast<std::int32_t>(t));
-  }
 };
 
-/// A token-drop policy.
+/// A token-drop policy: whether it drops, its keep order, padding, and its capacity.
 template <class P>
-concept DropPolicy = requires(P const& p, Routing<float> const& r, std::vector<std::int32_t>& o) {
+concept DropPolicy = requires(P const& p) {
   { P::drops } -> std::convertible_to<bool>;
+  { P::order } -> std::convertible_to<ops::DropOrder>;
   { p.pad_to_capacity } -> std::convertible_to<bool>;
   { p.capacity(std::int64_t{}, 1, std::int64_t{}) } -> std::same_as<std::optional<std::int64_t>>;
-  p.keep_order(r, std::int64_t{}, o);
 };
 static_assert(DropPolicy<Dropless> && DropPolicy<DropByProbs> && DropPolicy<DropByPosition>);
 
@@ -114,13 +99,17 @@ Policy drop_policy_from(RouterConfig const& cfg) {
   }
 }
 
-/// Applies `policy` to the local routing `r` in place (spec §2.2 step 5): with capacity C ≤ T,
-/// each expert keeps C entries in the policy's order; without padding, dropped entries become
-/// `none` with prob 0; with padding, every expert gets exactly C entries, the fillers as
-/// `padding` with prob 0. With C > T nothing is dropped (padding then requires C ≤ T: throws).
-/// Returns the capacity (none when dropless).
-template <DropPolicy Policy, class Real>
-std::optional<std::int64_t> apply_capacity(Policy const& policy, Routing<Real>& r, int topk) {
+/// Applies `policy` to the local routing `r` in place (spec §2.2 step 5), with the instance
+/// that holds it: with capacity C ≤ T, each expert keeps C entries in the policy's order;
+/// without padding, dropped entries become `none` with prob 0; with padding, every expert gets
+/// exactly C entries, the fillers as `padding` with prob 0. With C > T nothing is dropped
+/// (padding then requires C ≤ T: throws). `workspace` holds the rankings (reused across
+/// calls). Returns the capacity (none when dropless). Only host metadata (shapes, C) decides
+/// anything on the host.
+template <DropPolicy Policy, ExecutionInstance Exec, class Real>
+std::optional<std::int64_t> apply_capacity(
+    Exec const& exec, Policy const& policy, Routing<Real, typename Exec::memory_space>& r, int topk,
+    Buffer<std::int64_t, typename Exec::memory_space>& workspace) {
   r.check_shape("apply_capacity");
   auto const cap = policy.capacity(r.num_tokens, topk, r.num_experts);
   if (!cap) return cap;
@@ -130,23 +119,27 @@ std::optional<std::int64_t> apply_capacity(Policy const& policy, Routing<Real>& 
                     "pad-to-capacity needs capacity C = {} ≤ local tokens T = {}", c, r.num_tokens);
     return cap;
   }
-  std::vector<std::int32_t> order;
-  std::vector<Route> const original = r.map;
-  for (std::int64_t e = 0; e < r.num_experts; ++e) {
-    policy.keep_order(r, e, order);
-    for (std::size_t rank = 0; rank < order.size(); ++rank) {
-      auto const i = static_cast<std::size_t>(order[rank] * r.num_experts + e);
-      bool const keep = static_cast<std::int64_t>(rank) < c;
-      if (!keep) {
-        r.map[i] = Route::none;
-        r.probs[i] = Real(0);
-      } else if (original[i] == Route::none) {
-        r.map[i] = policy.pad_to_capacity ? Route::padding : Route::none;
-        r.probs[i] = Real(0);
-      }
-    }
-  }
+  auto const n = r.num_tokens * r.num_experts;
+  auto const words = n + ops::rank_columns_scratch(Policy::order, r.num_tokens, r.num_experts);
+  if (static_cast<std::int64_t>(workspace.size()) < words)
+    workspace = exec.template allocate<std::int64_t>(words);
+  using Space = typename Exec::memory_space;
+  View<std::int64_t, Space> const all = workspace.view();
+  auto const rank = all.cols(0, n);
+  ops::rank_columns<Exec, Route, Real>(exec, Policy::order,
+                                       View<Route const, Space>(r.map.view(r.num_tokens, r.num_experts)),
+                                       Route::none, View<Real const, Space>(r.probs.view()), rank,
+                                       all.cols(n, words - n));
+  ops::apply_capacity<Exec, Route, Real>(exec, View<std::int64_t const, Space>(rank), c,
+                                         policy.pad_to_capacity, Route::none, Route::padding,
+                                         r.map.view(), r.probs.view());
   return cap;
+}
+/// `apply_capacity` on a host routing with a temporary workspace.
+template <DropPolicy Policy, class Real>
+std::optional<std::int64_t> apply_capacity(Policy const& policy, Routing<Real>& r, int topk) {
+  Buffer<std::int64_t> workspace;
+  return apply_capacity(Cpu{}, policy, r, topk, workspace);
 }
 
 }  // namespace v0

@@ -240,7 +240,7 @@ class MoELayer {
     aux_loss_scale_ = ctx.aux_loss_scale;
     auto const& meta = dispatcher_.plan(routed.routing);
     if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
-    auto in = dispatcher_.dispatch(x, View<T const, Space>(routed.routing.probs));
+    auto in = dispatcher_.dispatch(x, routed.routing.probs.view());
     // Probabilities are applied in combine: the experts compute f_e(x).
     auto const expert_out = experts_.forward(in.expert_input.view(),
                                              std::span<std::int64_t const>(in.tokens_per_local_expert));

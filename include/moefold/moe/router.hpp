@@ -60,10 +60,10 @@ struct AuxLossValue {
   double value = 0;
 };
 
-/// What the router returns for T local tokens.
-template <class Real>
+/// What the router returns for T local tokens (the routing in the router's memory space).
+template <class Real, MemorySpace Space = HostSpace>
 struct RouterOutput {
-  Routing<Real> routing;                 ///< K routed entries per token, probs (scaled)
+  Routing<Real, Space> routing;          ///< K routed entries per token, probs (scaled)
   std::vector<AuxLossValue> aux_losses;  ///< one per enabled type with a non-zero coefficient
   double z_loss = 0;                     ///< 0 when no z-loss coefficient is set
 };
@@ -79,8 +79,10 @@ struct RouterOutput {
 /// `count_routed`, from the routing after token dropping (the MoE layer calls it on `train`
 /// forwards). `reset_step_state` (the step finalizer) ends a step.
 ///
-/// The routing it returns lives in host memory (`Routing` is host metadata for the
-/// dispatchers), so the instance's memory must be host-accessible for now.
+/// The routing it returns lives in the instance's memory; the dispatchers build their row maps
+/// from it there. A host instance checks the logits for NaN and infinities at once; a device
+/// instance leaves the per-token check in `Routing::non_finite` for the dispatcher's one copy
+/// of counts to the host.
 template <ExecutionInstance Exec, RouterScore Score, class Real = float>
 class TopKRouter {
  public:
@@ -143,7 +145,7 @@ class TopKRouter {
   /// logit that is NaN or infinite, a microbatch counted twice in a step, or a recompute of a
   /// microbatch that had no `train` forward.
   template <Communicator Comm>
-  RouterOutput<Real> forward(View<Real const, memory_space> x, std::int64_t tokens,
+  RouterOutput<Real, memory_space> forward(View<Real const, memory_space> x, std::int64_t tokens,
                              RouterGroups<Comm> groups, ForwardContext const& ctx = {}) {
     auto reduce = [](Comm* c, std::span<std::int64_t> v) {
       if (c) c->all_reduce(v, ReduceOp::sum);
@@ -155,7 +157,7 @@ class TopKRouter {
         [&](std::span<std::int64_t> v) { reduce(groups.tp_dp_cp, v); });
   }
   /// `forward` on one rank: every statistics group has one member.
-  RouterOutput<Real> forward(View<Real const, memory_space> x, std::int64_t tokens,
+  RouterOutput<Real, memory_space> forward(View<Real const, memory_space> x, std::int64_t tokens,
                              ForwardContext const& ctx = {}) {
     auto none = [](std::span<std::int64_t>) {};
     return forward_impl(x, tokens, ctx, 1, 1, none, none);
@@ -280,7 +282,7 @@ class TopKRouter {
   }
 
   template <class ReduceTpCp, class ReduceTpDpCp>
-  RouterOutput<Real> forward_impl(View<Real const, memory_space> x, std::int64_t tokens,
+  RouterOutput<Real, memory_space> forward_impl(View<Real const, memory_space> x, std::int64_t tokens,
                                   ForwardContext const& ctx, int tp_cp_size, int tp_dp_cp_size,
                                   ReduceTpCp&& reduce_tp_cp, ReduceTpDpCp&& reduce_tp_dp_cp) {
     auto const h = hidden_;
@@ -332,10 +334,9 @@ class TopKRouter {
     ops::fill(exec_, logits, Real(0));
     gemm<Real>(exec_, Trans::no, Trans::yes, Real(1), xs.reshaped(tokens, h),
                weight_.value.view(e, h), Real(0), logits);
-    check_finite(tokens, e);
-
-    RouterOutput<Real> out;
-    out.routing = Routing<Real>::empty(tokens, e);
+    RouterOutput<Real, memory_space> out;
+    out.routing = Routing<Real, memory_space>::empty(exec_, tokens, e);
+    check_finite(tokens, e, out.routing);
     View<Real const, memory_space> select;  // Sinkhorn's selection values in training [T, E]
     if (cfg_.sinkhorn() && training) {
       auto const normalized = sized(normalized_, tokens * e);
@@ -345,8 +346,8 @@ class TopKRouter {
     ops::route_tokens<Score>(exec_, rule_, View<Real const, memory_space>(logits),
                              View<Real const, memory_space>(expert_bias_.view()), select,
                              prob_scale(), sized(topk_, tokens * k),
-                             View<Route, memory_space>(out.routing.map), Route::routed,
-                             View<Real, memory_space>(out.routing.probs), sized(sel_, tokens * e),
+                             out.routing.map.view(), Route::routed, out.routing.probs.view(),
+                             sized(sel_, tokens * e),
                              sized(route_scratch_, tokens * ops::route_scratch_stride(rule_)),
                              sized(top_probs_, tokens * k));
 
@@ -372,8 +373,16 @@ class TopKRouter {
     return out;
   }
 
-  /// Throws naming the first token (and its first expert) whose logit is NaN or infinite.
-  void check_finite(std::int64_t tokens, std::int64_t e) {
+  /// Throws naming the first token (and its first expert) whose logit is NaN or infinite; on a
+  /// device, leaves each token's first such expert in `routing.non_finite` instead (checked with
+  /// the dispatcher's copy of counts, not with a copy of its own).
+  void check_finite(std::int64_t tokens, std::int64_t e, Routing<Real, memory_space>& routing) {
+    if constexpr (!memory_space::host_accessible) {
+      routing.non_finite = exec_.template allocate<std::int64_t>(tokens);
+      ops::first_non_finite(exec_, View<Real const, memory_space>(logits_.view(tokens, e)),
+                            routing.non_finite.view());
+      return;
+    }
     auto const bad = sized(non_finite_, tokens);
     ops::first_non_finite(exec_, View<Real const, memory_space>(logits_.view(tokens, e)), bad);
     auto const rows = to_host(View<std::int64_t const, memory_space>(bad));

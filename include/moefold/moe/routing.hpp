@@ -9,7 +9,12 @@
 #include <span>
 #include <vector>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/view.hpp"
+#include "moefold/exec/cpu.hpp"
+#include "moefold/exec/instance.hpp"
+#include "moefold/ops/elementwise.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -22,24 +27,55 @@ enum class Route : std::uint8_t {
 };
 
 /// The routing of `num_tokens` local tokens over `num_experts` experts: a dense map `[T, E]`
-/// and probabilities `[T, E]` (zero where the map is `none`), both row-major.
-template <class Real>
+/// and probabilities `[T, E]` (zero where the map is `none`), both row-major, in the memory of
+/// `Space` (the router's instance). It stays there: the dispatchers compute their row maps from
+/// it with the instance, and only counts per expert cross to the host (docs/execution.md).
+template <class Real, MemorySpace Space = HostSpace>
 struct Routing {
   std::int64_t num_tokens = 0;
   std::int64_t num_experts = 0;
-  std::vector<Route> map;   ///< [T, E]
-  std::vector<Real> probs;  ///< [T, E]
+  Buffer<Route, Space> map;   ///< [T, E]
+  Buffer<Real, Space> probs;  ///< [T, E]
+  /// Device routings only: the router's finiteness check, left for the dispatcher's one copy
+  /// of counts to the host — per token, the first expert whose logit is NaN or infinite, −1
+  /// where all are finite `[T]`. Empty when the router checked already (host instances) or the
+  /// routing came from elsewhere.
+  Buffer<std::int64_t, Space> non_finite;
 
-  /// An empty routing (every entry `none`) of the given shape.
-  static Routing empty(std::int64_t tokens, std::int64_t experts) {
+  /// An empty routing (every entry `none`, probabilities 0) of the given shape, in the memory of
+  /// `exec`.
+  template <ExecutionInstance Exec>
+    requires std::same_as<typename Exec::memory_space, Space>
+  static Routing empty(Exec const& exec, std::int64_t tokens, std::int64_t experts) {
     MOEFOLD_EXPECTS(tokens >= 0 && experts >= 1,
                     "Routing: needs tokens ≥ 0 and experts ≥ 1 (got {} tokens, {} experts)", tokens,
                     experts);
     Routing r;
     r.num_tokens = tokens;
     r.num_experts = experts;
-    r.map.assign(static_cast<std::size_t>(tokens * experts), Route::none);
-    r.probs.assign(static_cast<std::size_t>(tokens * experts), Real(0));
+    r.map = exec.template allocate<Route>(tokens * experts);
+    r.probs = exec.template allocate<Real>(tokens * experts);
+    ops::fill(exec, r.map.view(), Route::none);
+    ops::fill(exec, r.probs.view(), Real(0));
+    return r;
+  }
+  /// `empty` in host memory.
+  static Routing empty(std::int64_t tokens, std::int64_t experts)
+    requires(Space::host_accessible)
+  {
+    return empty(Cpu{}, tokens, experts);
+  }
+  /// A copy in the memory of `exec` (same space).
+  template <ExecutionInstance Exec>
+    requires std::same_as<typename Exec::memory_space, Space>
+  Routing clone(Exec const& exec) const {
+    Routing r;
+    r.num_tokens = num_tokens;
+    r.num_experts = num_experts;
+    r.map = exec.template allocate<Route>(static_cast<std::int64_t>(map.size()));
+    r.probs = exec.template allocate<Real>(static_cast<std::int64_t>(probs.size()));
+    copy<Route>(exec, map.view(), r.map.view());
+    copy<Real>(exec, probs.view(), r.probs.view());
     return r;
   }
 
@@ -47,7 +83,9 @@ struct Routing {
   /// `probs[t·K + k]`. Throws when an id is outside [0, E), repeats within a token, or a prob is
   /// not finite, naming the token.
   static Routing from_top_k(std::int64_t tokens, std::int64_t experts, int k,
-                            std::span<int const> expert_ids, std::span<Real const> top_probs) {
+                            std::span<int const> expert_ids, std::span<Real const> top_probs)
+    requires(Space::host_accessible)
+  {
     Routing r = empty(tokens, experts);
     auto const n = static_cast<std::size_t>(tokens * k);
     MOEFOLD_EXPECTS(expert_ids.size() == n && top_probs.size() == n,
@@ -82,8 +120,11 @@ struct Routing {
                     who, num_tokens, num_experts, n, map.size(), probs.size());
   }
 
-  /// Entries per expert whose map is not `none` (what the dispatcher moves), `[E]`.
-  std::vector<std::int64_t> tokens_per_expert() const {
+  /// Entries per expert whose map is not `none` (what the dispatcher moves), `[E]` (host
+  /// routings; the dispatchers count device routings with the instance).
+  std::vector<std::int64_t> tokens_per_expert() const
+    requires(Space::host_accessible)
+  {
     std::vector<std::int64_t> n(static_cast<std::size_t>(num_experts), 0);
     for (std::size_t i = 0; i < map.size(); ++i)
       if (map[i] != Route::none) ++n[i % static_cast<std::size_t>(num_experts)];

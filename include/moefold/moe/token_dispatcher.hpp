@@ -94,7 +94,8 @@ struct DispatchGrad {
 /// member is collective over the dispatcher's expert groups.
 template <class D>
 concept TokenDispatcher =
-    requires(D& d, D const& cd, Routing<typename D::real_type> const& r,
+    requires(D& d, D const& cd,
+             Routing<typename D::real_type, typename D::exec_type::memory_space> const& r,
              View<typename D::real_type const, typename D::exec_type::memory_space> x) {
       typename D::real_type;
       typename D::exec_type;

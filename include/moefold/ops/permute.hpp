@@ -217,6 +217,26 @@ struct RoutedIndex {
   }
 };
 
+/// src[i] for output row i of a chunk sort: the output chunk c holding i (the last with
+/// out_start[c] ≤ i, by binary search), then in_start[c] + (i − out_start[c]).
+struct ChunkSources {
+  std::int64_t const* out_start;  ///< [C + 1]
+  std::int64_t const* in_start;   ///< [C]
+  std::int64_t chunks;
+  std::int64_t* src;
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    std::int64_t lo = 0, hi = chunks;  // out_start[lo] ≤ i < out_start[hi]
+    while (hi - lo > 1) {
+      std::int64_t const mid = lo + (hi - lo) / 2;
+      if (out_start[mid] <= i)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    src[i] = in_start[lo] + (i - out_start[lo]);
+  }
+};
+
 namespace detail {
 template <class T, class S>
 void check_cols(View<T, S> const& v, std::int64_t h, char const* op, char const* what) {
@@ -325,6 +345,18 @@ void divide_index(Exec const& exec, View<std::int64_t const, typename Exec::memo
   MOEFOLD_EXPECTS(in.size() == out.size() && d > 0, "ops::divide_index: {} inputs, {} outputs, d = {}",
                   in.size(), out.size(), d);
   for_each(exec, out.size(), DivideIndex{in.data(), out.data(), d});
+}
+
+/// src [N]: each output row's input row for output chunks starting at out_start [C + 1] (the
+/// last entry is N) and reading from in_start [C].
+template <class Exec>
+void chunk_sources(Exec const& exec, View<std::int64_t const, typename Exec::memory_space> out_start,
+                   View<std::int64_t const, typename Exec::memory_space> in_start,
+                   View<std::int64_t, typename Exec::memory_space> src) {
+  MOEFOLD_EXPECTS(out_start.size() == in_start.size() + 1 && src.contiguous(),
+                  "ops::chunk_sources: {} chunk starts for {} chunks", out_start.size(),
+                  in_start.size());
+  for_each(exec, src.size(), ChunkSources{out_start.data(), in_start.data(), in_start.size(), src.data()});
 }
 
 }  // namespace ops

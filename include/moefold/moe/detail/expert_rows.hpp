@@ -23,31 +23,43 @@ namespace detail {
 
 /// Reuses the large temporary buffers of a dispatcher from call to call. Above glibc's mmap
 /// threshold (at most 32 MB) every fresh allocation is new memory that the kernel must fault
-/// in and zero on each step; a recycled buffer keeps its pages. Host buffers.
-template <class U>
+/// in and zero on each step; a recycled buffer keeps its pages. Host buffers are recycled (and
+/// handed out zeroed); buffers of another space come fresh from the instance (its allocator
+/// caches them) and hold no defined values.
+template <class U, MemorySpace Space = HostSpace>
 class BufferPool {
  public:
-  /// A buffer of `n` zeroed elements, from the smallest recycled one that is large enough.
-  Buffer<U> take(std::size_t n) {
-    std::size_t best = free_.size();
-    for (std::size_t i = 0; i < free_.size(); ++i)
-      if (free_[i].capacity() >= n && (best == free_.size() || free_[i].capacity() < free_[best].capacity()))
-        best = i;
-    std::vector<U> v;
-    if (best != free_.size()) {
-      v = std::move(free_[best]);
-      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+  /// A buffer of `n` elements.
+  template <class Exec>
+  Buffer<U, Space> take(Exec const& exec, std::size_t n) {
+    if constexpr (!Space::host_accessible) {
+      return exec.template allocate<U>(static_cast<std::int64_t>(n));
+    } else {
+      std::size_t best = free_.size();
+      for (std::size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].capacity() >= n &&
+            (best == free_.size() || free_[i].capacity() < free_[best].capacity()))
+          best = i;
+      std::vector<U> v;
+      if (best != free_.size()) {
+        v = std::move(free_[best]);
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+      }
+      v.assign(n, U{});
+      return Buffer<U>(std::move(v));
     }
-    v.assign(n, U{});
-    return Buffer<U>(std::move(v));
   }
   /// Returns a buffer for reuse (a few are kept).
-  void give(Buffer<U>&& b) {
-    std::vector<U> v = std::move(b);
-    if (v.capacity() == 0) return;
-    v.clear();
-    free_.push_back(std::move(v));
-    if (free_.size() > kKeep) free_.erase(free_.begin());
+  void give(Buffer<U, Space>&& b) {
+    if constexpr (Space::host_accessible) {
+      std::vector<U> v = std::move(b);
+      if (v.capacity() == 0) return;
+      v.clear();
+      free_.push_back(std::move(v));
+      if (free_.size() > kKeep) free_.erase(free_.begin());
+    } else {
+      b = Buffer<U, Space>();
+    }
   }
 
  private:
@@ -55,27 +67,31 @@ class BufferPool {
   std::vector<std::vector<U>> free_;
 };
 
-template <HostInstance Exec, class Real>
+template <ExecutionInstance Exec, class Real>
 class ExpertRows {
  public:
+  using Space = typename Exec::memory_space;
+
   explicit ExpertRows(Exec exec) : exec_(std::move(exec)) {}
   /// The map of this plan (expert rows → gathered rows), and the gathered row count.
-  void set_map(RowMap map) { map_ = std::move(map); }
-  /// The dispatcher's recycled buffers.
-  BufferPool<Real>& pool() noexcept { return pool_; }
-  RowMap const& map() const noexcept { return map_; }
+  void set_map(RowMapIn<Space> map) { map_ = std::move(map); }
+  /// A recycled buffer of n elements (see `BufferPool`).
+  Buffer<Real, Space> take(std::size_t n) { return pool_.take(exec_, n); }
+  void give(Buffer<Real, Space>&& b) { pool_.give(std::move(b)); }
+  RowMapIn<Space> const& map() const noexcept { return map_; }
   std::int64_t rows() const noexcept { return map_.rows(); }
 
   /// Dispatch's last step: the experts' rows of `gathered` [G, H] with their probabilities.
-  DispatchOutput<Real> to_experts(View<Real const> gathered, std::int64_t h, Buffer<Real> probs,
-                                  std::vector<std::int64_t> const& tokens_per_local_expert) {
+  DispatchOutput<Real, Space> to_experts(View<Real const, Space> gathered, std::int64_t h,
+                                         Buffer<Real, Space> probs,
+                                         std::vector<std::int64_t> const& tokens_per_local_expert) {
     MOEFOLD_EXPECTS(static_cast<std::int64_t>(probs.size()) == rows(),
                     "dispatcher: {} probabilities for {} expert rows", probs.size(), rows());
-    DispatchOutput<Real> out;
+    DispatchOutput<Real, Space> out;
     out.expert_input = exec_.template allocate<Real>(rows() * h);
-    permute<Real>(exec_, map_, gathered, out.expert_input, h);
-    probs_.resize(probs.size());
-    copy<Real>(exec_, probs.view(), probs_.view());
+    permute<Real>(exec_, map_, gathered, out.expert_input.view(), h);
+    sized(probs_, rows());
+    copy<Real>(exec_, View<Real const, Space>(probs.view()), probs_.view());
     out.expert_probs = std::move(probs);
     out.tokens_per_local_expert = tokens_per_local_expert;
     return out;
@@ -83,46 +99,52 @@ class ExpertRows {
 
   /// Combine's first step: each expert row times its probability, summed into the gathered
   /// rows [G, H]. Keeps the expert output for `combine_backward`.
-  Buffer<Real> combine(View<Real const> expert_output, std::int64_t gathered_rows, std::int64_t h,
-                       char const* who) {
+  Buffer<Real, Space> combine(View<Real const, Space> expert_output, std::int64_t gathered_rows,
+                              std::int64_t h, char const* who) {
     MOEFOLD_EXPECTS(expert_output.size() == rows() * h,
                     "{}::combine: expert output has {} elements, expected N·H = {}·{}", who,
                     expert_output.size(), rows(), h);
-    saved_output_.resize(static_cast<std::size_t>(expert_output.size()));
+    sized(saved_output_, expert_output.size());
     copy<Real>(exec_, expert_output.reshaped(1, expert_output.size()), saved_output_.view());
-    Buffer<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
-    unpermute<Real>(exec_, map_, expert_output, g, h, probs_);
+    auto g = take(static_cast<std::size_t>(gathered_rows * h));
+    unpermute<Real>(exec_, map_, expert_output, g.view(), h, probs_.view());
     return g;
   }
 
   /// Backward of `combine` from the gathered rows' gradient: d expert output (probabilities
   /// applied) and d probabilities.
-  CombineGrad<Real> combine_backward(View<Real const> gathered_grad, std::int64_t h) {
-    CombineGrad<Real> out;
+  CombineGrad<Real, Space> combine_backward(View<Real const, Space> gathered_grad, std::int64_t h) {
+    CombineGrad<Real, Space> out;
     out.d_expert_output = exec_.template allocate<Real>(rows() * h);
-    permute<Real>(exec_, map_, gathered_grad, out.d_expert_output, h, probs_);
+    permute<Real>(exec_, map_, gathered_grad, out.d_expert_output.view(), h, probs_.view());
     out.d_expert_probs = exec_.template allocate<Real>(rows());
-    row_dots<Real>(exec_, map_, gathered_grad, saved_output_, out.d_expert_probs, h);
+    row_dots<Real>(exec_, map_, gathered_grad, saved_output_.view(), out.d_expert_probs.view(), h);
     return out;
   }
 
   /// Backward of `to_experts`: the expert inputs' gradient summed into the gathered rows [G, H].
-  Buffer<Real> dispatch_backward(View<Real const> d_expert_input, View<Real const> d_expert_probs,
-                                 std::int64_t gathered_rows, std::int64_t h, char const* who) {
+  Buffer<Real, Space> dispatch_backward(View<Real const, Space> d_expert_input,
+                                        View<Real const, Space> d_expert_probs,
+                                        std::int64_t gathered_rows, std::int64_t h, char const* who) {
     MOEFOLD_EXPECTS(d_expert_input.size() == rows() * h && d_expert_probs.size() == rows(),
                     "{}::dispatch_backward: gradients of {} and {} elements for N = {} rows of "
                     "H = {}",
                     who, d_expert_input.size(), d_expert_probs.size(), rows(), h);
-    Buffer<Real> g = pool_.take(static_cast<std::size_t>(gathered_rows * h));
-    unpermute<Real>(exec_, map_, d_expert_input, g, h);
+    auto g = take(static_cast<std::size_t>(gathered_rows * h));
+    unpermute<Real>(exec_, map_, d_expert_input, g.view(), h);
     return g;
   }
 
  private:
+  /// `b` as n elements (reallocated only when its size changes).
+  void sized(Buffer<Real, Space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<Real>(n);
+  }
+
   Exec exec_;
-  RowMap map_;
-  Buffer<Real> probs_, saved_output_;
-  BufferPool<Real> pool_;
+  RowMapIn<Space> map_;
+  Buffer<Real, Space> probs_, saved_output_;
+  BufferPool<Real, Space> pool_;
 };
 
 }  // namespace detail
