@@ -103,10 +103,11 @@ inline constexpr bool sim_or_host_v =
 
 /// dst = src between the host and the simulated device (either way, or within one); copies
 /// that cross are counted in `exec.traffic()`.
-template <class T, class S1, class S2>
-  requires(detail::sim_or_host_v<S1> && detail::sim_or_host_v<S2>)
-void copy(SimulatedDevice const& exec, View<T const, S1> src, View<T, S2> dst) {
-  copy<T>(Cpu{}, detail::as_host(src), detail::as_host(dst));
+template <class T, class Src, class S1, class S2>
+  requires(std::is_same_v<std::remove_const_t<Src>, T> && detail::sim_or_host_v<S1> &&
+           detail::sim_or_host_v<S2>)
+void copy(SimulatedDevice const& exec, View<Src, S1> src, View<T, S2> dst) {
+  copy<T>(Cpu{}, detail::as_host(View<T const, S1>(src)), detail::as_host(dst));
   auto& t = const_cast<SimulatedDevice&>(exec).traffic();
   auto const bytes = src.size() * static_cast<std::int64_t>(sizeof(T));
   if constexpr (!std::is_same_v<S1, S2>) {

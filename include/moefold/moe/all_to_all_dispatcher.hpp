@@ -221,7 +221,7 @@ class AllToAllTokenDispatcher {
     if (meta_.dedup) counts.count(1, dest_keys);
     counts.check_finite(routing, status_keys_);
     counts.to_host("AllToAllDispatcher::plan");  // the one copy to the host
-    auto const order = ExpertMajorOrderIn<Space>::from_keys(exec_, keys, counts.host(0), T);
+    auto order = ExpertMajorOrderIn<Space>::from_keys(exec_, keys, counts.host(0), T);
     auto const& n = order.tokens_per_expert;
     meta_.num_out = detail::total(n);
     meta_.local_tokens_per_expert = n;
@@ -241,9 +241,8 @@ class AllToAllTokenDispatcher {
       send_map_ = RowMapIn<Space>(exec_, std::move(tokens), T);
       meta_.input_splits = distinct;
     } else {
-      send_map_ = order.tokens;
-      send_entry_ = exec_.template allocate<std::int64_t>(static_cast<std::int64_t>(order.entry.size()));
-      copy<std::int64_t>(exec_, order.entry.view(), send_entry_.view());
+      send_map_ = std::move(order.tokens);
+      send_entry_ = std::move(order.entry);
       meta_.input_splits.assign(static_cast<std::size_t>(ep), 0);
       for (std::size_t e = 0; e < E; ++e) meta_.input_splits[e / L] += n[e];
     }

@@ -231,16 +231,15 @@ class MoELayer {
                     "MoELayer::forward: output of {} for input of {} (contiguous views)", y.size(),
                     x.size());
     std::int64_t const tokens = x.size() / cfg_.hidden_size;
-    auto routed = router_.forward(std::span<T const>(x), tokens,
-                                  RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(),
-                                                     .tp_dp_cp = &groups_->tp_dp_cp()},
-                                  ctx);
-    aux_loss_ = routed.z_loss;
-    for (auto const& a : routed.aux_losses) aux_loss_ += a.value;
+    router_.forward(x, tokens,
+                    RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(), .tp_dp_cp = &groups_->tp_dp_cp()},
+                    ctx, routed_);
+    aux_loss_ = routed_.z_loss;
+    for (auto const& a : routed_.aux_losses) aux_loss_ += a.value;
     aux_loss_scale_ = ctx.aux_loss_scale;
-    auto const& meta = dispatcher_.plan(routed.routing);
+    auto const& meta = dispatcher_.plan(routed_.routing);
     if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
-    auto in = dispatcher_.dispatch(x, routed.routing.probs.view());
+    auto in = dispatcher_.dispatch(x, routed_.routing.probs.view());
     // Probabilities are applied in combine: the experts compute f_e(x).
     auto const expert_out = experts_.forward(in.expert_input.view(),
                                              std::span<std::int64_t const>(in.tokens_per_local_expert));
@@ -363,6 +362,7 @@ class MoELayer {
   std::optional<DenseMlp<Exec, T, Comm>> shared_;
   std::optional<Param<T>> gate_weight_;          // shared-expert gate g [1, H]
   std::vector<T> shared_out_;                    // saved for backward
+  RouterOutput<T, Space> routed_;                // the router's output, reused across steps
   Buffer<T, Space> gate_, x_;                    // saved for backward
   Buffer<T, Space> d_shared_, dz_;               // backward's temporaries
   double aux_loss_ = 0;

@@ -146,21 +146,32 @@ class TopKRouter {
   /// microbatch that had no `train` forward.
   template <Communicator Comm>
   RouterOutput<Real, memory_space> forward(View<Real const, memory_space> x, std::int64_t tokens,
-                             RouterGroups<Comm> groups, ForwardContext const& ctx = {}) {
+                                           RouterGroups<Comm> groups, ForwardContext const& ctx = {}) {
+    RouterOutput<Real, memory_space> out;
+    forward(x, tokens, groups, ctx, out);
+    return out;
+  }
+  /// As the returning `forward`, into `out` (its routing's buffers are reused when the shape
+  /// matches: a layer keeps one `RouterOutput` across steps).
+  template <Communicator Comm>
+  void forward(View<Real const, memory_space> x, std::int64_t tokens, RouterGroups<Comm> groups,
+               ForwardContext const& ctx, RouterOutput<Real, memory_space>& out) {
     auto reduce = [](Comm* c, std::span<std::int64_t> v) {
       if (c) c->all_reduce(v, ReduceOp::sum);
     };
-    return forward_impl(
+    forward_impl(
         x, tokens, ctx, groups.tp_cp ? groups.tp_cp->size() : 1,
         groups.tp_dp_cp ? groups.tp_dp_cp->size() : 1,
         [&](std::span<std::int64_t> v) { reduce(groups.tp_cp, v); },
-        [&](std::span<std::int64_t> v) { reduce(groups.tp_dp_cp, v); });
+        [&](std::span<std::int64_t> v) { reduce(groups.tp_dp_cp, v); }, out);
   }
   /// `forward` on one rank: every statistics group has one member.
   RouterOutput<Real, memory_space> forward(View<Real const, memory_space> x, std::int64_t tokens,
-                             ForwardContext const& ctx = {}) {
+                                           ForwardContext const& ctx = {}) {
+    RouterOutput<Real, memory_space> out;
     auto none = [](std::span<std::int64_t>) {};
-    return forward_impl(x, tokens, ctx, 1, 1, none, none);
+    forward_impl(x, tokens, ctx, 1, 1, none, none, out);
+    return out;
   }
 
   /// Adds a routing's per-expert entries `[E]` (after token dropping, padding slots included, as
@@ -282,9 +293,10 @@ class TopKRouter {
   }
 
   template <class ReduceTpCp, class ReduceTpDpCp>
-  RouterOutput<Real, memory_space> forward_impl(View<Real const, memory_space> x, std::int64_t tokens,
-                                  ForwardContext const& ctx, int tp_cp_size, int tp_dp_cp_size,
-                                  ReduceTpCp&& reduce_tp_cp, ReduceTpDpCp&& reduce_tp_dp_cp) {
+  void forward_impl(View<Real const, memory_space> x, std::int64_t tokens,
+                    ForwardContext const& ctx, int tp_cp_size, int tp_dp_cp_size,
+                    ReduceTpCp&& reduce_tp_cp, ReduceTpDpCp&& reduce_tp_dp_cp,
+                    RouterOutput<Real, memory_space>& out) {
     auto const h = hidden_;
     auto const e = static_cast<std::int64_t>(cfg_.num_experts);
     auto const k = static_cast<std::int64_t>(cfg_.moe_router_topk);
@@ -334,13 +346,12 @@ class TopKRouter {
     ops::fill(exec_, logits, Real(0));
     gemm<Real>(exec_, Trans::no, Trans::yes, Real(1), xs.reshaped(tokens, h),
                weight_.value.view(e, h), Real(0), logits);
-    RouterOutput<Real, memory_space> out;
-    out.routing = Routing<Real, memory_space>::empty(exec_, tokens, e);
+    reset(out, tokens, e);
     check_finite(tokens, e, out.routing);
     View<Real const, memory_space> select;  // Sinkhorn's selection values in training [T, E]
     if (cfg_.sinkhorn() && training) {
       auto const normalized = sized(normalized_, tokens * e);
-      sinkhorn<Real>(exec_, logits, tokens, e, normalized);
+      sinkhorn<Real>(exec_, sinkhorn_work_, logits, tokens, e, normalized);
       select = normalized;
     }
     ops::route_tokens<Score>(exec_, rule_, View<Real const, memory_space>(logits),
@@ -370,7 +381,24 @@ class TopKRouter {
                                                     *cfg_.moe_z_loss_coeff, tp_cp_size, z_work_);
     if (ctx.mode == ForwardMode::train && ctx.microbatch >= 0)
       replay_.emplace(ctx.microbatch, std::move(kept));
-    return out;
+  }
+
+  /// `out` emptied for T tokens: every routing entry `none` with probability 0 (buffers reused
+  /// when the shape matches), no losses.
+  void reset(RouterOutput<Real, memory_space>& out, std::int64_t tokens, std::int64_t e) {
+    auto& r = out.routing;
+    if (static_cast<std::int64_t>(r.map.size()) != tokens * e ||
+        static_cast<std::int64_t>(r.probs.size()) != tokens * e) {
+      r = Routing<Real, memory_space>::empty(exec_, tokens, e);
+    } else {
+      r.num_tokens = tokens;
+      r.num_experts = e;
+      ops::fill(exec_, r.map.view(), Route::none);
+      ops::fill(exec_, r.probs.view(), Real(0));
+    }
+    r.non_finite = Buffer<std::int64_t, memory_space>();
+    out.aux_losses.clear();
+    out.z_loss = 0;
   }
 
   /// Throws naming the first token (and its first expert) whose logit is NaN or infinite; on a
@@ -407,7 +435,7 @@ class TopKRouter {
   /// The load-balancing losses and ∂(Σ losses)/∂scores, saved for backward. The counts each loss
   /// uses come from `replay` on a recompute, else from the collectives (and go to `kept`).
   template <class ReduceTpCp, class ReduceTpDpCp>
-  void aux_forward(RouterOutput<Real>& out, std::int64_t tokens, std::int64_t batch, int tp_cp_size,
+  void aux_forward(RouterOutput<Real, memory_space>& out, std::int64_t tokens, std::int64_t batch, int tp_cp_size,
                    int tp_dp_cp_size, ReduceTpCp& reduce_tp_cp, ReduceTpDpCp& reduce_tp_dp_cp,
                    Statistics const* replay, Statistics& kept) {
     auto const e_count = static_cast<std::size_t>(cfg_.num_experts);
@@ -530,7 +558,7 @@ class TopKRouter {
   Buffer<Real, memory_space> d_logits_, dk_, backward_scratch_;
   Buffer<int, memory_space> aux_topk_;
   Buffer<std::int64_t, memory_space> counts_, seq_counts_, aux_keys_, non_finite_, bias_counts_;
-  Buffer<double, memory_space> counts_gradient_, z_work_;
+  Buffer<double, memory_space> counts_gradient_, z_work_, sinkhorn_work_;
 };
 
 namespace cpu {

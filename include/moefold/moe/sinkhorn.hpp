@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
@@ -55,9 +56,10 @@ inline constexpr std::int64_t kSinkhornMaxIterations = std::int64_t{1} << 20;
 /// Preconditions: tokens ≥ 0, experts ≥ 1, `logits.size() == out.size() == tokens·experts`,
 /// tol > 0, max_iterations ≥ 1. With tokens = 0 it writes nothing and returns 0 (Megatron
 /// divides by zero there). Throws `moefold::error` (invalid_argument) on a broken precondition
-/// and when `max_iterations` iterations do not bring the error to `tol`.
+/// and when `max_iterations` iterations do not bring the error to `tol`. Its temporaries
+/// (T·E + T + 2E + 1 doubles) come from `workspace`, grown when too small and reused.
 template <class Real, class Exec>
-std::int64_t sinkhorn(Exec const& exec,
+std::int64_t sinkhorn(Exec const& exec, Buffer<double, typename Exec::memory_space>& workspace,
                       std::type_identity_t<View<Real const, typename Exec::memory_space>> logits,
                       std::int64_t tokens, std::int64_t experts,
                       std::type_identity_t<View<Real, typename Exec::memory_space>> out,
@@ -78,14 +80,16 @@ std::int64_t sinkhorn(Exec const& exec,
   MOEFOLD_EXPECTS(logits.contiguous() && out.contiguous(), "sinkhorn: strided views");
   if (tokens == 0) return 0;
 
-  auto cost = exec.template allocate<double>(n);
-  auto d0 = exec.template allocate<double>(tokens);
-  auto d1 = exec.template allocate<double>(experts);
-  auto d1_old = exec.template allocate<double>(experts);
-  auto change_dev = exec.template allocate<double>(1);
-  ops::fill(exec, d0.view(), 1.0);
-  ops::fill(exec, d1.view(), 1.0);
-  ops::fill(exec, d1_old.view(), 1.0);
+  auto const words = n + tokens + 2 * experts + 1;
+  if (static_cast<std::int64_t>(workspace.size()) < words)
+    workspace = exec.template allocate<double>(words);
+  auto const w = workspace.view();
+  auto const cost = w.cols(0, n), d0 = w.cols(n, tokens), d1 = w.cols(n + tokens, experts);
+  auto const d1_old = w.cols(n + tokens + experts, experts);
+  auto const change_dev = w.cols(n + tokens + 2 * experts, 1);
+  ops::fill(exec, d0, 1.0);
+  ops::fill(exec, d1, 1.0);
+  ops::fill(exec, d1_old, 1.0);
   for_each(exec, n, ops::SinkhornCost<Real>{logits.data(), cost.data()});
 
   // Megatron's `error` starts at 1e9 and the loop runs while error > tol (so a NaN stops it).
@@ -102,11 +106,22 @@ std::int64_t sinkhorn(Exec const& exec,
     for_each(exec, experts,
              ops::SinkhornStep{cost.data(), d0.data(), d1.data(), experts, tokens, 1, experts});
     for_each(exec, 1, ops::SinkhornChange{d1.data(), d1_old.data(), experts, change_dev.data()});
-    copy<double>(exec, change_dev.view(), View<double>(&change, 1));
+    copy<double>(exec, View<double const, typename Exec::memory_space>(change_dev),
+                 View<double>(&change, 1));
   }
   for_each(exec, n,
            ops::SinkhornResult<Real>{cost.data(), d0.data(), d1.data(), experts, out.data()});
   return iterations;
+}
+/// `sinkhorn` with a workspace of its own.
+template <class Real, class Exec>
+std::int64_t sinkhorn(Exec const& exec,
+                      std::type_identity_t<View<Real const, typename Exec::memory_space>> logits,
+                      std::int64_t tokens, std::int64_t experts,
+                      std::type_identity_t<View<Real, typename Exec::memory_space>> out,
+                      double tol = 1e-4, std::int64_t max_iterations = kSinkhornMaxIterations) {
+  Buffer<double, typename Exec::memory_space> workspace;
+  return sinkhorn<Real>(exec, workspace, logits, tokens, experts, out, tol, max_iterations);
 }
 
 }  // namespace v0
