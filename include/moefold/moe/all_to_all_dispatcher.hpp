@@ -101,7 +101,8 @@ class PlanCounts {
     if (!routing_non_finite_) return;
     auto const n = static_cast<std::int64_t>(routing.non_finite.size());
     if (static_cast<std::int64_t>(keys.size()) < n) keys = exec_->template allocate<std::int64_t>(n);
-    ops::non_negative_keys(*exec_, routing.non_finite.view(), keys.view().cols(0, n));
+    ops::select_non_negative<Exec, std::int64_t>(*exec_, routing.non_finite.view(), 0, -1,
+                                                 keys.view().cols(0, n));
     histogram<std::int64_t>(*exec_, View<std::int64_t const, Space>(keys.view().cols(0, n)),
                             counts_.view().cols(start_.back(), 1));
   }
@@ -319,7 +320,7 @@ class AllToAllTokenDispatcher {
     Buffer<std::uint8_t, Space> send_f;
     if (meta_.dedup) {
       send_f = exec_.template allocate<std::uint8_t>(n_sent);
-      ops::entry_flags<Exec>(exec_, send_entry_.view(), send_f.view());
+      ops::select_non_negative<Exec, std::uint8_t>(exec_, send_entry_.view(), 1, 0, send_f.view());
     }
 
     // Token all-to-all over ep (payload bytes recorded as the communicator counts them).

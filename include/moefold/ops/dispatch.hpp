@@ -8,8 +8,8 @@
 /// - the receiving side of dedup: `ExpandKeys` / `ExpandRows` (each received row copied once per
 ///   local expert it carries, local-expert major);
 /// - all-gather: `LocalExpertKeys` / `LocalExpertRows` (the gathered tokens of each local expert);
-/// - `EntryFlags` (which of a row's L slots hold an entry) and `NonNegativeKeys` (a one-bin
-///   histogram key: counts entries ≥ 0).
+/// - `SelectNonNegative` (which of a row's L slots hold an entry; a one-bin histogram key that
+///   counts entries ≥ 0).
 ///
 /// An index i of a `[A, B]` key layout is (i / B, i mod B); sorting the keys stably orders rows
 /// by key, then by index — the loops' order of the host code these bodies replace.
@@ -61,11 +61,14 @@ struct DestinationRows {
   }
 };
 
-/// flags[i] = 1 where entry[i] ≥ 0, else 0.
-struct EntryFlags {
-  std::int64_t const* entry;
-  std::uint8_t* flags;
-  MOEFOLD_HD void operator()(std::int64_t i) const { flags[i] = entry[i] >= 0 ? 1 : 0; }
+/// out[i] = `yes` where v[i] ≥ 0, else `no`: which of a row's L slots hold an entry (flags
+/// 1/0), or a one-bin histogram key (0/−1) that counts the entries ≥ 0.
+template <class O>
+struct SelectNonNegative {
+  std::int64_t const* v;
+  O yes, no;
+  O* out;
+  MOEFOLD_HD void operator()(std::int64_t i) const { out[i] = v[i] >= 0 ? yes : no; }
 };
 
 /// keys[l·R + r] = l where received row r carries local expert l (flags[r·L + l] ≠ 0), else −1.
@@ -123,12 +126,6 @@ struct LocalExpertRows {
   }
 };
 
-/// keys[i] = 0 where v[i] ≥ 0, else −1.
-struct NonNegativeKeys {
-  std::int64_t const* v;
-  std::int64_t* keys;
-  MOEFOLD_HD void operator()(std::int64_t i) const { keys[i] = v[i] >= 0 ? 0 : -1; }
-};
 
 namespace detail {
 inline void check_layout(std::int64_t got, std::int64_t a, std::int64_t b, char const* op) {
@@ -162,13 +159,13 @@ void destination_rows(Exec const& exec, View<std::int64_t const, typename Exec::
                               token.data(), entry.data()});
 }
 
-/// flags[i] = entry[i] ≥ 0.
-template <class Exec>
-void entry_flags(Exec const& exec, View<std::int64_t const, typename Exec::memory_space> entry,
-                 View<std::uint8_t, typename Exec::memory_space> flags) {
-  MOEFOLD_EXPECTS(entry.size() == flags.size(), "ops::entry_flags: {} entries for {} flags",
-                  entry.size(), flags.size());
-  for_each(exec, entry.size(), EntryFlags{entry.data(), flags.data()});
+/// out[i] = v[i] ≥ 0 ? yes : no.
+template <class Exec, class O>
+void select_non_negative(Exec const& exec, View<std::int64_t const, typename Exec::memory_space> v,
+                         O yes, O no, View<O, typename Exec::memory_space> out) {
+  MOEFOLD_EXPECTS(v.size() == out.size(), "ops::select_non_negative: {} values for {} outputs",
+                  v.size(), out.size());
+  for_each(exec, v.size(), SelectNonNegative<O>{v.data(), yes, no, out.data()});
 }
 
 /// keys [L·R] of R received rows' flags [R·L] (see `ExpandKeys`).
@@ -217,15 +214,6 @@ void local_expert_rows(Exec const& exec, View<std::int64_t const, typename Exec:
   for_each(exec, order.size(),
            LocalExpertRows<M>{order.data(), map.data(), routed, map.rows(), map.cols(), first,
                               src.data(), entry.data()});
-}
-
-/// keys[i] = 0 where v[i] ≥ 0, else −1.
-template <class Exec>
-void non_negative_keys(Exec const& exec, View<std::int64_t const, typename Exec::memory_space> v,
-                       View<std::int64_t, typename Exec::memory_space> keys) {
-  MOEFOLD_EXPECTS(v.size() == keys.size(), "ops::non_negative_keys: {} values for {} keys",
-                  v.size(), keys.size());
-  for_each(exec, v.size(), NonNegativeKeys{v.data(), keys.data()});
 }
 
 }  // namespace ops
