@@ -66,6 +66,9 @@ inline DecoderModelConfig model_config(TrainOptions const& o) {
           .kv_groups = o.kv_groups,
           .seq = o.seq,
           .micro_batch = o.micro_batch,
+          .norm_eps = o.norm_epsilon,
+          .rope_base = o.rotary_base,
+          .add_qkv_bias = o.add_qkv_bias,
           .seed = o.seed,
           .calculate_per_token_loss = o.calculate_per_token_loss,
           .check_activations_and_grads = o.check_activations_and_grads};

@@ -56,6 +56,12 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--moe-shared-expert-intermediate-size", o.shared_expert_ffn,
                  "Shared expert size (0: no shared expert)")
       ->capture_default_str();
+  app.add_option("--rotary-base", o.rotary_base, "Base of the rotary position embeddings")
+      ->capture_default_str();
+  app.add_option("--norm-epsilon", o.norm_epsilon, "Epsilon of every RMSNorm")
+      ->capture_default_str();
+  app.add_flag("--add-qkv-bias", o.add_qkv_bias,
+               "A bias on the attention's QKV projection (Qwen2-MoE's attention)");
   app.add_option("--moe-router-score-function", o.score_function, "softmax | sigmoid")
       ->capture_default_str();
   app.add_flag("--moe-router-pre-softmax", o.pre_softmax,
@@ -99,6 +105,11 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--load", o.load, "Checkpoint directory to resume from (any folding)");
   app.add_option("--keep-last", o.keep_last,
                  "Keep only the newest N iterations in --save (default 0: keep all)");
+  app.add_flag("--finetune", o.finetune,
+               "With --load: the weights only; iteration 0, fresh optimizer moments");
+  app.add_flag("--no-load-optim", o.no_load_optim,
+               "With --load: the weights only (fresh optimizer moments); the run continues at "
+               "the checkpoint's iteration");
   std::optional<int> ckpt_step;
   app.add_option("--ckpt-step", ckpt_step, "Iteration of --load to resume from (default: latest)");
   app.add_option("--backend", backend, "inproc | mpi | nccl")->capture_default_str();
@@ -224,7 +235,11 @@ void check_ranges(TrainOptions const& o) {
   at_least("--save-interval", o.save_interval, 0, " (0: at the end only)");
   at_least("--keep-last", o.keep_last, 0, " (0: keep all)");
   at_least("--distributed-timeout-minutes", o.distributed_timeout_minutes, 1);
-  need(std::isfinite(o.lr) && o.lr > 0, "--lr must be finite and > 0 (got {})", o.lr);
+  need(std::isfinite(o.lr) && o.lr >= 0, "--lr must be finite and >= 0 (got {})", o.lr);
+  need(std::isfinite(o.rotary_base) && o.rotary_base > 1,
+       "--rotary-base must be finite and > 1 (got {})", o.rotary_base);
+  need(std::isfinite(o.norm_epsilon) && o.norm_epsilon > 0,
+       "--norm-epsilon must be finite and > 0 (got {})", o.norm_epsilon);
   non_negative("--min-lr", o.min_lr);
   need(o.min_lr <= o.lr, "--min-lr {} must not exceed --lr {}", o.min_lr, o.lr);
   non_negative("--weight-decay", o.weight_decay);
@@ -337,6 +352,9 @@ void validate(TrainOptions const& o) {
                    o.shared_expert_ffn, o.tp));
   router_config(o).validate();  // Megatron's router rules, with the flags' names
   need(o.save_interval == 0 || !o.save.empty(), "--save-interval needs --save DIR");
+  need((!o.finetune && !o.no_load_optim) || !o.load.empty(),
+       fmt::format("{} needs --load DIR (the checkpoint whose weights to load)",
+                   o.finetune ? "--finetune" : "--no-load-optim"));
   need(o.ckpt_step < 0 || !o.load.empty(),
        fmt::format("--ckpt-step {} needs --load DIR", o.ckpt_step));
 }

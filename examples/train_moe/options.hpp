@@ -35,6 +35,9 @@ struct TrainOptions {
   int topk = 2;
   int moe_ffn = 256;
   int shared_expert_ffn = 0;  ///< --moe-shared-expert-intermediate-size (0: none)
+  double rotary_base = 10000.0;  ///< --rotary-base (RoPE's base; Mixtral uses 1e6)
+  double norm_epsilon = 1e-5;    ///< --norm-epsilon (RMSNorm's epsilon)
+  bool add_qkv_bias = false;     ///< --add-qkv-bias (a bias on the attention's QKV projection)
   // Router (Megatron's flags; see router_config()).
   std::string score_function = "softmax";                  ///< --moe-router-score-function
   bool pre_softmax = false;                                ///< --moe-router-pre-softmax
@@ -71,6 +74,11 @@ struct TrainOptions {
   std::string save, load;
   int save_interval = 0;
   int ckpt_step = -1;  ///< --ckpt-step: the iteration to load (−1: the latest)
+  /// --finetune: load the weights only and start at iteration 0 with fresh optimizer moments.
+  bool finetune = false;
+  /// --no-load-optim: load the weights only (fresh moments); the run continues at the
+  /// checkpoint's iteration.
+  bool no_load_optim = false;
   int keep_last = 0;   ///< --keep-last: keep the newest N iterations of --save (0: all)
   std::string output_dir = "./moefold-train-out";
   std::string log_json;

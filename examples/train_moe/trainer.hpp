@@ -59,9 +59,10 @@ class Trainer {
  public:
   using T = float;
 
-  /// Builds this rank's model and optimizer and, with --load, restores the training state
-  /// (throws when the checkpoint is missing, truncated, corrupted or of another model: nothing
-  /// is written then).
+  /// Builds this rank's model and optimizer and, with --load, restores the training state —
+  /// or, with --finetune / --no-load-optim, the weights only (fresh moments; iteration 0 with
+  /// --finetune) — and throws when the checkpoint is missing, truncated, corrupted or of another
+  /// model, or has no optimizer state to resume: nothing is written then.
   /// Collective over `world`.
   Trainer(TrainOptions const& o, Comm world, Report* report)
       : o_(o),
@@ -80,8 +81,19 @@ class Trainer {
       auto const ckpt = o.ckpt_step >= 0 ? CheckpointReader::open(o.load, o.ckpt_step)
                                          : CheckpointReader::open(o.load);
       ckpt.check_model(checkpoint_metadata<T, Comm>(o).model);
-      restore_training_state(ckpt, opt_);
-      first_step_ = opt_.steps();
+      if (o.finetune || o.no_load_optim) {
+        restore_parameters(ckpt, opt_);
+        first_step_ = o.finetune ? 0 : ckpt.step();
+      } else {
+        if (!ckpt.contains("optimizer.steps"))
+          throw error(errc::invalid_argument,
+                      fmt::format("checkpoint {} iteration {} holds weights only, no optimizer "
+                                  "state (a conversion from Hugging Face?): load it with "
+                                  "--finetune or --no-load-optim",
+                                  o.load, ckpt.step()));
+        restore_training_state(ckpt, opt_);
+        first_step_ = opt_.steps();
+      }
     }
   }
 
