@@ -526,3 +526,88 @@ TEST_CASE("the opt-in --check-activations-and-grads names the first layer whose 
                                             "[0-9]+, on world rank 0")));
   fs::remove_all(dir);
 }
+
+#ifdef MOEFOLD_CLI
+TEST_CASE("two --lr 0 runs saved under TP2·CP2·PP2/EP4 and under one rank convert to the same "
+          "Hugging Face file, which converts back and trains with the same loss",
+          "[train][checkpoint][hf]") {
+  auto const dir = scratch("hf");
+  std::string const small = "--lr 3e-3 --seed 7 --eval-iters 1";
+  std::string const lr0 = "--lr 0 --min-lr 0 --seed 7 --eval-iters 0";
+  auto const run = [&](std::string const& args, std::string const& tag) {
+    auto const r = run_small(small, lr0, args, dir, tag);
+    INFO(args << "\nstderr: " << r.err);
+    REQUIRE(r.status == 0);
+    return read_log(dir / (tag + ".jsonl"));
+  };
+  auto const convert = [&](std::string const& args) {
+    return run_command(fmt::format("{} convert {}", MOEFOLD_CLI, args));
+  };
+  auto const folded = run(fmt::format("--train-iters 2 --save {}", (dir / "ckpt_folded").string()),
+                          "folded");
+  auto const serial = run(
+      fmt::format("--world-size 1 --train-iters 2 --save {}", (dir / "ckpt_serial").string()),
+      "serial");
+  for (char const* which : {"folded", "serial"}) {
+    auto const r = convert(fmt::format("--to hf {} {}", (dir / fmt::format("ckpt_{}", which)).string(),
+                                       (dir / fmt::format("hf_{}", which)).string()));
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+  }
+  auto const hf = slurp(dir / "hf_serial" / "model.safetensors");
+  CHECK(hf.size() > 1000000);  // 4 layers of 8 experts: the weights are all there
+  CHECK(hf == slurp(dir / "hf_folded" / "model.safetensors"));
+  CHECK(slurp(dir / "hf_serial" / "config.json") == slurp(dir / "hf_folded" / "config.json"));
+
+  // Back into a checkpoint of weights only: refused without --finetune, trained with it.
+  auto const back = (dir / "ckpt_back").string();
+  REQUIRE(convert(fmt::format("--from hf {} {}", (dir / "hf_folded").string(), back)).status == 0);
+  auto const plain =
+      run_small(small, lr0, "--world-size 1 --train-iters 1 --load " + back, dir, "plain");
+  CHECK(plain.status == 1);
+  CHECK(plain.err.find("holds weights only, no optimizer state") != std::string::npos);
+  CHECK(plain.err.find("--finetune or --no-load-optim") != std::string::npos);
+  // Iteration 0 with the same weights: step 1 has the same loss, to the last digit.
+  auto const tuned = run("--world-size 1 --train-iters 1 --finetune --load " + back, "tuned");
+  REQUIRE(tuned.size() == 1);
+  CHECK(tuned[0].loss_text == serial[0].loss_text);
+  // --no-load-optim continues at the checkpoint's iteration with fresh moments.
+  auto const resumed =
+      run("--world-size 1 --train-iters 3 --no-load-optim --load " + (dir / "ckpt_serial").string(),
+          "resumed");
+  REQUIRE(resumed.size() == 1);
+  CHECK(resumed[0].step == 3);
+  CHECK(folded.size() == 2);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("moefold convert refuses a model Mixtral cannot express and bad usage, naming why",
+          "[train][checkpoint][hf]") {
+  auto const dir = scratch("hf_refused");
+  auto const r = run_small("--eval-iters 1", "--eval-iters 0",
+                           fmt::format("--world-size 1 --train-iters 1 "
+                                       "--moe-shared-expert-intermediate-size 32 --save {}",
+                                       (dir / "ckpt").string()),
+                           dir, "shared");
+  REQUIRE(r.status == 0);
+  auto const convert = [&](std::string const& args) {
+    return run_command(fmt::format("{} convert {}", MOEFOLD_CLI, args));
+  };
+  auto const shared = convert(fmt::format("--to hf {} {}", (dir / "ckpt").string(), (dir / "hf").string()));
+  CHECK(shared.status == 2);
+  CHECK(shared.err.find("moe_shared_expert_intermediate_size = 32 "
+                        "(--moe-shared-expert-intermediate-size): a shared expert; Mixtral "
+                        "cannot express it") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "hf" / "model.safetensors"));
+  auto const both = convert("--to hf --from hf a b");
+  CHECK(both.status == 2);
+  CHECK(both.err.find("exactly one of --to hf") != std::string::npos);
+  auto const other = convert("--to gguf a b");
+  CHECK(other.status == 2);
+  CHECK(other.err.find("unknown format 'gguf'") != std::string::npos);
+  auto const missing = convert(fmt::format("--from hf {} {}", (dir / "nowhere").string(), (dir / "x").string()));
+  CHECK(missing.status == 2);
+  CHECK(missing.err.find("config.json is missing") != std::string::npos);
+  fs::remove_all(dir);
+}
+#endif
