@@ -35,8 +35,8 @@ int run_convert(ConvertOptions const& o) {
     if (o.step && *o.step < 0)
       throw error(errc::invalid_argument,
                   fmt::format("--ckpt-step must be an iteration >= 0 (got {})", *o.step));
-    auto const ckpt = o.step ? CheckpointReader::open(o.source, *o.step)
-                             : CheckpointReader::open(o.source);
+    auto const ckpt =
+        o.step ? CheckpointReader::open(o.source, *o.step) : CheckpointReader::open(o.source);
     export_hf_mixtral(ckpt, o.target);
     fmt::print("moefold convert: iteration {} of {} -> {}/config.json, {}/model.safetensors\n",
                ckpt.step(), o.source, o.target, o.target);
@@ -47,9 +47,10 @@ int run_convert(ConvertOptions const& o) {
                 "--ckpt-step picks the iteration of a moefold checkpoint (--to hf); a Hugging "
                 "Face directory has one model");
   import_hf_mixtral(o.source, o.target);
-  fmt::print("moefold convert: {} -> {} iteration 0 (parameters only: load with --finetune or "
-             "--no-load-optim)\n",
-             o.source, o.target);
+  fmt::print(
+      "moefold convert: {} -> {} iteration 0 (parameters only: load with --finetune or "
+      "--no-load-optim)\n",
+      o.source, o.target);
   return 0;
 }
 }  // namespace

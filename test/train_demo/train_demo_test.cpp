@@ -528,9 +528,10 @@ TEST_CASE("the opt-in --check-activations-and-grads names the first layer whose 
 }
 
 #ifdef MOEFOLD_CLI
-TEST_CASE("two --lr 0 runs saved under TP2·CP2·PP2/EP4 and under one rank convert to the same "
-          "Hugging Face file, which converts back and trains with the same loss",
-          "[train][checkpoint][hf]") {
+TEST_CASE(
+    "two --lr 0 runs saved under TP2·CP2·PP2/EP4 and under one rank convert to the same "
+    "Hugging Face file, which converts back and trains with the same loss",
+    "[train][checkpoint][hf]") {
   auto const dir = scratch("hf");
   std::string const small = "--lr 3e-3 --seed 7 --eval-iters 1";
   std::string const lr0 = "--lr 0 --min-lr 0 --seed 7 --eval-iters 0";
@@ -543,14 +544,15 @@ TEST_CASE("two --lr 0 runs saved under TP2·CP2·PP2/EP4 and under one rank conv
   auto const convert = [&](std::string const& args) {
     return run_command(fmt::format("{} convert {}", MOEFOLD_CLI, args));
   };
-  auto const folded = run(fmt::format("--train-iters 2 --save {}", (dir / "ckpt_folded").string()),
-                          "folded");
-  auto const serial = run(
-      fmt::format("--world-size 1 --train-iters 2 --save {}", (dir / "ckpt_serial").string()),
-      "serial");
+  auto const folded =
+      run(fmt::format("--train-iters 2 --save {}", (dir / "ckpt_folded").string()), "folded");
+  auto const serial =
+      run(fmt::format("--world-size 1 --train-iters 2 --save {}", (dir / "ckpt_serial").string()),
+          "serial");
   for (char const* which : {"folded", "serial"}) {
-    auto const r = convert(fmt::format("--to hf {} {}", (dir / fmt::format("ckpt_{}", which)).string(),
-                                       (dir / fmt::format("hf_{}", which)).string()));
+    auto const r =
+        convert(fmt::format("--to hf {} {}", (dir / fmt::format("ckpt_{}", which)).string(),
+                            (dir / fmt::format("hf_{}", which)).string()));
     INFO(r.err);
     REQUIRE(r.status == 0);
   }
@@ -571,6 +573,13 @@ TEST_CASE("two --lr 0 runs saved under TP2·CP2·PP2/EP4 and under one rank conv
   auto const tuned = run("--world-size 1 --train-iters 1 --finetune --load " + back, "tuned");
   REQUIRE(tuned.size() == 1);
   CHECK(tuned[0].loss_text == serial[0].loss_text);
+  // --finetune starts at iteration 0 from any iteration (here 2; --lr 0 kept the weights).
+  auto const again =
+      run("--world-size 1 --train-iters 1 --finetune --load " + (dir / "ckpt_serial").string(),
+          "again");
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].step == 1);
+  CHECK(again[0].loss_text == serial[0].loss_text);
   // --no-load-optim continues at the checkpoint's iteration with fresh moments.
   auto const resumed =
       run("--world-size 1 --train-iters 3 --no-load-optim --load " + (dir / "ckpt_serial").string(),
@@ -593,7 +602,8 @@ TEST_CASE("moefold convert refuses a model Mixtral cannot express and bad usage,
   auto const convert = [&](std::string const& args) {
     return run_command(fmt::format("{} convert {}", MOEFOLD_CLI, args));
   };
-  auto const shared = convert(fmt::format("--to hf {} {}", (dir / "ckpt").string(), (dir / "hf").string()));
+  auto const shared =
+      convert(fmt::format("--to hf {} {}", (dir / "ckpt").string(), (dir / "hf").string()));
   CHECK(shared.status == 2);
   CHECK(shared.err.find("moe_shared_expert_intermediate_size = 32 "
                         "(--moe-shared-expert-intermediate-size): a shared expert; Mixtral "
@@ -605,7 +615,8 @@ TEST_CASE("moefold convert refuses a model Mixtral cannot express and bad usage,
   auto const other = convert("--to gguf a b");
   CHECK(other.status == 2);
   CHECK(other.err.find("unknown format 'gguf'") != std::string::npos);
-  auto const missing = convert(fmt::format("--from hf {} {}", (dir / "nowhere").string(), (dir / "x").string()));
+  auto const missing =
+      convert(fmt::format("--from hf {} {}", (dir / "nowhere").string(), (dir / "x").string()));
   CHECK(missing.status == 2);
   CHECK(missing.err.find("config.json is missing") != std::string::npos);
   fs::remove_all(dir);

@@ -3,8 +3,8 @@
 /// Element types that moefold moves between ranks, as a runtime tag.
 
 #include <cstddef>
-#include <cstring>
 #include <cstdint>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 

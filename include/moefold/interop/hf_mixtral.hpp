@@ -114,9 +114,10 @@ struct MixtralConfig {
     if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {  // transformers 5
       auto const& rope = j["rope_parameters"];
       if (auto const type = rope.value("rope_type", std::string("default")); type != "default")
-        throw fail(fmt::format("rope_parameters.rope_type is '{}': moefold's RoPE is the default "
-                               "one (no scaling)",
-                               type));
+        throw fail(
+            fmt::format("rope_parameters.rope_type is '{}': moefold's RoPE is the default "
+                        "one (no scaling)",
+                        type));
       if (rope.contains("rope_theta")) c.rope_theta = rope["rope_theta"].get<double>();
     }
     if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
@@ -132,20 +133,23 @@ struct MixtralConfig {
       std::int64_t d = 0;
       get("head_dim", d);
       if (d != c.head_dim)
-        throw fail(fmt::format("head_dim {} differs from hidden_size / num_attention_heads = {}: "
-                               "moefold's attention derives it (kv_channels)",
-                               d, c.head_dim));
+        throw fail(
+            fmt::format("head_dim {} differs from hidden_size / num_attention_heads = {}: "
+                        "moefold's attention derives it (kv_channels)",
+                        d, c.head_dim));
     }
     if (auto const act = j.value("hidden_act", std::string("silu")); act != "silu")
       throw fail(fmt::format("hidden_act is '{}': moefold's experts are SwiGLU (silu)", act));
     if (j.contains("sliding_window") && !j["sliding_window"].is_null())
-      throw fail(fmt::format("sliding_window is {}: moefold's attention is full causal "
-                             "(sliding_window must be null)",
-                             j["sliding_window"].dump()));
+      throw fail(
+          fmt::format("sliding_window is {}: moefold's attention is full causal "
+                      "(sliding_window must be null)",
+                      j["sliding_window"].dump()));
     if (c.num_experts_per_tok < 2)
-      throw fail(fmt::format("num_experts_per_tok is {}: top-1 Mixtral routing (weight 1) has "
-                             "no moefold equivalent (top-1 needs --moe-router-pre-softmax)",
-                             c.num_experts_per_tok));
+      throw fail(
+          fmt::format("num_experts_per_tok is {}: top-1 Mixtral routing (weight 1) has "
+                      "no moefold equivalent (top-1 needs --moe-router-pre-softmax)",
+                      c.num_experts_per_tok));
     if (c.num_key_value_heads < 1 || c.num_attention_heads % c.num_key_value_heads != 0)
       throw fail(fmt::format("num_attention_heads {} is not a multiple of num_key_value_heads {}",
                              c.num_attention_heads, c.num_key_value_heads));
@@ -208,8 +212,10 @@ inline std::vector<HfPiece> mixtral_pieces(MixtralConfig const& c) {
     whole(hf + "input_layernorm.weight", mf + "input_layernorm.weight", 1, {h});
     char const* qkv[] = {"q_proj", "k_proj", "v_proj"};
     for (int w = 0; w < 3; ++w)
-      out.push_back({hf + "self_attn." + qkv[w] + ".weight", mf + "self_attention.linear_qkv.weight",
-                     qkv_rows(n, g, d, w), {(w == 0 ? n : g) * d, h}});
+      out.push_back({hf + "self_attn." + qkv[w] + ".weight",
+                     mf + "self_attention.linear_qkv.weight",
+                     qkv_rows(n, g, d, w),
+                     {(w == 0 ? n : g) * d, h}});
     whole(hf + "self_attn.o_proj.weight", mf + "self_attention.linear_proj.weight", h, {h, n * d});
     whole(hf + "post_attention_layernorm.weight", mf + "pre_mlp_layernorm.weight", 1, {h});
     whole(hf + "block_sparse_moe.gate.weight", mf + "mlp.router.weight", c.num_local_experts,
@@ -266,13 +272,14 @@ inline bool is_optimizer_state(std::string const& name) {
 /// flag) when Mixtral cannot express the model: a shared expert, sigmoid or group-limited
 /// routing, an expert bias, pre-softmax, a top-k scaling factor, top-1 routing, attention biases.
 inline MixtralConfig mixtral_config_of(CheckpointInfo const& info) {
-  auto refuse = [](char const* key, std::string const& value, char const* flag,
-                   char const* why) {
+  auto refuse = [](char const* key, std::string const& value, char const* flag, char const* why) {
     return error(errc::invalid_argument,
                  fmt::format("the checkpoint has {} = {} ({}): {}; Mixtral cannot express it", key,
                              value, flag, why));
   };
-  auto const is = [&](char const* key, char const* want) { return detail::setting(info, key) == want; };
+  auto const is = [&](char const* key, char const* want) {
+    return detail::setting(info, key) == want;
+  };
   if (!is("moe_shared_expert_intermediate_size", "0"))
     throw refuse("moe_shared_expert_intermediate_size",
                  detail::setting(info, "moe_shared_expert_intermediate_size"),
@@ -367,12 +374,19 @@ inline void export_hf_mixtral(CheckpointReader const& ckpt, std::filesystem::pat
       std::vector<ParamBlock> const all{{.row0 = 0, .rows = rows, .col0 = 0, .cols = cols}};
       auto read = [&]<class T>(T) {
         ckpt.fill(p.source, rows, cols, all,
-                  std::span<T>(reinterpret_cast<T*>(bytes.data()), static_cast<std::size_t>(rows * cols)));
+                  std::span<T>(reinterpret_cast<T*>(bytes.data()),
+                               static_cast<std::size_t>(rows * cols)));
       };
       switch (dtype) {
-        case DType::f32: read(float{}); break;
-        case DType::f64: read(double{}); break;
-        case DType::bf16: read(bf16{}); break;
+        case DType::f32:
+          read(float{});
+          break;
+        case DType::f64:
+          read(double{});
+          break;
+        case DType::bf16:
+          read(bf16{});
+          break;
         default:
           throw error(errc::invalid_argument,
                       fmt::format("checkpoint tensor '{}' is {}, not a floating-point weight",
@@ -405,7 +419,8 @@ class HfTensors {
       try {
         j = nlohmann::json::parse(std::ifstream(index));
       } catch (nlohmann::json::exception const& e) {
-        throw error(errc::invalid_argument, fmt::format("{} is not JSON ({})", index.string(), e.what()));
+        throw error(errc::invalid_argument,
+                    fmt::format("{} is not JSON ({})", index.string(), e.what()));
       }
       std::map<std::string, std::size_t> opened;
       for (auto const& [tensor, file] : j.at("weight_map").items()) {
@@ -427,7 +442,8 @@ class HfTensors {
   std::vector<T> read(std::string const& n, std::vector<std::int64_t> const& shape) const {
     auto it = where_.find(n);
     if (it == where_.end())
-      throw error(errc::invalid_argument, fmt::format("the Hugging Face checkpoint has no tensor '{}'", n));
+      throw error(errc::invalid_argument,
+                  fmt::format("the Hugging Face checkpoint has no tensor '{}'", n));
     auto const& f = files_[it->second];
     if (f.entry(n).shape != shape)
       throw error(errc::invalid_argument,
@@ -466,7 +482,8 @@ inline void import_hf_mixtral(std::filesystem::path const& hf_dir,
   try {
     j = nlohmann::json::parse(std::ifstream(config_path));
   } catch (nlohmann::json::exception const& e) {
-    throw error(errc::invalid_argument, fmt::format("{} is not JSON ({})", config_path.string(), e.what()));
+    throw error(errc::invalid_argument,
+                fmt::format("{} is not JSON ({})", config_path.string(), e.what()));
   }
   MixtralConfig c = MixtralConfig::from_json(j, config_path.string());
   if (c.max_position_embeddings < 1) c.max_position_embeddings = 4096;
@@ -503,7 +520,8 @@ inline void import_hf_mixtral(std::filesystem::path const& hf_dir,
       }
       auto const e = std::stoll(name.substr(name.find(".experts.") + 9));
       bool const down = name.ends_with(".w2.weight");
-      std::string const fused_name = layer + (down ? ".mlp.experts.down_proj" : ".mlp.experts.gate_up_proj");
+      std::string const fused_name =
+          layer + (down ? ".mlp.experts.down_proj" : ".mlp.experts.gate_up_proj");
       if (fused_name != cached_name) {  // read once per layer, used by every expert
         cached = hf.read<float>(fused_name, down ? std::vector<std::int64_t>{e_count, h, f}
                                                  : std::vector<std::int64_t>{e_count, 2 * f, h});
@@ -513,7 +531,8 @@ inline void import_hf_mixtral(std::filesystem::path const& hf_dir,
       auto const& all = cached;
       std::size_t const per = all.size() / static_cast<std::size_t>(e_count);
       std::size_t begin = static_cast<std::size_t>(e) * per;
-      if (name.ends_with(".w3.weight")) begin += static_cast<std::size_t>(f * h);  // up: rows [F, 2F)
+      if (name.ends_with(".w3.weight"))
+        begin += static_cast<std::size_t>(f * h);  // up: rows [F, 2F)
       std::size_t const n = static_cast<std::size_t>(p.hf_shape[0] * p.hf_shape[1]);
       place(p, std::vector<float>(all.begin() + static_cast<std::ptrdiff_t>(begin),
                                   all.begin() + static_cast<std::ptrdiff_t>(begin + n)));
@@ -536,9 +555,8 @@ inline void import_hf_mixtral(std::filesystem::path const& hf_dir,
                                        std::span<float const>(values)));
   }
   CheckpointInfo const info = checkpoint_info_of(c);
-  inproc::run(1, [&](inproc::Communicator& world) {
-    save_checkpoint(world, ckpt_dir, 0, entries, info);
-  });
+  inproc::run(
+      1, [&](inproc::Communicator& world) { save_checkpoint(world, ckpt_dir, 0, entries, info); });
 }
 
 }  // namespace v0

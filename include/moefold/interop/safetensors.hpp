@@ -45,12 +45,18 @@ static_assert(std::endian::native == std::endian::little,
 /// The safetensors name of a dtype ("F32", "F64", "BF16", "I32", "I64", "U8").
 constexpr std::string_view safetensors_dtype(DType d) noexcept {
   switch (d) {
-    case DType::f32: return "F32";
-    case DType::f64: return "F64";
-    case DType::bf16: return "BF16";
-    case DType::i32: return "I32";
-    case DType::i64: return "I64";
-    case DType::u8: return "U8";
+    case DType::f32:
+      return "F32";
+    case DType::f64:
+      return "F64";
+    case DType::bf16:
+      return "BF16";
+    case DType::i32:
+      return "I32";
+    case DType::i64:
+      return "I64";
+    case DType::u8:
+      return "U8";
   }
   return "?";
 }
@@ -169,16 +175,16 @@ class SafetensorsFile {
     auto const size = static_cast<std::uint64_t>(std::filesystem::file_size(path, ec));
     if (ec) throw f.fail("cannot be opened");
     if (size < 8)
-      throw f.fail(fmt::format("is truncated: {} bytes, fewer than the 8 of the header length",
-                               size));
+      throw f.fail(
+          fmt::format("is truncated: {} bytes, fewer than the 8 of the header length", size));
     std::uint64_t n = 0;
     in.read(reinterpret_cast<char*>(&n), 8);
     if (n > size - 8)
-      throw f.fail(fmt::format("has a truncated header: its length says {} bytes but {} follow",
-                               n, size - 8));
+      throw f.fail(fmt::format("has a truncated header: its length says {} bytes but {} follow", n,
+                               size - 8));
     if (n > kMaxHeaderBytes)
-      throw f.fail(fmt::format("has a header of {} bytes, more than the limit of {}", n,
-                               kMaxHeaderBytes));
+      throw f.fail(
+          fmt::format("has a header of {} bytes, more than the limit of {}", n, kMaxHeaderBytes));
     std::string text(n, '\0');
     in.read(text.data(), static_cast<std::streamsize>(n));
     f.data_start_ = 8 + n;
@@ -221,7 +227,8 @@ class SafetensorsFile {
 
  private:
   error fail(std::string const& why) const {
-    return error(errc::invalid_argument, fmt::format("safetensors file {} {}", path_.string(), why));
+    return error(errc::invalid_argument,
+                 fmt::format("safetensors file {} {}", path_.string(), why));
   }
 
   void parse_header(std::string const& text, std::uint64_t data_bytes) {
@@ -247,14 +254,16 @@ class SafetensorsFile {
     // The byte ranges must tile [0, data_bytes): sorted by start, each begins where the last ended.
     std::vector<SafetensorsEntry const*> order;
     for (auto const& [k, e] : entries_) order.push_back(&e);
-    std::sort(order.begin(), order.end(),
-              [](auto* a, auto* b) { return std::pair(a->begin, a->end) < std::pair(b->begin, b->end); });
+    std::sort(order.begin(), order.end(), [](auto* a, auto* b) {
+      return std::pair(a->begin, a->end) < std::pair(b->begin, b->end);
+    });
     std::uint64_t at = 0;
     std::string prev;
     for (auto const* e : order) {
       if (e->begin < at)
-        throw fail(fmt::format("has overlapping tensors: '{}' [{}, {}) starts before '{}' ends at {}",
-                               e->name, e->begin, e->end, prev, at));
+        throw fail(
+            fmt::format("has overlapping tensors: '{}' [{}, {}) starts before '{}' ends at {}",
+                        e->name, e->begin, e->end, prev, at));
       if (e->begin > at)
         throw fail(fmt::format("has a gap: data bytes [{}, {}) belong to no tensor", at, e->begin));
       at = e->end;
@@ -266,7 +275,9 @@ class SafetensorsFile {
 
   SafetensorsEntry parse_entry(std::string const& name, nlohmann::json const& v,
                                std::uint64_t data_bytes) const {
-    auto bad = [&](std::string const& why) { return fail(fmt::format("tensor '{}': {}", name, why)); };
+    auto bad = [&](std::string const& why) {
+      return fail(fmt::format("tensor '{}': {}", name, why));
+    };
     if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") ||
         !v.contains("data_offsets"))
       throw bad("needs an object with dtype, shape and data_offsets");
@@ -276,11 +287,13 @@ class SafetensorsFile {
     auto const dtype = v["dtype"].get<std::string>();
     auto const d = parse_safetensors_dtype(dtype);
     if (!d)
-      throw bad(fmt::format("unknown dtype '{}' (moefold reads F32, F64, BF16, I32, I64, U8)", dtype));
+      throw bad(
+          fmt::format("unknown dtype '{}' (moefold reads F32, F64, BF16, I32, I64, U8)", dtype));
     e.dtype = *d;
     if (!v["shape"].is_array()) throw bad("shape is not an array");
     for (auto const& s : v["shape"]) {
-      if (!s.is_number_unsigned()) throw bad(fmt::format("shape {} is not of sizes >= 0", v["shape"].dump()));
+      if (!s.is_number_unsigned())
+        throw bad(fmt::format("shape {} is not of sizes >= 0", v["shape"].dump()));
       e.shape.push_back(s.get<std::int64_t>());
     }
     auto const& off = v["data_offsets"];
@@ -295,7 +308,8 @@ class SafetensorsFile {
     auto const need = static_cast<std::uint64_t>(e.elements()) * size_of(e.dtype);
     if (e.end - e.begin != need)
       throw bad(fmt::format("data_offsets [{}, {}) hold {} bytes but shape [{}] of {} needs {}",
-                            e.begin, e.end, e.end - e.begin, fmt::join(e.shape, ", "), dtype, need));
+                            e.begin, e.end, e.end - e.begin, fmt::join(e.shape, ", "), dtype,
+                            need));
     return e;
   }
 

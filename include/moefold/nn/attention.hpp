@@ -89,9 +89,9 @@ class Attention {
               tp) {
     if (cfg_.add_qkv_bias) {
       std::int64_t const w = width();
-      qkv_bias_ = Param<T, Space>(cfg_.name + ".linear_qkv.bias", ParamClass::dense, 1,
-                                  w * tp.size(),
-                                  {{.row0 = 0, .rows = 1, .col0 = tp.rank() * w, .cols = w}});
+      qkv_bias_ =
+          Param<T, Space>(cfg_.name + ".linear_qkv.bias", ParamClass::dense, 1, w * tp.size(),
+                          {{.row0 = 0, .rows = 1, .col0 = tp.rank() * w, .cols = w}});
       qkv_bias_.init(cfg_.seed, InitDist::constant, 0.0);
     }
   }

@@ -58,7 +58,8 @@ void bias_gradient(Exec const& exec, View<T const, typename Exec::memory_space> 
   MOEFOLD_EXPECTS(db.contiguous() && dy.contiguous() && db.size() > 0 && dy.size() % db.size() == 0,
                   "ops::bias_gradient: {} elements are not whole rows of a bias of {}", dy.size(),
                   db.size());
-  for_each(exec, db.size(), BiasGradient<T>{dy.data(), db.data(), dy.size() / db.size(), db.size()});
+  for_each(exec, db.size(),
+           BiasGradient<T>{dy.data(), db.data(), dy.size() / db.size(), db.size()});
 }
 
 }  // namespace ops

@@ -22,8 +22,8 @@ namespace fs = std::filesystem;
 namespace {
 
 fs::path scratch(std::string const& name) {
-  auto const p = fs::temp_directory_path() /
-                 ("moefold_hf_" + std::to_string(::getpid()) + "_" + name);
+  auto const p =
+      fs::temp_directory_path() / ("moefold_hf_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(p);
   return p;
 }
@@ -33,8 +33,15 @@ fs::path scratch(std::string const& name) {
 constexpr std::int64_t V = 16, H = 8, N = 4, G = 2, D = 2, E = 3, F = 6;
 
 DecoderModelConfig decoder() {
-  return {.vocab = V, .hidden = H, .num_layers = 1, .heads = N, .kv_groups = G, .seq = 32,
-          .norm_eps = 1e-6, .rope_base = 1e6, .seed = 3};
+  return {.vocab = V,
+          .hidden = H,
+          .num_layers = 1,
+          .heads = N,
+          .kv_groups = G,
+          .seq = 32,
+          .norm_eps = 1e-6,
+          .rope_base = 1e6,
+          .seed = 3};
 }
 MoELayerConfig moe() {
   MoELayerConfig m;
@@ -82,11 +89,12 @@ void save_tiny(fs::path const& dir, std::map<std::string, std::vector<float>> co
       std::int64_t const r0 = rows * world.rank() / ranks, r1 = rows * (world.rank() + 1) / ranks;
       if (r1 == r0) continue;
       std::vector<ParamBlock> const block{{.row0 = r0, .rows = r1 - r0, .col0 = 0, .cols = cols}};
-      std::span<float const> const mine(v.data() + r0 * cols, static_cast<std::size_t>((r1 - r0) * cols));
+      std::span<float const> const mine(v.data() + r0 * cols,
+                                        static_cast<std::size_t>((r1 - r0) * cols));
       entries.push_back(ShardEntry::copy(name, rows, cols, block, mine));
       std::vector<double> const moment(mine.size(), 0.5);
-      entries.push_back(ShardEntry::copy(name + ".exp_avg", rows, cols, block,
-                                         std::span<double const>(moment)));
+      entries.push_back(
+          ShardEntry::copy(name + ".exp_avg", rows, cols, block, std::span<double const>(moment)));
     }
     std::vector<std::int64_t> const steps{7};
     if (world.rank() == 0)
@@ -97,7 +105,8 @@ void save_tiny(fs::path const& dir, std::map<std::string, std::vector<float>> co
 }
 
 /// Global tensor `name` of iteration `step` of `dir`.
-std::vector<float> read_tensor(fs::path const& dir, std::string const& name, std::int64_t step = 0) {
+std::vector<float> read_tensor(fs::path const& dir, std::string const& name,
+                               std::int64_t step = 0) {
   auto const ckpt = CheckpointReader::open(dir, step);
   auto const& t = ckpt.metadata().tensors.at(name);
   std::vector<float> out(static_cast<std::size_t>(t.rows * t.cols));
@@ -112,9 +121,10 @@ std::vector<float> row(std::vector<float> const& m, std::int64_t r, std::int64_t
 
 }  // namespace
 
-TEST_CASE("export splits Megatron's group-interleaved QKV and stacked fc1 into Mixtral's "
-          "tensors, row by row",
-          "[interop][hf]") {
+TEST_CASE(
+    "export splits Megatron's group-interleaved QKV and stacked fc1 into Mixtral's "
+    "tensors, row by row",
+    "[interop][hf]") {
   // Every element of tensor t holds 1000·t + its row (+ col/100): rows identify themselves.
   std::map<std::string, std::vector<float>> values;
   int t = 0;
@@ -155,7 +165,8 @@ TEST_CASE("export splits Megatron's group-interleaved QKV and stacked fc1 into M
         values.at("decoder.layers.0.pre_mlp_layernorm.weight"));
   CHECK(f.read<float>("lm_head.weight") == values.at("output_layer.weight"));
   CHECK(f.entry("model.norm.weight").shape == std::vector<std::int64_t>{H});
-  CHECK(f.entry("model.layers.0.self_attn.o_proj.weight").shape == std::vector<std::int64_t>{H, N * D});
+  CHECK(f.entry("model.layers.0.self_attn.o_proj.weight").shape ==
+        std::vector<std::int64_t>{H, N * D});
   CHECK(f.names().size() == 3 + 7 + 3 * E);
   CHECK(f.metadata().at("format") == "pt");
   // config.json, with the names and values transformers reads.
@@ -186,7 +197,8 @@ TEST_CASE("moefold → Hugging Face → moefold is bit-exact, and loads with the
       float v = std::bit_cast<float>(x);
       values[name].push_back(std::isfinite(v) ? v : 0.5f);
     }
-  auto const a = scratch("rt_a"), hf = scratch("rt_hf"), b = scratch("rt_b"), hf2 = scratch("rt_hf2");
+  auto const a = scratch("rt_a"), hf = scratch("rt_hf"), b = scratch("rt_b"),
+             hf2 = scratch("rt_hf2");
   auto const info = info_of(decoder(), moe());
   save_tiny(a, values, info, 3);
   export_hf_mixtral(CheckpointReader::open(a), hf);
@@ -202,7 +214,8 @@ TEST_CASE("moefold → Hugging Face → moefold is bit-exact, and loads with the
     CHECK(std::memcmp(got.data(), v.data(), v.size() * sizeof(float)) == 0);
   }
   export_hf_mixtral(back, hf2);  // and the same file again, byte for byte
-  std::ifstream f1(hf / "model.safetensors", std::ios::binary), f2(hf2 / "model.safetensors", std::ios::binary);
+  std::ifstream f1(hf / "model.safetensors", std::ios::binary),
+      f2(hf2 / "model.safetensors", std::ios::binary);
   CHECK(std::string(std::istreambuf_iterator<char>(f1), {}) ==
         std::string(std::istreambuf_iterator<char>(f2), {}));
   for (auto const& p : {a, hf, b, hf2}) fs::remove_all(p);
@@ -214,12 +227,20 @@ TEST_CASE("models Mixtral cannot express are refused, naming the option", "[inte
     std::function<void(DecoderModelConfig&, MoELayerConfig&)> change;
   };
   std::vector<Case> const cases{
-      {"--moe-shared-expert-intermediate-size", [](auto&, auto& m) { m.moe_shared_expert_intermediate_size = 16; }},
-      {"--moe-router-score-function", [](auto&, auto& m) { m.router.moe_router_score_function = ScoreFunction::sigmoid; }},
-      {"--moe-router-num-groups", [](auto&, auto& m) { m.router.moe_router_num_groups = 3; m.router.moe_router_group_topk = 1; }},
-      {"--moe-router-enable-expert-bias", [](auto&, auto& m) { m.router.moe_router_enable_expert_bias = true; }},
+      {"--moe-shared-expert-intermediate-size",
+       [](auto&, auto& m) { m.moe_shared_expert_intermediate_size = 16; }},
+      {"--moe-router-score-function",
+       [](auto&, auto& m) { m.router.moe_router_score_function = ScoreFunction::sigmoid; }},
+      {"--moe-router-num-groups",
+       [](auto&, auto& m) {
+         m.router.moe_router_num_groups = 3;
+         m.router.moe_router_group_topk = 1;
+       }},
+      {"--moe-router-enable-expert-bias",
+       [](auto&, auto& m) { m.router.moe_router_enable_expert_bias = true; }},
       {"--moe-router-pre-softmax", [](auto&, auto& m) { m.router.moe_router_pre_softmax = true; }},
-      {"--moe-router-topk-scaling-factor", [](auto&, auto& m) { m.router.moe_router_topk_scaling_factor = 2.5; }},
+      {"--moe-router-topk-scaling-factor",
+       [](auto&, auto& m) { m.router.moe_router_topk_scaling_factor = 2.5; }},
       {"--moe-router-topk", [](auto&, auto& m) { m.router.moe_router_topk = 1; }},
       {"--add-qkv-bias", [](auto& d, auto&) { d.add_qkv_bias = true; }},
   };
@@ -237,10 +258,16 @@ TEST_CASE("models Mixtral cannot express are refused, naming the option", "[inte
 
 TEST_CASE("Hugging Face configs moefold cannot express are refused, naming the key",
           "[interop][hf][errors]") {
-  auto const base = MixtralConfig{.vocab_size = V, .hidden_size = H, .intermediate_size = F,
-                                  .num_hidden_layers = 1, .num_attention_heads = N,
-                                  .num_key_value_heads = G, .head_dim = D, .num_local_experts = E,
-                                  .num_experts_per_tok = 2, .max_position_embeddings = 32}
+  auto const base = MixtralConfig{.vocab_size = V,
+                                  .hidden_size = H,
+                                  .intermediate_size = F,
+                                  .num_hidden_layers = 1,
+                                  .num_attention_heads = N,
+                                  .num_key_value_heads = G,
+                                  .head_dim = D,
+                                  .num_local_experts = E,
+                                  .num_experts_per_tok = 2,
+                                  .max_position_embeddings = 32}
                         .to_json();
   auto refused = [&](auto change) {
     auto j = base;
@@ -248,14 +275,22 @@ TEST_CASE("Hugging Face configs moefold cannot express are refused, naming the k
     return error_of([&] { MixtralConfig::from_json(j, "config.json"); });
   };
   CHECK(refused([](auto&) {}) == "no error");
-  CHECK(refused([](auto& j) { j["model_type"] = "qwen2_moe"; }).find("model_type is \"qwen2_moe\"") != std::string::npos);
-  CHECK(refused([](auto& j) { j["sliding_window"] = 4096; }).find("sliding_window is 4096") != std::string::npos);
-  CHECK(refused([](auto& j) { j["hidden_act"] = "gelu"; }).find("hidden_act is 'gelu'") != std::string::npos);
-  CHECK(refused([](auto& j) { j["num_experts_per_tok"] = 1; }).find("num_experts_per_tok is 1") != std::string::npos);
-  CHECK(refused([](auto& j) { j["head_dim"] = 4; }).find("head_dim 4 differs") != std::string::npos);
-  CHECK(refused([](auto& j) { j.erase("vocab_size"); }).find("has no 'vocab_size'") != std::string::npos);
-  CHECK(refused([](auto& j) { j["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 1e6}}; })
-            .find("rope_type is 'yarn'") != std::string::npos);
+  CHECK(refused([](auto& j) {
+          j["model_type"] = "qwen2_moe";
+        }).find("model_type is \"qwen2_moe\"") != std::string::npos);
+  CHECK(refused([](auto& j) { j["sliding_window"] = 4096; }).find("sliding_window is 4096") !=
+        std::string::npos);
+  CHECK(refused([](auto& j) { j["hidden_act"] = "gelu"; }).find("hidden_act is 'gelu'") !=
+        std::string::npos);
+  CHECK(refused([](auto& j) { j["num_experts_per_tok"] = 1; }).find("num_experts_per_tok is 1") !=
+        std::string::npos);
+  CHECK(refused([](auto& j) { j["head_dim"] = 4; }).find("head_dim 4 differs") !=
+        std::string::npos);
+  CHECK(refused([](auto& j) { j.erase("vocab_size"); }).find("has no 'vocab_size'") !=
+        std::string::npos);
+  CHECK(refused([](auto& j) {
+          j["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 1e6}};
+        }).find("rope_type is 'yarn'") != std::string::npos);
 }
 
 namespace {
@@ -268,9 +303,10 @@ float fixture_value(int base, int layer, std::int64_t flat) {
 
 }  // namespace
 
-TEST_CASE("the fixtures transformers wrote (classic and fused experts) import with every "
-          "element in its place",
-          "[interop][hf][fixture]") {
+TEST_CASE(
+    "the fixtures transformers wrote (classic and fused experts) import with every "
+    "element in its place",
+    "[interop][hf][fixture]") {
   // test/data/hf_mixtral: vocab 16, hidden 8, FFN 6, 2 layers, 4 heads, 2 KV heads, head dim 2,
   // 3 experts, top-2 (scripts/hf_fixture.py).
   constexpr std::int64_t h = 8, f = 6, d = 2, qpg = 2, experts = 3;
@@ -303,9 +339,9 @@ TEST_CASE("the fixtures transformers wrote (classic and fused experts) import wi
             for (std::int64_t c = 0; c < h; ++c) {
               std::int64_t const mrow = (g * (qpg + 2) + j) * d + t;
               float const want =
-                  j < qpg ? fixture_value(6, layer, (((g * qpg + j) * d) + t) * h + c)   // q_proj
-                  : j == qpg ? fixture_value(7, layer, (g * d + t) * h + c)              // k_proj
-                             : fixture_value(8, layer, (g * d + t) * h + c);             // v_proj
+                  j < qpg    ? fixture_value(6, layer, (((g * qpg + j) * d) + t) * h + c)  // q_proj
+                  : j == qpg ? fixture_value(7, layer, (g * d + t) * h + c)                // k_proj
+                             : fixture_value(8, layer, (g * d + t) * h + c);               // v_proj
               qkv_ok = qkv_ok && qkv[static_cast<std::size_t>(mrow * h + c)] == want;
             }
       CHECK(qkv_ok);
@@ -314,15 +350,18 @@ TEST_CASE("the fixtures transformers wrote (classic and fused experts) import wi
         auto const fc1 = read_tensor(ckpt, p + "mlp.experts.linear_fc1.weight" + std::to_string(e));
         auto const fc2 = read_tensor(ckpt, p + "mlp.experts.linear_fc2.weight" + std::to_string(e));
         for (std::int64_t i = 0; i < 2 * f * h; ++i)  // gate_up_proj[e] is fc1: gate rows, up rows
-          experts_ok = experts_ok && fc1[static_cast<std::size_t>(i)] == fixture_value(11, layer, e * 2 * f * h + i);
+          experts_ok = experts_ok && fc1[static_cast<std::size_t>(i)] ==
+                                         fixture_value(11, layer, e * 2 * f * h + i);
         for (std::int64_t i = 0; i < h * f; ++i)
-          experts_ok = experts_ok && fc2[static_cast<std::size_t>(i)] == fixture_value(12, layer, e * h * f + i);
+          experts_ok = experts_ok &&
+                       fc2[static_cast<std::size_t>(i)] == fixture_value(12, layer, e * h * f + i);
       }
       CHECK(experts_ok);
       auto const router = read_tensor(ckpt, p + "mlp.router.weight");
       CHECK(router[5] == fixture_value(10, layer, 5));
       CHECK(read_tensor(ckpt, p + "pre_mlp_layernorm.weight")[3] == fixture_value(5, layer, 3));
-      CHECK(read_tensor(ckpt, p + "self_attention.linear_proj.weight")[9] == fixture_value(9, layer, 9));
+      CHECK(read_tensor(ckpt, p + "self_attention.linear_proj.weight")[9] ==
+            fixture_value(9, layer, 9));
     }
     CHECK(read_tensor(ckpt, "output_layer.weight")[17] == fixture_value(2, 0, 17));
     CHECK(read_tensor(ckpt, "embedding.word_embeddings.weight")[127] == fixture_value(1, 0, 127));

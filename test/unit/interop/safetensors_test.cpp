@@ -20,13 +20,15 @@ namespace fs = std::filesystem;
 namespace {
 
 fs::path scratch_file(std::string const& name) {
-  auto const dir = fs::temp_directory_path() / ("moefold_safetensors_" + std::to_string(::getpid()));
+  auto const dir =
+      fs::temp_directory_path() / ("moefold_safetensors_" + std::to_string(::getpid()));
   fs::create_directories(dir);
   return dir / name;
 }
 
 void write_bytes(fs::path const& p, std::string const& bytes) {
-  std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(p, std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 /// A file: the 8-byte little-endian length of `header`, `header`, then `data`.
@@ -45,9 +47,10 @@ std::string open_error(std::string const& bytes) {
 
 }  // namespace
 
-TEST_CASE("a safetensors file is the header length, the sorted JSON header padded to 8 bytes, "
-          "and the raw little-endian data in name order",
-          "[interop][safetensors]") {
+TEST_CASE(
+    "a safetensors file is the header length, the sorted JSON header padded to 8 bytes, "
+    "and the raw little-endian data in name order",
+    "[interop][safetensors]") {
   SafetensorsWriter w;
   std::vector<float> const b{1.0f, -2.0f};
   std::vector<std::int32_t> const a{7};
@@ -109,7 +112,8 @@ TEST_CASE("malformed safetensors files are refused, naming what is wrong",
        "has a truncated header: its length says 2 bytes but 1 follow"},
       {"a header that is not JSON", file_of("{\"t\":", ""), "has a header that is not JSON"},
       {"a header that is a list", file_of("[1,2]", ""), "has a header that is not a JSON object"},
-      {"an unknown dtype", file_of(R"({"t":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})", "ab"),
+      {"an unknown dtype",
+       file_of(R"({"t":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})", "ab"),
        "tensor 't': unknown dtype 'F8_E4M3' (moefold reads F32, F64, BF16, I32, I64, U8)"},
       {"offsets past the data", file_of("{" + ok_entry + "}", "1234"),
        "tensor 't': data_offsets [0, 8) out of range: the data section has 4 bytes"},
@@ -148,9 +152,11 @@ TEST_CASE("the writer refuses a tensor whose bytes do not fill its shape, or a n
           "[interop][safetensors][errors]") {
   SafetensorsWriter w;
   std::vector<float> const three{1, 2, 3};
-  CHECK(error_of([&] { w.add("t", {2, 2}, std::span<float const>(three)); })
-            .find("tensor 't' of shape [2, 2] F32 needs 16 bytes, got 12") != std::string::npos);
+  CHECK(error_of([&] {
+          w.add("t", {2, 2}, std::span<float const>(three));
+        }).find("tensor 't' of shape [2, 2] F32 needs 16 bytes, got 12") != std::string::npos);
   w.add("t", {3}, std::span<float const>(three));
-  CHECK(error_of([&] { w.add("t", {3}, std::span<float const>(three)); })
-            .find("tensor 't' is added twice") != std::string::npos);
+  CHECK(error_of([&] {
+          w.add("t", {3}, std::span<float const>(three));
+        }).find("tensor 't' is added twice") != std::string::npos);
 }
