@@ -109,6 +109,19 @@ TEST_CASE("every folding trains with the serial run's losses for 10 steps", "[tr
   fs::remove_all(dir);
 }
 
+TEST_CASE("--add-qkv-bias and --rotary-base 1000000 train with the serial run's losses under "
+          "TP2·CP2·PP2/EP4, and change them",
+          "[train][folding][qkv_bias]") {
+  auto const dir = scratch("qkv_bias");
+  std::string const model = "--add-qkv-bias --rotary-base 1000000 --norm-epsilon 1e-6 --train-iters 4";
+  auto const serial = train("--world-size 1 " + model, dir, "serial");
+  expect_same_losses(train(model, dir, "folded"), serial, 1e-4);
+  // The flags reach the model: the default model trains to other losses.
+  auto const plain = train("--world-size 1 --train-iters 4", dir, "plain");
+  CHECK(rel(plain[3].loss, serial[3].loss) > 1e-6);
+  fs::remove_all(dir);
+}
+
 TEST_CASE(
     "router options train with the serial run's losses for 10 steps under PP, VPP, CP, DP "
     "and ETP foldings",
