@@ -59,7 +59,7 @@ template <class T, Communicator Comm>
 using Model = DecoderStage<Exec, T, Comm, MlpBlock<T, Comm>>;
 
 inline DecoderModelConfig model_config(TrainOptions const& o) {
-  return {.vocab = 256,
+  return {.vocab = o.padded_vocab(),
           .hidden = o.hidden,
           .num_layers = o.num_layers,
           .heads = o.heads,

@@ -13,6 +13,7 @@
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
 #include "preflight.hpp"
+#include "tokenizer.hpp"
 
 #ifndef MOEFOLD_DEFAULT_DATA_PATH
 #define MOEFOLD_DEFAULT_DATA_PATH "/usr/share/games/fortunes"
@@ -82,6 +83,13 @@ ParseResult parse_options(int argc, char** argv) {
                  "Multiply the router input by noise uniform in [1-eps, 1+eps] (training)");
   app.add_flag("--calculate-per-token-loss", o.calculate_per_token_loss,
                "Sum the loss over tokens; divide the gradients by the global token count");
+  app.add_option("--tokenizer-type", o.tokenizer_type, "bytes | GPTSentencePieceTokenizer")
+      ->capture_default_str();
+  app.add_option("--tokenizer-model", o.tokenizer_model,
+                 "The SentencePiece model (with --tokenizer-type GPTSentencePieceTokenizer)");
+  app.add_option("--make-vocab-size-divisible-by", o.make_vocab_size_divisible_by,
+                 "Pad a SentencePiece vocabulary to a multiple of this times TP")
+      ->capture_default_str();
   app.add_option("--micro-batch-size", o.micro_batch)->capture_default_str();
   app.add_option("--global-batch-size", o.global_batch)->capture_default_str();
   app.add_option("--seq-length", o.seq)->capture_default_str();
@@ -197,6 +205,24 @@ ParseResult parse_options(int argc, char** argv) {
     o.world = world.value_or(o.tp * o.cp * o.pp);
   }
   o.world = o.backend == Backend::inproc || world ? o.world : -1;  // -1: the MPI size
+  // The tokenizer: its vocabulary sizes the model.
+  if (o.tokenizer_type != "bytes" && o.tokenizer_type != kSentencePiece)
+    return usage(fmt::format("--tokenizer-type must be bytes or {} (got '{}')", kSentencePiece,
+                             o.tokenizer_type));
+  if (o.make_vocab_size_divisible_by < 1)
+    return usage(fmt::format("--make-vocab-size-divisible-by must be at least 1 (got {})",
+                             o.make_vocab_size_divisible_by));
+  if (o.tokenizer_type == kSentencePiece) {
+    if (o.tokenizer_model.empty())
+      return usage(fmt::format("--tokenizer-type {} needs --tokenizer-model FILE", kSentencePiece));
+    try {
+      o.tokenizer_vocab = sentencepiece_vocab_size(o.tokenizer_model);
+    } catch (invalid_config const& e) {
+      return usage(e.what());
+    }
+  } else if (!o.tokenizer_model.empty()) {
+    return usage(fmt::format("--tokenizer-model needs --tokenizer-type {}", kSentencePiece));
+  }
   return {o, 0};
 }
 
@@ -326,7 +352,8 @@ void validate(TrainOptions const& o) {
   need(o.seq % (2 * o.cp * o.tp) == 0,
        fmt::format("--seq-length {} is not divisible by 2·CP·TP = 2·{}·{} = {}", o.seq, o.cp, o.tp,
                    2 * o.cp * o.tp));
-  need(256 % o.tp == 0, fmt::format("the byte vocabulary (256) is not divisible by TP = {}", o.tp));
+  need(o.padded_vocab() % o.tp == 0,
+       fmt::format("the byte vocabulary (256) is not divisible by TP = {}", o.tp));
   need(o.num_layers % (o.pp * o.vpp) == 0,
        fmt::format("--num-layers {} is not divisible by PP·VPP = {}·{} = {}", o.num_layers, o.pp,
                    o.vpp, o.pp * o.vpp));

@@ -48,6 +48,11 @@ struct TrainOptions {
   double bias_update_rate = 1e-3;                          ///< --moe-router-bias-update-rate
   std::optional<double> input_jitter_eps;                  ///< --moe-input-jitter-eps
   bool calculate_per_token_loss = false;                   ///< --calculate-per-token-loss
+  // Tokens (Megatron's flags): bytes by default, or a SentencePiece model.
+  std::string tokenizer_type = "bytes";    ///< --tokenizer-type: bytes | GPTSentencePieceTokenizer
+  std::string tokenizer_model;             ///< --tokenizer-model: the SentencePiece model file
+  int make_vocab_size_divisible_by = 128;  ///< --make-vocab-size-divisible-by (SentencePiece)
+  int tokenizer_vocab = 256;  ///< the tokenizer's vocabulary (set when the options are parsed)
   // Data and schedule.
   int micro_batch = 2;
   int global_batch = 16;
@@ -85,6 +90,13 @@ struct TrainOptions {
   bool quiet = false;  ///< no progress lines (tests)
 
   int dp() const noexcept { return world / (tp * cp * pp); }
+  /// The model's vocabulary: 256 bytes, or the SentencePiece vocabulary rounded up to a
+  /// multiple of --make-vocab-size-divisible-by · TP (Megatron's padding).
+  std::int64_t padded_vocab() const noexcept {
+    if (tokenizer_type == "bytes") return 256;
+    std::int64_t const m = std::int64_t{make_vocab_size_divisible_by} * tp;
+    return (tokenizer_vocab + m - 1) / m * m;
+  }
   int microbatches() const noexcept { return global_batch / (micro_batch * dp()); }
   int warmup() const noexcept { return warmup_iters >= 0 ? warmup_iters : train_iters / 20; }
   FoldingConfig folding() const;

@@ -109,11 +109,13 @@ TEST_CASE("every folding trains with the serial run's losses for 10 steps", "[tr
   fs::remove_all(dir);
 }
 
-TEST_CASE("--add-qkv-bias and --rotary-base 1000000 train with the serial run's losses under "
-          "TP2·CP2·PP2/EP4, and change them",
-          "[train][folding][qkv_bias]") {
+TEST_CASE(
+    "--add-qkv-bias and --rotary-base 1000000 train with the serial run's losses under "
+    "TP2·CP2·PP2/EP4, and change them",
+    "[train][folding][qkv_bias]") {
   auto const dir = scratch("qkv_bias");
-  std::string const model = "--add-qkv-bias --rotary-base 1000000 --norm-epsilon 1e-6 --train-iters 4";
+  std::string const model =
+      "--add-qkv-bias --rotary-base 1000000 --norm-epsilon 1e-6 --train-iters 4";
   auto const serial = train("--world-size 1 " + model, dir, "serial");
   expect_same_losses(train(model, dir, "folded"), serial, 1e-4);
   // The flags reach the model: the default model trains to other losses.
@@ -632,6 +634,49 @@ TEST_CASE("moefold convert refuses a model Mixtral cannot express and bad usage,
       convert(fmt::format("--from hf {} {}", (dir / "nowhere").string(), (dir / "x").string()));
   CHECK(missing.status == 2);
   CHECK(missing.err.find("config.json is missing") != std::string::npos);
+  fs::remove_all(dir);
+}
+#endif
+
+#ifdef MOEFOLD_SPM_TRAIN
+TEST_CASE(
+    "SentencePiece tokens train with the serial run's losses, on a padded vocabulary, and "
+    "the summary reports bits per byte",
+    "[train][tokenizer]") {
+  auto const dir = scratch("sentencepiece");
+  // A corpus and a unigram model of 512 pieces (bytes as fallback) made from moefold's docs.
+  auto const corpus = dir / "corpus.txt";
+  {
+    std::ofstream out(corpus);
+    for (auto const& f : fs::directory_iterator(fs::path(MOEFOLD_SOURCE_DIR) / "docs"))
+      if (f.path().extension() == ".md") out << slurp(f.path());
+  }
+  auto const spm = run_command(
+      fmt::format("{} --input={} --model_prefix={} --vocab_size=512 --model_type=unigram "
+                  "--character_coverage=1.0 --byte_fallback=true --minloglevel=2",
+                  MOEFOLD_SPM_TRAIN, corpus.string(), (dir / "sp").string()));
+  INFO(spm.err);
+  REQUIRE(spm.status == 0);
+  std::string const sp = fmt::format(
+      "--data-path {} --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model {} "
+      "--train-iters 3",
+      corpus.string(), (dir / "sp.model").string());
+  auto const serial = train("--world-size 1 " + sp, dir, "serial");
+  expect_same_losses(train(sp, dir, "folded"), serial, 1e-4);  // TP2·CP2·PP2/EP4
+  // The banner and the summary (--quiet leaves them) with the padded vocabulary.
+  auto const r =
+      run_small("", "", "--world-size 1 --make-vocab-size-divisible-by 384 " + sp, dir, "padded");
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK(r.out.find("(vocabulary 512, padded to 768)") != std::string::npos);
+  CHECK(std::regex_search(r.out, std::regex("validation loss +[0-9.]+ nats per token")));
+  CHECK(std::regex_search(r.out, std::regex("bits per byte +[0-9.]+ +byte-unigram entropy "
+                                            "[0-9.]+ bits: .*bytes per token")));
+  auto const bad = run_small(
+      "", "", "--tokenizer-type GPTSentencePieceTokenizer --tokenizer-model " + corpus.string(),
+      dir, "bad");
+  CHECK(bad.status == 2);
+  CHECK(bad.err.find("not a SentencePiece model") != std::string::npos);
   fs::remove_all(dir);
 }
 #endif
