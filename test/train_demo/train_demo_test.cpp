@@ -109,9 +109,10 @@ TEST_CASE("every folding trains with the serial run's losses for 10 steps", "[tr
   fs::remove_all(dir);
 }
 
-TEST_CASE("moefold-train's --add-qkv-bias and --rotary-base 1000000 train with the serial "
-          "run's losses under TP2·CP2·PP2/EP4, and change them",
-          "[train][folding][qkv_bias]") {
+TEST_CASE(
+    "moefold-train's --add-qkv-bias and --rotary-base 1000000 train with the serial "
+    "run's losses under TP2·CP2·PP2/EP4, and change them",
+    "[train][folding][qkv_bias]") {
   auto const dir = scratch("qkv_bias");
   std::string const model =
       "--add-qkv-bias --rotary-base 1000000 --norm-epsilon 1e-6 --train-iters 4";

@@ -408,6 +408,18 @@ inline void export_hf_mixtral(CheckpointReader const& ckpt, std::filesystem::pat
 
 namespace detail {
 
+/// The JSON of file `path`; throws naming the file when it is missing or not JSON.
+inline nlohmann::json read_json(std::filesystem::path const& path) {
+  if (!std::filesystem::exists(path))
+    throw error(errc::invalid_argument, fmt::format("{} is missing", path.string()));
+  try {
+    return nlohmann::json::parse(std::ifstream(path));
+  } catch (nlohmann::json::exception const& e) {
+    throw error(errc::invalid_argument,
+                fmt::format("{} is not JSON ({})", path.string(), e.what()));
+  }
+}
+
 /// The tensors of a Hugging Face directory: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` names.
 class HfTensors {
@@ -415,15 +427,15 @@ class HfTensors {
   explicit HfTensors(std::filesystem::path const& dir) {
     auto const index = dir / "model.safetensors.index.json";
     if (std::filesystem::exists(index)) {
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(std::ifstream(index));
-      } catch (nlohmann::json::exception const& e) {
-        throw error(errc::invalid_argument,
-                    fmt::format("{} is not JSON ({})", index.string(), e.what()));
-      }
+      nlohmann::json const j = read_json(index);
       std::map<std::string, std::size_t> opened;
-      for (auto const& [tensor, file] : j.at("weight_map").items()) {
+      if (!j.contains("weight_map") || !j["weight_map"].is_object())
+        throw error(errc::invalid_argument,
+                    fmt::format("{} has no weight_map object", index.string()));
+      for (auto const& [tensor, file] : j["weight_map"].items()) {
+        if (!file.is_string())
+          throw error(errc::invalid_argument, fmt::format("{}: weight_map['{}'] is not a file name",
+                                                          index.string(), tensor));
         auto const f = file.get<std::string>();
         if (!opened.count(f)) {
           opened[f] = files_.size();
@@ -476,16 +488,7 @@ class HfTensors {
 inline void import_hf_mixtral(std::filesystem::path const& hf_dir,
                               std::filesystem::path const& ckpt_dir) {
   auto const config_path = hf_dir / "config.json";
-  if (!std::filesystem::exists(config_path))
-    throw error(errc::invalid_argument, fmt::format("{} is missing", config_path.string()));
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(std::ifstream(config_path));
-  } catch (nlohmann::json::exception const& e) {
-    throw error(errc::invalid_argument,
-                fmt::format("{} is not JSON ({})", config_path.string(), e.what()));
-  }
-  MixtralConfig c = MixtralConfig::from_json(j, config_path.string());
+  MixtralConfig c = MixtralConfig::from_json(detail::read_json(config_path), config_path.string());
   if (c.max_position_embeddings < 1) c.max_position_embeddings = 4096;
   detail::HfTensors const hf(hf_dir);
   auto const shapes = detail::moefold_shapes(c);

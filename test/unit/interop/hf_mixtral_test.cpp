@@ -369,3 +369,43 @@ TEST_CASE(
     fs::remove_all(ckpt);
   }
 }
+
+TEST_CASE(
+    "a Hugging Face checkpoint in shards (model.safetensors.index.json) imports as the "
+    "single file does",
+    "[interop][hf][fixture]") {
+  fs::path const data = MOEFOLD_HF_FIXTURES;
+  auto const whole = SafetensorsFile::open(data / "classic" / "model.safetensors");
+  auto const dir = scratch("shards");
+  fs::create_directories(dir);
+  fs::copy_file(data / "classic" / "config.json", dir / "config.json");
+  SafetensorsWriter first, second;
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}},
+                          {"weight_map", nlohmann::json::object()}};
+  for (auto const& name : whole.names()) {
+    bool const one = name.find("layers.1.") == std::string::npos;  // layer 1 in the second shard
+    auto const v = whole.read<float>(name);
+    (one ? first : second).add(name, whole.entry(name).shape, std::span<float const>(v));
+    index["weight_map"][name] =
+        one ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  first.write(dir / "model-00001-of-00002.safetensors");
+  second.write(dir / "model-00002-of-00002.safetensors");
+  std::ofstream(dir / "model.safetensors.index.json") << index.dump();
+  auto const from_shards = scratch("shards_ckpt"), from_file = scratch("file_ckpt");
+  import_hf_mixtral(dir, from_shards);
+  import_hf_mixtral(data / "classic", from_file);
+  auto const a = CheckpointReader::open(from_shards);
+  REQUIRE(a.metadata().tensors.size() ==
+          CheckpointReader::open(from_file).metadata().tensors.size());
+  for (auto const& [name, t] : a.metadata().tensors) {
+    INFO(name);
+    CHECK(read_tensor(from_shards, name) == read_tensor(from_file, name));
+  }
+  // An index without its map is refused by name.
+  std::ofstream(dir / "model.safetensors.index.json") << R"({"metadata": {}})";
+  CHECK(error_of([&] {
+          import_hf_mixtral(dir, scratch("shards_bad"));
+        }).find("model.safetensors.index.json has no weight_map object") != std::string::npos);
+  for (auto const& p : {dir, from_shards, from_file}) fs::remove_all(p);
+}
