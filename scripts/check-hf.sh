@@ -32,8 +32,10 @@ cmake --build "$MOEFOLD_BUILD" -j "$MOEFOLD_JOBS" --target moefold_train moefold
 TRAIN="$MOEFOLD_BUILD/bin/moefold-train"
 MOEFOLD="$MOEFOLD_BUILD/bin/moefold"
 
-# The corpus: moefold's own documentation (always there), one file.
-cat "$MOEFOLD_ROOT"/README.md "$MOEFOLD_ROOT"/docs/*.md > "$WORK/corpus.txt"
+# The corpus: the demo's (Debian's fortunes, the files without extension in name order, as
+# moefold-train reads the directory), in one file for the Python side.
+moefold_ensure_packages
+find /usr/share/games/fortunes -maxdepth 1 -type f ! -name '*.*' | sort | xargs cat > "$WORK/corpus.txt"
 SEED=1234 SEQ=64 GB=16
 MODEL=(--num-layers 4 --hidden-size 128 --num-attention-heads 8 --num-query-groups 4
        --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 256 --rotary-base 1000000
