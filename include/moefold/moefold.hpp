@@ -141,5 +141,6 @@
 // interop
 #if MOEFOLD_HAS_INTEROP && __has_include(<nlohmann/json.hpp>)  // component interop
 #include "moefold/interop/hf_mixtral.hpp"
+#include "moefold/interop/mixtral_config.hpp"
 #include "moefold/interop/safetensors.hpp"
 #endif
