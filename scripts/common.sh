@@ -6,7 +6,8 @@ MOEFOLD_BUILD=${MOEFOLD_BUILD:-$MOEFOLD_ROOT/build}
 MOEFOLD_JOBS=${MOEFOLD_JOBS:-$(nproc 2>/dev/null || echo 2)}
 MOEFOLD_PACKAGES=(cmake g++ ninja-build ccache catch2 libfmt-dev libcli11-dev nlohmann-json3-dev
                   libopenmpi-dev openmpi-bin libopenblas-dev libbenchmark-dev fortunes
-                  clang-14 libclang-rt-14-dev)  # clang-14 + its runtime: the libFuzzer targets
+                  clang-14 libclang-rt-14-dev  # clang-14 + its runtime: the libFuzzer targets
+                  libsentencepiece-dev sentencepiece pkg-config)  # moefold-train's SentencePiece tokens
 
 # Installs the Debian packages that are missing (as root, or through sudo).
 moefold_ensure_packages() {

@@ -59,13 +59,16 @@ template <class T, Communicator Comm>
 using Model = DecoderStage<Exec, T, Comm, MlpBlock<T, Comm>>;
 
 inline DecoderModelConfig model_config(TrainOptions const& o) {
-  return {.vocab = 256,
+  return {.vocab = o.padded_vocab(),
           .hidden = o.hidden,
           .num_layers = o.num_layers,
           .heads = o.heads,
           .kv_groups = o.kv_groups,
           .seq = o.seq,
           .micro_batch = o.micro_batch,
+          .norm_eps = o.norm_epsilon,
+          .rope_base = o.rotary_base,
+          .add_qkv_bias = o.add_qkv_bias,
           .seed = o.seed,
           .calculate_per_token_loss = o.calculate_per_token_loss,
           .check_activations_and_grads = o.check_activations_and_grads};

@@ -13,6 +13,7 @@
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
 #include "preflight.hpp"
+#include "tokenizer.hpp"
 
 #ifndef MOEFOLD_DEFAULT_DATA_PATH
 #define MOEFOLD_DEFAULT_DATA_PATH "/usr/share/games/fortunes"
@@ -56,6 +57,12 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--moe-shared-expert-intermediate-size", o.shared_expert_ffn,
                  "Shared expert size (0: no shared expert)")
       ->capture_default_str();
+  app.add_option("--rotary-base", o.rotary_base, "Base of the rotary position embeddings")
+      ->capture_default_str();
+  app.add_option("--norm-epsilon", o.norm_epsilon, "Epsilon of every RMSNorm")
+      ->capture_default_str();
+  app.add_flag("--add-qkv-bias", o.add_qkv_bias,
+               "A bias on the attention's QKV projection (Qwen2-MoE's attention)");
   app.add_option("--moe-router-score-function", o.score_function, "softmax | sigmoid")
       ->capture_default_str();
   app.add_flag("--moe-router-pre-softmax", o.pre_softmax,
@@ -76,6 +83,13 @@ ParseResult parse_options(int argc, char** argv) {
                  "Multiply the router input by noise uniform in [1-eps, 1+eps] (training)");
   app.add_flag("--calculate-per-token-loss", o.calculate_per_token_loss,
                "Sum the loss over tokens; divide the gradients by the global token count");
+  app.add_option("--tokenizer-type", o.tokenizer_type, "bytes | GPTSentencePieceTokenizer")
+      ->capture_default_str();
+  app.add_option("--tokenizer-model", o.tokenizer_model,
+                 "The SentencePiece model (with --tokenizer-type GPTSentencePieceTokenizer)");
+  app.add_option("--make-vocab-size-divisible-by", o.make_vocab_size_divisible_by,
+                 "Pad a SentencePiece vocabulary to a multiple of this times TP")
+      ->capture_default_str();
   app.add_option("--micro-batch-size", o.micro_batch)->capture_default_str();
   app.add_option("--global-batch-size", o.global_batch)->capture_default_str();
   app.add_option("--seq-length", o.seq)->capture_default_str();
@@ -99,6 +113,11 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--load", o.load, "Checkpoint directory to resume from (any folding)");
   app.add_option("--keep-last", o.keep_last,
                  "Keep only the newest N iterations in --save (default 0: keep all)");
+  app.add_flag("--finetune", o.finetune,
+               "With --load: the weights only; iteration 0, fresh optimizer moments");
+  app.add_flag("--no-load-optim", o.no_load_optim,
+               "With --load: the weights only (fresh optimizer moments); the run continues at "
+               "the checkpoint's iteration");
   std::optional<int> ckpt_step;
   app.add_option("--ckpt-step", ckpt_step, "Iteration of --load to resume from (default: latest)");
   app.add_option("--backend", backend, "inproc | mpi | nccl")->capture_default_str();
@@ -186,6 +205,24 @@ ParseResult parse_options(int argc, char** argv) {
     o.world = world.value_or(o.tp * o.cp * o.pp);
   }
   o.world = o.backend == Backend::inproc || world ? o.world : -1;  // -1: the MPI size
+  // The tokenizer: its vocabulary sizes the model.
+  if (o.tokenizer_type != "bytes" && o.tokenizer_type != kSentencePiece)
+    return usage(fmt::format("--tokenizer-type must be bytes or {} (got '{}')", kSentencePiece,
+                             o.tokenizer_type));
+  if (o.make_vocab_size_divisible_by < 1)
+    return usage(fmt::format("--make-vocab-size-divisible-by must be at least 1 (got {})",
+                             o.make_vocab_size_divisible_by));
+  if (o.tokenizer_type == kSentencePiece) {
+    if (o.tokenizer_model.empty())
+      return usage(fmt::format("--tokenizer-type {} needs --tokenizer-model FILE", kSentencePiece));
+    try {
+      o.tokenizer_vocab = sentencepiece_vocab_size(o.tokenizer_model);
+    } catch (invalid_config const& e) {
+      return usage(e.what());
+    }
+  } else if (!o.tokenizer_model.empty()) {
+    return usage(fmt::format("--tokenizer-model needs --tokenizer-type {}", kSentencePiece));
+  }
   return {o, 0};
 }
 
@@ -224,7 +261,11 @@ void check_ranges(TrainOptions const& o) {
   at_least("--save-interval", o.save_interval, 0, " (0: at the end only)");
   at_least("--keep-last", o.keep_last, 0, " (0: keep all)");
   at_least("--distributed-timeout-minutes", o.distributed_timeout_minutes, 1);
-  need(std::isfinite(o.lr) && o.lr > 0, "--lr must be finite and > 0 (got {})", o.lr);
+  need(std::isfinite(o.lr) && o.lr >= 0, "--lr must be finite and >= 0 (got {})", o.lr);
+  need(std::isfinite(o.rotary_base) && o.rotary_base > 1,
+       "--rotary-base must be finite and > 1 (got {})", o.rotary_base);
+  need(std::isfinite(o.norm_epsilon) && o.norm_epsilon > 0,
+       "--norm-epsilon must be finite and > 0 (got {})", o.norm_epsilon);
   non_negative("--min-lr", o.min_lr);
   need(o.min_lr <= o.lr, "--min-lr {} must not exceed --lr {}", o.min_lr, o.lr);
   non_negative("--weight-decay", o.weight_decay);
@@ -311,7 +352,8 @@ void validate(TrainOptions const& o) {
   need(o.seq % (2 * o.cp * o.tp) == 0,
        fmt::format("--seq-length {} is not divisible by 2·CP·TP = 2·{}·{} = {}", o.seq, o.cp, o.tp,
                    2 * o.cp * o.tp));
-  need(256 % o.tp == 0, fmt::format("the byte vocabulary (256) is not divisible by TP = {}", o.tp));
+  need(o.padded_vocab() % o.tp == 0,
+       fmt::format("the byte vocabulary (256) is not divisible by TP = {}", o.tp));
   need(o.num_layers % (o.pp * o.vpp) == 0,
        fmt::format("--num-layers {} is not divisible by PP·VPP = {}·{} = {}", o.num_layers, o.pp,
                    o.vpp, o.pp * o.vpp));
@@ -337,6 +379,9 @@ void validate(TrainOptions const& o) {
                    o.shared_expert_ffn, o.tp));
   router_config(o).validate();  // Megatron's router rules, with the flags' names
   need(o.save_interval == 0 || !o.save.empty(), "--save-interval needs --save DIR");
+  need((!o.finetune && !o.no_load_optim) || !o.load.empty(),
+       fmt::format("{} needs --load DIR (the checkpoint whose weights to load)",
+                   o.finetune ? "--finetune" : "--no-load-optim"));
   need(o.ckpt_step < 0 || !o.load.empty(),
        fmt::format("--ckpt-step {} needs --load DIR", o.ckpt_step));
 }

@@ -35,6 +35,9 @@ struct TrainOptions {
   int topk = 2;
   int moe_ffn = 256;
   int shared_expert_ffn = 0;  ///< --moe-shared-expert-intermediate-size (0: none)
+  double rotary_base = 10000.0;  ///< --rotary-base (RoPE's base; Mixtral uses 1e6)
+  double norm_epsilon = 1e-5;    ///< --norm-epsilon (RMSNorm's epsilon)
+  bool add_qkv_bias = false;     ///< --add-qkv-bias (a bias on the attention's QKV projection)
   // Router (Megatron's flags; see router_config()).
   std::string score_function = "softmax";                  ///< --moe-router-score-function
   bool pre_softmax = false;                                ///< --moe-router-pre-softmax
@@ -45,6 +48,11 @@ struct TrainOptions {
   double bias_update_rate = 1e-3;                          ///< --moe-router-bias-update-rate
   std::optional<double> input_jitter_eps;                  ///< --moe-input-jitter-eps
   bool calculate_per_token_loss = false;                   ///< --calculate-per-token-loss
+  // Tokens (Megatron's flags): bytes by default, or a SentencePiece model.
+  std::string tokenizer_type = "bytes";    ///< --tokenizer-type: bytes | GPTSentencePieceTokenizer
+  std::string tokenizer_model;             ///< --tokenizer-model: the SentencePiece model file
+  int make_vocab_size_divisible_by = 128;  ///< --make-vocab-size-divisible-by (SentencePiece)
+  int tokenizer_vocab = 256;  ///< the tokenizer's vocabulary (set when the options are parsed)
   // Data and schedule.
   int micro_batch = 2;
   int global_batch = 16;
@@ -71,12 +79,24 @@ struct TrainOptions {
   std::string save, load;
   int save_interval = 0;
   int ckpt_step = -1;  ///< --ckpt-step: the iteration to load (−1: the latest)
+  /// --finetune: load the weights only and start at iteration 0 with fresh optimizer moments.
+  bool finetune = false;
+  /// --no-load-optim: load the weights only (fresh moments); the run continues at the
+  /// checkpoint's iteration.
+  bool no_load_optim = false;
   int keep_last = 0;   ///< --keep-last: keep the newest N iterations of --save (0: all)
   std::string output_dir = "./moefold-train-out";
   std::string log_json;
   bool quiet = false;  ///< no progress lines (tests)
 
   int dp() const noexcept { return world / (tp * cp * pp); }
+  /// The model's vocabulary: 256 bytes, or the SentencePiece vocabulary rounded up to a
+  /// multiple of --make-vocab-size-divisible-by · TP (Megatron's padding).
+  std::int64_t padded_vocab() const noexcept {
+    if (tokenizer_type == "bytes") return 256;
+    std::int64_t const m = std::int64_t{make_vocab_size_divisible_by} * tp;
+    return (tokenizer_vocab + m - 1) / m * m;
+  }
   int microbatches() const noexcept { return global_batch / (micro_batch * dp()); }
   int warmup() const noexcept { return warmup_iters >= 0 ? warmup_iters : train_iters / 20; }
   FoldingConfig folding() const;

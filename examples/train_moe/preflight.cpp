@@ -71,9 +71,10 @@ void check_writable_dir(char const* flag, fs::path const& dir) {
 double memory_estimate(TrainOptions const& o) {
   auto const d = [](auto x) { return static_cast<double>(x); };
   double const h = d(o.hidden), layers = d(o.num_layers), s = d(o.seq), mb = d(o.micro_batch);
+  double const vocab = d(o.padded_vocab());
   double const head_dim = h / std::max(1, o.heads);
   // One replica of the weights, by class: dense ones are replicated over DP·CP, experts over EDP.
-  double const dense = 2 * 256 * h + h +
+  double const dense = 2 * vocab * h + h +
                        layers * (2 * h + h * head_dim * (o.heads + 2.0 * o.kv_groups) + h * h +
                                  d(o.num_experts) * h + 3 * d(o.shared_expert_ffn) * h);
   double const expert = layers * d(o.num_experts) * 3 * d(o.moe_ffn) * h;
@@ -86,7 +87,7 @@ double memory_estimate(TrainOptions const& o) {
   // every DP replica.
   double const per_token = 4 * h + d(o.topk) * 3 * d(o.moe_ffn);
   double const activations =
-      dp * mb * s * (layers * (d(o.heads) * s + per_token) + 256) * sizeof(float);
+      dp * mb * s * (layers * (d(o.heads) * s + per_token) + vocab) * sizeof(float);
   return weights + activations;
 }
 

@@ -162,13 +162,31 @@ void Report::finish(Summary const& s) {
   if (row_pending_) write_row();
   csv_.close();
   if (!rows_.empty()) write_svg(s.unigram_entropy);
-  std::string const validation =
-      s.final_val_loss
+  std::string validation =
+      s.final_val_loss && o_.tokenizer_type != "bytes"
+          ? fmt::format("  validation loss      {:.4f} nats per token\n", *s.final_val_loss)
+      : s.final_val_loss
           ? fmt::format("  validation loss      {:.4f}   byte-unigram entropy {:.4f} nats: {}\n",
                         *s.final_val_loss, s.unigram_entropy,
                         *s.final_val_loss < s.unigram_entropy ? "beats the baseline"
                                                               : "does NOT beat the baseline")
           : std::string("  validation           none (--eval-iters 0)\n");
+  // Bits per byte: comparable between byte-level and SentencePiece runs (and with the baseline).
+  double const ln2 = std::log(2.0);
+  std::string const per_byte =
+      !s.final_val_loss ? std::string()
+      : o_.tokenizer_type == "bytes"
+          ? fmt::format("  bits per byte        {:.4f}   byte-unigram entropy {:.4f} bits\n",
+                        *s.final_val_loss / ln2, s.unigram_entropy / ln2)
+          : fmt::format(
+                "  bits per byte        {:.4f}   byte-unigram entropy {:.4f} bits: {} "
+                "({:.3f} bytes per token; the loss above is per token)\n",
+                *s.final_val_loss / ln2 / s.bytes_per_token, s.unigram_entropy / ln2,
+                *s.final_val_loss / s.bytes_per_token < s.unigram_entropy
+                    ? "beats the baseline"
+                    : "does NOT beat the baseline",
+                s.bytes_per_token);
+  validation += per_byte;
   if (s.steps == 0) {
     fmt::print(
         "\nsummary\n"

@@ -47,7 +47,8 @@ struct Summary {
   std::int64_t steps = 0;   ///< steps run in this run (0: the checkpoint was at --train-iters)
   double final_train_loss = 0;
   std::optional<double> final_val_loss;  ///< none with --eval-iters 0
-  double unigram_entropy = 0;
+  double unigram_entropy = 0;            ///< of the train split's bytes, nats per byte
+  double bytes_per_token = 1;            ///< of the validation split (1: byte-level)
   std::int64_t parameters = 0;
   PhaseTimes phases;  ///< mean over ranks, seconds
 };

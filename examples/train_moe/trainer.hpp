@@ -33,6 +33,7 @@
 #include "options.hpp"
 #include "phase_times.hpp"
 #include "report.hpp"
+#include "tokenizer.hpp"
 
 namespace moefold::train_demo {
 
@@ -59,14 +60,15 @@ class Trainer {
  public:
   using T = float;
 
-  /// Builds this rank's model and optimizer and, with --load, restores the training state
-  /// (throws when the checkpoint is missing, truncated, corrupted or of another model: nothing
-  /// is written then).
+  /// Builds this rank's model and optimizer and, with --load, restores the training state —
+  /// or, with --finetune / --no-load-optim, the weights only (fresh moments; iteration 0 with
+  /// --finetune) — and throws when the checkpoint is missing, truncated, corrupted or of another
+  /// model, or has no optimizer state to resume: nothing is written then.
   /// Collective over `world`.
   Trainer(TrainOptions const& o, Comm world, Report* report)
       : o_(o),
         groups_(FoldedMapping::from(o.folding()), std::move(world)),
-        corpus_(TextCorpus::load(data_path_of(o))),
+        corpus_(load_corpus(o)),
         stage_(model_config(o), mlp_config<T, Comm>(o), groups_, o.vpp),
         params_(stage_.parameters()),
         opt_(stage_.exec(), params_, AdamWConfig{.weight_decay = o.weight_decay}),
@@ -80,8 +82,19 @@ class Trainer {
       auto const ckpt = o.ckpt_step >= 0 ? CheckpointReader::open(o.load, o.ckpt_step)
                                          : CheckpointReader::open(o.load);
       ckpt.check_model(checkpoint_metadata<T, Comm>(o).model);
-      restore_training_state(ckpt, opt_);
-      first_step_ = opt_.steps();
+      if (o.finetune || o.no_load_optim) {
+        restore_parameters(ckpt, opt_);
+        first_step_ = o.finetune ? 0 : ckpt.step();
+      } else {
+        if (!ckpt.contains("optimizer.steps"))
+          throw error(errc::invalid_argument,
+                      fmt::format("checkpoint {} iteration {} holds weights only, no optimizer "
+                                  "state (a conversion from Hugging Face?): load it with "
+                                  "--finetune or --no-load-optim",
+                                  o.load, ckpt.step()));
+        restore_training_state(ckpt, opt_);
+        first_step_ = opt_.steps();
+      }
     }
   }
 
@@ -94,6 +107,7 @@ class Trainer {
         o_.eval_interval > 0 ? o_.eval_interval : std::max(1, o_.train_iters / 4);
     Summary summary;
     summary.unigram_entropy = corpus_.unigram_entropy();
+    summary.bytes_per_token = corpus_.bytes_per_token(Split::validation);
     summary.parameters = params;
     Stopwatch run_clock;
     for (std::int64_t step = first_step_ + 1; step <= o_.train_iters; ++step) {
@@ -305,15 +319,25 @@ class Trainer {
         "{}\n"
         "  data: {} ({} files, {:.2f} MB{}): train {} / "
         "validation {} bytes, byte-unigram entropy {:.4f} nats\n"
+        "{}"
         "  folding: {} ranks, attention TP{}·CP{}·PP{}·DP{}, MoE EP{}·ETP{}·EDP{}, {}; global "
         "batch {} × {} tokens in {} microbatches of {}\n",
         params, o_.num_layers, o_.hidden, o_.heads, o_.kv_groups, mlp_description(o_),
         data_path_of(o_), corpus_.files(), static_cast<double>(corpus_.size()) / 1e6,
         o_.data_path.empty() ? "; Debian package 'fortunes', BSD license" : "",
         corpus_.split_size(Split::train), corpus_.split_size(Split::validation),
-        corpus_.unigram_entropy(), f.world_size(), f.tp(), f.cp(), f.pp(), f.dp(), f.ep(), f.etp(),
-        f.edp(), o_.vpp > 1 ? fmt::format("interleaved 1F1B (VPP {})", o_.vpp) : "1F1B",
-        o_.global_batch, o_.seq, o_.microbatches(), o_.micro_batch);
+        corpus_.unigram_entropy(),
+        corpus_.is_tokenized()
+            ? fmt::format("  tokens: SentencePiece {} (vocabulary {}, padded to {}): train {} / "
+                          "validation {} tokens, {:.3f} bytes per token\n",
+                          o_.tokenizer_model, o_.tokenizer_vocab, o_.padded_vocab(),
+                          corpus_.split_tokens(Split::train),
+                          corpus_.split_tokens(Split::validation),
+                          corpus_.bytes_per_token(Split::train))
+            : std::string(),
+        f.world_size(), f.tp(), f.cp(), f.pp(), f.dp(), f.ep(), f.etp(), f.edp(),
+        o_.vpp > 1 ? fmt::format("interleaved 1F1B (VPP {})", o_.vpp) : "1F1B", o_.global_batch,
+        o_.seq, o_.microbatches(), o_.micro_batch);
   }
 
   using Space = typename Exec::memory_space;

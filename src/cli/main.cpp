@@ -1,5 +1,6 @@
 // moefold: command-line tools for MoE Parallel Folding.
 //   moefold groups --world-size 8 --tp 2 --cp 2 --pp 2 --ep 4 --etp 1
+//   moefold convert --to hf CKPT_DIR OUT_DIR     (docs/interop.md)
 // Invalid input exits with status 2 and one line on stderr naming the broken rule; any other
 // failure (out of memory, an unexpected exception) exits with status 1 and one line
 // "moefold: error: ...". No exception leaves main.
@@ -15,6 +16,7 @@
 #include <CLI/CLI.hpp>
 
 #include "command.hpp"
+#include "convert_command.hpp"
 #include "groups_command.hpp"
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
@@ -40,6 +42,7 @@ int run(int argc, char** argv) {
       moefold::cli::add_groups_command(app),
       moefold::cli::add_plan_command(app),
       moefold::cli::add_schedule_command(app),
+      moefold::cli::add_convert_command(app),
   };
   try {
     app.parse(argc, argv);

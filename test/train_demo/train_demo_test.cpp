@@ -110,6 +110,21 @@ TEST_CASE("every folding trains with the serial run's losses for 10 steps", "[tr
 }
 
 TEST_CASE(
+    "moefold-train's --add-qkv-bias and --rotary-base 1000000 train with the serial "
+    "run's losses under TP2·CP2·PP2/EP4, and change them",
+    "[train][folding][qkv_bias]") {
+  auto const dir = scratch("qkv_bias");
+  std::string const model =
+      "--add-qkv-bias --rotary-base 1000000 --norm-epsilon 1e-6 --train-iters 4";
+  auto const serial = train("--world-size 1 " + model, dir, "serial");
+  expect_same_losses(train(model, dir, "folded"), serial, 1e-4);
+  // The flags reach the model: the default model trains to other losses.
+  auto const plain = train("--world-size 1 --train-iters 4", dir, "plain");
+  CHECK(rel(plain[3].loss, serial[3].loss) > 1e-6);
+  fs::remove_all(dir);
+}
+
+TEST_CASE(
     "router options train with the serial run's losses for 10 steps under PP, VPP, CP, DP "
     "and ETP foldings",
     "[train][folding][router]") {
@@ -526,3 +541,142 @@ TEST_CASE("the opt-in --check-activations-and-grads names the first layer whose 
                                             "[0-9]+, on world rank 0")));
   fs::remove_all(dir);
 }
+
+#ifdef MOEFOLD_CLI
+TEST_CASE(
+    "two --lr 0 runs saved under TP2·CP2·PP2/EP4 and under one rank convert to the same "
+    "Hugging Face file, which converts back and trains with the same loss",
+    "[train][checkpoint][hf]") {
+  auto const dir = scratch("hf");
+  std::string const small = "--lr 3e-3 --seed 7 --eval-iters 1";
+  std::string const lr0 = "--lr 0 --min-lr 0 --seed 7 --eval-iters 0";
+  auto const run = [&](std::string const& args, std::string const& tag) {
+    auto const r = run_small(small, lr0, args, dir, tag);
+    INFO(args << "\nstderr: " << r.err);
+    REQUIRE(r.status == 0);
+    return read_log(dir / (tag + ".jsonl"));
+  };
+  auto const convert = [&](std::string const& args) {
+    return run_command(fmt::format("{} convert {}", MOEFOLD_CLI, args));
+  };
+  auto const folded =
+      run(fmt::format("--train-iters 2 --save {}", (dir / "ckpt_folded").string()), "folded");
+  auto const serial =
+      run(fmt::format("--world-size 1 --train-iters 2 --save {}", (dir / "ckpt_serial").string()),
+          "serial");
+  for (char const* which : {"folded", "serial"}) {
+    auto const r =
+        convert(fmt::format("--to hf {} {}", (dir / fmt::format("ckpt_{}", which)).string(),
+                            (dir / fmt::format("hf_{}", which)).string()));
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+  }
+  auto const hf = slurp(dir / "hf_serial" / "model.safetensors");
+  CHECK(hf.size() > 1000000);  // 4 layers of 8 experts: the weights are all there
+  CHECK(hf == slurp(dir / "hf_folded" / "model.safetensors"));
+  CHECK(slurp(dir / "hf_serial" / "config.json") == slurp(dir / "hf_folded" / "config.json"));
+
+  // Back into a checkpoint of weights only: refused without --finetune, trained with it.
+  auto const back = (dir / "ckpt_back").string();
+  REQUIRE(convert(fmt::format("--from hf {} {}", (dir / "hf_folded").string(), back)).status == 0);
+  auto const plain =
+      run_small(small, lr0, "--world-size 1 --train-iters 1 --load " + back, dir, "plain");
+  CHECK(plain.status == 1);
+  CHECK(plain.err.find("holds weights only, no optimizer state") != std::string::npos);
+  CHECK(plain.err.find("--finetune or --no-load-optim") != std::string::npos);
+  // Iteration 0 with the same weights: step 1 has the same loss, to the last digit.
+  auto const tuned = run("--world-size 1 --train-iters 1 --finetune --load " + back, "tuned");
+  REQUIRE(tuned.size() == 1);
+  CHECK(tuned[0].loss_text == serial[0].loss_text);
+  // --finetune starts at iteration 0 from any iteration (here 2; --lr 0 kept the weights).
+  auto const again =
+      run("--world-size 1 --train-iters 1 --finetune --load " + (dir / "ckpt_serial").string(),
+          "again");
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].step == 1);
+  CHECK(again[0].loss_text == serial[0].loss_text);
+  // --no-load-optim continues at the checkpoint's iteration with fresh moments.
+  auto const resumed =
+      run("--world-size 1 --train-iters 3 --no-load-optim --load " + (dir / "ckpt_serial").string(),
+          "resumed");
+  REQUIRE(resumed.size() == 1);
+  CHECK(resumed[0].step == 3);
+  CHECK(folded.size() == 2);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("moefold convert refuses a model Mixtral cannot express and bad usage, naming why",
+          "[train][checkpoint][hf]") {
+  auto const dir = scratch("hf_refused");
+  auto const r = run_small("--eval-iters 1", "--eval-iters 0",
+                           fmt::format("--world-size 1 --train-iters 1 "
+                                       "--moe-shared-expert-intermediate-size 32 --save {}",
+                                       (dir / "ckpt").string()),
+                           dir, "shared");
+  REQUIRE(r.status == 0);
+  auto const convert = [&](std::string const& args) {
+    return run_command(fmt::format("{} convert {}", MOEFOLD_CLI, args));
+  };
+  auto const shared =
+      convert(fmt::format("--to hf {} {}", (dir / "ckpt").string(), (dir / "hf").string()));
+  CHECK(shared.status == 2);
+  CHECK(shared.err.find("moe_shared_expert_intermediate_size = 32 "
+                        "(--moe-shared-expert-intermediate-size): a shared expert; Mixtral "
+                        "cannot express it") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "hf" / "model.safetensors"));
+  auto const both = convert("--to hf --from hf a b");
+  CHECK(both.status == 2);
+  CHECK(both.err.find("exactly one of --to hf") != std::string::npos);
+  auto const other = convert("--to gguf a b");
+  CHECK(other.status == 2);
+  CHECK(other.err.find("unknown format 'gguf'") != std::string::npos);
+  auto const missing =
+      convert(fmt::format("--from hf {} {}", (dir / "nowhere").string(), (dir / "x").string()));
+  CHECK(missing.status == 2);
+  CHECK(missing.err.find("config.json is missing") != std::string::npos);
+  fs::remove_all(dir);
+}
+#endif
+
+#ifdef MOEFOLD_SPM_TRAIN
+TEST_CASE(
+    "SentencePiece tokens train with the serial run's losses, on a padded vocabulary, and "
+    "the summary reports bits per byte",
+    "[train][tokenizer]") {
+  auto const dir = scratch("sentencepiece");
+  // A corpus and a unigram model of 512 pieces (bytes as fallback) made from moefold's docs.
+  auto const corpus = dir / "corpus.txt";
+  {
+    std::ofstream out(corpus);
+    for (auto const& f : fs::directory_iterator(fs::path(MOEFOLD_SOURCE_DIR) / "docs"))
+      if (f.path().extension() == ".md") out << slurp(f.path());
+  }
+  auto const spm = run_command(
+      fmt::format("{} --input={} --model_prefix={} --vocab_size=512 --model_type=unigram "
+                  "--character_coverage=1.0 --byte_fallback=true --minloglevel=2",
+                  MOEFOLD_SPM_TRAIN, corpus.string(), (dir / "sp").string()));
+  INFO(spm.err);
+  REQUIRE(spm.status == 0);
+  std::string const sp = fmt::format(
+      "--data-path {} --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model {} "
+      "--train-iters 3",
+      corpus.string(), (dir / "sp.model").string());
+  auto const serial = train("--world-size 1 " + sp, dir, "serial");
+  expect_same_losses(train(sp, dir, "folded"), serial, 1e-4);  // TP2·CP2·PP2/EP4
+  // The banner and the summary (--quiet leaves them) with the padded vocabulary.
+  auto const r =
+      run_small("", "", "--world-size 1 --make-vocab-size-divisible-by 384 " + sp, dir, "padded");
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK(r.out.find("(vocabulary 512, padded to 768)") != std::string::npos);
+  CHECK(std::regex_search(r.out, std::regex("validation loss +[0-9.]+ nats per token")));
+  CHECK(std::regex_search(r.out, std::regex("bits per byte +[0-9.]+ +byte-unigram entropy "
+                                            "[0-9.]+ bits: .*bytes per token")));
+  auto const bad = run_small(
+      "", "", "--tokenizer-type GPTSentencePieceTokenizer --tokenizer-model " + corpus.string(),
+      dir, "bad");
+  CHECK(bad.status == 2);
+  CHECK(bad.err.find("not a SentencePiece model") != std::string::npos);
+  fs::remove_all(dir);
+}
+#endif

@@ -13,6 +13,11 @@
 /// G/TP whole groups (N/TP query heads). The projection weight is `[H, N·d]`, split by columns.
 /// Backward: reduce-scatter of the key/value gradients over cp, then the linear layers'
 /// reverse collectives over tp.
+///
+/// With `add_qkv_bias` (Megatron's `--add-qkv-bias`, Qwen2's attention bias) the QKV projection
+/// has a bias `linear_qkv.bias` [1, G·(N/G + 2)·d] in the same layout, split over TP like the
+/// weight's rows (class dense: each TP rank sums its columns' gradient over all its CP rank's
+/// tokens), initialized to zero as Megatron does.
 
 #include <fmt/format.h>
 #include <cmath>
@@ -25,6 +30,7 @@
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/core/buffer.hpp"
+#include "moefold/core/param.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
@@ -34,6 +40,7 @@
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
 #include "moefold/ops/attention.hpp"
+#include "moefold/ops/bias.hpp"
 #include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/rope.hpp"
 
@@ -48,6 +55,7 @@ struct AttentionConfig {
   std::int64_t kv_groups = 0;           ///< num_query_groups G (0: equal to heads)
   std::int64_t head_dim = 0;            ///< kv_channels d (0: H/N)
   double rope_base = 10000.0;           ///< rotary_base
+  bool add_qkv_bias = false;            ///< add_qkv_bias: a bias on the QKV projection
   std::uint64_t seed = 0;
   double init_scale = 0.02;  ///< init_method_std
 };
@@ -78,7 +86,15 @@ class Attention {
                            .out = cfg_.hidden,
                            .seed = cfg_.seed,
                            .scale = cfg_.init_scale},
-              tp) {}
+              tp) {
+    if (cfg_.add_qkv_bias) {
+      std::int64_t const w = width();
+      qkv_bias_ =
+          Param<T, Space>(cfg_.name + ".linear_qkv.bias", ParamClass::dense, 1, w * tp.size(),
+                          {{.row0 = 0, .rows = 1, .col0 = tp.rank() * w, .cols = w}});
+      qkv_bias_.init(cfg_.seed, InitDist::constant, 0.0);
+    }
+  }
   Attention(AttentionConfig cfg, Comm& tp, Comm& cp) requires std::default_initializable<Exec>
       : Attention(Exec{}, std::move(cfg), tp, cp) {}
 
@@ -108,6 +124,7 @@ class Attention {
 
     auto const qkv = detail::reuse(exec_, qkv_out_, tc * width());
     qkv_.forward(x, qkv);  // [tc, ng·(q/g+2)·d]
+    if (cfg_.add_qkv_bias) ops::add_row_bias(exec_, View<T const, Space>(qkv_bias_.value), qkv);
     // Positions of the queries (this CP rank's) and of the gathered keys; RoPE tables.
     auto const qpos = shard_.cp_positions(), kpos = gathered_positions(shard_);
     copy(exec_, View<std::int64_t const>(qpos), detail::reuse(exec_, q_pos_, sc));
@@ -190,6 +207,8 @@ class Attention {
                       rope_.cos(), rope_.sin(), -1.0);
     ops::rotate_heads(exec_, dvl, ops::HeadLayout::packed(ng, d), dqkv, kv_layout(1), tc, ng, batch,
                       rope_.cos(), rope_.sin(), 0.0);
+    if (cfg_.add_qkv_bias)
+      ops::bias_gradient(exec_, View<T const, Space>(dqkv), View<T, Space>(qkv_bias_.grad));
     qkv_.backward(dqkv, dx);
   }
   Buffer<T, Space> backward(View<T const, Space> dy) {
@@ -198,7 +217,12 @@ class Attention {
 
   ColumnParallelLinear<Exec, T, Comm>& linear_qkv() noexcept { return qkv_; }
   RowParallelLinear<Exec, T, Comm>& linear_proj() noexcept { return proj_; }
-  ParamList<T> parameters() { return {&qkv_.weight(), &proj_.weight()}; }
+  /// The QKV bias (with `add_qkv_bias`; otherwise an empty parameter).
+  Param<T, Space>& linear_qkv_bias() noexcept { return qkv_bias_; }
+  ParamList<T> parameters() {
+    if (cfg_.add_qkv_bias) return {&qkv_.weight(), &qkv_bias_, &proj_.weight()};
+    return {&qkv_.weight(), &proj_.weight()};
+  }
 
  private:
   static AttentionConfig normalized(AttentionConfig c, int tp) {
@@ -243,6 +267,7 @@ class Attention {
   Comm* cp_;
   ColumnParallelLinear<Exec, T, Comm> qkv_;
   RowParallelLinear<Exec, T, Comm> proj_;
+  Param<T, Space> qkv_bias_;  ///< with add_qkv_bias: this TP rank's columns of the QKV bias
   SequenceShard shard_;
   std::int64_t batch_ = 0;
   RotaryTable<Exec> rope_;

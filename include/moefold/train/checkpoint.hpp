@@ -268,36 +268,6 @@ std::vector<std::string> all_gather_text(C& world, std::string const& mine) {
   return out;
 }
 
-/// Converts one stored element of type `d` at `p` to `T`.
-template <class T>
-T element_as(DType d, char const* p) {
-  auto const cast = [](auto v) -> T {
-    if constexpr (std::is_same_v<T, bf16>)
-      return bf16(static_cast<float>(v));
-    else
-      return static_cast<T>(v);
-  };
-  auto const load = [p](auto v) {
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  };
-  switch (d) {
-    case DType::f32:
-      return cast(load(float{}));
-    case DType::f64:
-      return cast(load(double{}));
-    case DType::bf16:
-      return cast(static_cast<float>(load(bf16{})));
-    case DType::i32:
-      return cast(load(std::int32_t{}));
-    case DType::i64:
-      return cast(load(std::int64_t{}));
-    case DType::u8:
-      return cast(load(std::uint8_t{}));
-  }
-  return T{};
-}
-
 }  // namespace detail
 
 /// Saves iteration `iteration` under `dir`: each rank writes its `entries` (one replica of

@@ -46,7 +46,8 @@ inline void add_config(CheckpointInfo& info, DecoderModelConfig const& c) {
       .set("num_attention_heads", c.heads)
       .set("num_query_groups", c.kv_groups > 0 ? c.kv_groups : c.heads)
       .set("norm_epsilon", c.norm_eps)
-      .set("rotary_base", c.rope_base);
+      .set("rotary_base", c.rope_base)
+      .set("add_qkv_bias", c.add_qkv_bias);
   info.run.set("seq_length", c.seq)
       .set("micro_batch_size", c.micro_batch)
       .set("seed", c.seed)

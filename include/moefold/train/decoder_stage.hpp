@@ -80,6 +80,7 @@ struct DecoderModelConfig {
   std::int64_t micro_batch = 1;  ///< micro_batch_size B (sequences per DP replica)
   double norm_eps = 1e-5;        ///< norm_epsilon
   double rope_base = 10000.0;    ///< rotary_base
+  bool add_qkv_bias = false;     ///< add_qkv_bias: a bias on every attention's QKV projection
   std::uint64_t seed = 0;        ///< seed of every parameter's initial value
   double init_scale = 0.02;      ///< init_method_std
   /// `calculate_per_token_loss`: the loss is the sum over tokens; gradients are divided by the
@@ -362,6 +363,7 @@ class DecoderStage {
                                   .heads = cfg_.heads,
                                   .kv_groups = cfg_.kv_groups,
                                   .rope_base = cfg_.rope_base,
+                                  .add_qkv_bias = cfg_.add_qkv_bias,
                                   .seed = cfg_.seed,
                                   .init_scale = cfg_.init_scale};
     c.mlp = std::move(mlp);

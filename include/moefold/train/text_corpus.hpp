@@ -4,20 +4,22 @@
 /// concatenated in name order, split into train and validation bytes, with a deterministic
 /// stream of fixed-length sequences that does not depend on the folding (DESIGN §3: step s
 /// trains on sequences s·B … s·B+B−1 of one stream), and the byte-unigram entropy that a model
-/// must beat.
+/// must beat. `tokenized` turns it into a corpus of tokens (e.g. SentencePiece's): the same
+/// splits, each encoded on its own, and sequences of token ids.
 
+#include <fmt/format.h>
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <string_view>
 #include <vector>
-#include <fmt/format.h>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/init.hpp"
@@ -82,25 +84,57 @@ class TextCorpus {
     return c;
   }
 
+  /// This corpus as tokens: `encode(text)` (a `std::vector<std::int32_t>` of ids for a
+  /// `std::string_view`) of the train split and of the validation split, each on its own, so no
+  /// token crosses the boundary. Sequences then hold token ids; the byte counts and the
+  /// byte-unigram entropy stay those of the text.
+  template <class Encode>
+  TextCorpus tokenized(Encode&& encode) const {
+    TextCorpus c = *this;
+    auto const text = [this](std::size_t from, std::size_t to) {
+      return std::string_view(reinterpret_cast<char const*>(bytes_.data()) + from, to - from);
+    };
+    c.tokens_ = encode(text(0, train_end_));
+    c.token_train_end_ = c.tokens_.size();
+    auto const validation = encode(text(train_end_, bytes_.size()));
+    c.tokens_.insert(c.tokens_.end(), validation.begin(), validation.end());
+    return c;
+  }
+  bool is_tokenized() const noexcept { return !tokens_.empty(); }
+  /// The sequence elements of split `s`: its tokens, or its bytes.
+  std::size_t split_tokens(Split s) const noexcept {
+    if (!is_tokenized()) return split_size(s);
+    return s == Split::train ? token_train_end_ : tokens_.size() - token_train_end_;
+  }
+  /// Bytes of text per sequence element of split `s` (1 for a byte-level corpus).
+  double bytes_per_token(Split s) const noexcept {
+    return static_cast<double>(split_size(s)) /
+           static_cast<double>(std::max<std::size_t>(1, split_tokens(s)));
+  }
+
   std::size_t size() const noexcept { return bytes_.size(); }
   std::size_t files() const noexcept { return files_; }
   std::size_t split_size(Split s) const noexcept {
     return s == Split::train ? train_end_ : bytes_.size() - train_end_;
   }
 
-  /// Sequence `index` of the stream: `length + 1` consecutive bytes (inputs and shifted
-  /// targets) starting at a pseudo-random offset of the split, a function of (index, seed).
+  /// Sequence `index` of the stream: `length + 1` consecutive bytes (or tokens; inputs and
+  /// shifted targets) starting at a pseudo-random offset of the split, a function of (index,
+  /// seed).
   std::vector<std::int32_t> sequence(Split s, std::uint64_t index, std::int64_t length,
                                      std::uint64_t seed) const {
-    std::size_t const n = split_size(s);
+    std::size_t const n = split_tokens(s);
     auto const span = static_cast<std::size_t>(length + 1);
-    MOEFOLD_EXPECTS(n > span, "the {} split has {} bytes, too few for sequences of {}",
-                    s == Split::train ? "train" : "validation", n, length);
-    std::size_t const base = s == Split::train ? 0 : train_end_;
+    MOEFOLD_EXPECTS(n > span, "the {} split has {} {}, too few for sequences of {}",
+                    s == Split::train ? "train" : "validation", n,
+                    is_tokenized() ? "tokens" : "bytes", length);
+    std::size_t const base =
+        s == Split::train ? 0 : (is_tokenized() ? token_train_end_ : train_end_);
     std::uint64_t const r = detail::mix64(detail::mix64(seed ^ (s == Split::train ? 0x7a : 0x5b)) ^ index);
     std::size_t const start = base + static_cast<std::size_t>(r % (n - span));
     std::vector<std::int32_t> out(span);
-    for (std::size_t i = 0; i < span; ++i) out[i] = static_cast<std::int32_t>(bytes_[start + i]);
+    for (std::size_t i = 0; i < span; ++i)
+      out[i] = is_tokenized() ? tokens_[start + i] : static_cast<std::int32_t>(bytes_[start + i]);
     return out;
   }
 
@@ -122,6 +156,8 @@ class TextCorpus {
   std::vector<unsigned char> bytes_;
   std::size_t files_ = 0;
   std::size_t train_end_ = 0;
+  std::vector<std::int32_t> tokens_;  ///< with `tokenized`: train tokens, then validation ones
+  std::size_t token_train_end_ = 0;
 };
 
 }  // namespace v0

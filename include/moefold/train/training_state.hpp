@@ -52,17 +52,26 @@ std::vector<ShardEntry> training_state_entries(
   return out;
 }
 
+/// Loads every parameter's blocks from `ckpt` and nothing else: the optimizer keeps its moments
+/// and step count (Megatron's `--finetune` / `--no-load-optim`; a checkpoint converted from
+/// Hugging Face holds weights only).
+template <class Exec, class T>
+void restore_parameters(CheckpointReader const& ckpt, AdamW<Exec, T>& opt) {
+  using Space = typename Exec::memory_space;
+  for (Param<T>* p : opt.params())
+    ckpt.fill<Exec, T>(opt.exec(), p->name, p->global_rows, p->global_cols, p->blocks,
+                       View<T, Space>(p->value));
+}
+
 /// Loads every parameter's blocks, its moments and the step count from `ckpt`.
 template <class Exec, class T>
 void restore_training_state(CheckpointReader const& ckpt, AdamW<Exec, T>& opt) {
   using Moment = typename std::remove_cvref_t<decltype(opt.exp_avg(0))>::value_type;
-  using Space = typename Exec::memory_space;
+  restore_parameters(ckpt, opt);
   auto const& params = opt.params();
   auto const& exec = opt.exec();
   for (std::size_t k = 0; k < params.size(); ++k) {
     Param<T>& p = *params[k];
-    ckpt.fill<Exec, T>(exec, p.name, p.global_rows, p.global_cols, p.blocks,
-                       View<T, Space>(p.value));
     ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg", p.global_rows, p.global_cols, p.blocks,
                             opt.exp_avg(k).view());
     ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, p.blocks,

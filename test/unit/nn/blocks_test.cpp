@@ -134,6 +134,27 @@ TEST_CASE("causal GQA attention with RoPE, TP+SP and CP equals the single-rank a
       sequence_forward);
 }
 
+TEST_CASE(
+    "attention with a QKV bias (--add-qkv-bias) and rotary base 1e6 under TP+SP and CP equals "
+    "the single-rank attention, bias gradient included",
+    "[nn][attention][qkv_bias]") {
+  check_equivalence<float>(
+      {}, all_foldings(),
+      [](Groups& g) {
+        auto cfg = attention_config();
+        cfg.add_qkv_bias = true;
+        cfg.rope_base = 1e6;
+        Attention<Exec, float, Comm> attn(cfg, g.tp(), g.cp());
+        // Megatron starts the bias at zero; a random one shows it in the output.
+        auto& b = attn.linear_qkv_bias();
+        auto const global = random_tensor<float>(static_cast<std::size_t>(b.global_cols), "bias");
+        auto const local = b.local_of(std::span<float const>(global));
+        std::copy(local.begin(), local.end(), b.value.begin());
+        return attn;
+      },
+      sequence_forward);
+}
+
 TEST_CASE("the dense SwiGLU MLP with TP+SP equals the single-rank MLP", "[nn][mlp]") {
   check_equivalence<float>(
       {}, all_foldings(), [](Groups& g) { return DenseMlp<Exec, float, Comm>(mlp_config(), g); },

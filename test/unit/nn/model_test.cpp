@@ -30,13 +30,17 @@ struct TinyModel {
   VocabParallelCrossEntropy<Exec, T, Comm> loss;
   std::int64_t batch = 0;
 
-  explicit TinyModel(Groups& g)
+  /// With `bias_and_rope`: a QKV bias (random, not Megatron's zeros, so that it matters) and
+  /// rotary base 1e6 (Mixtral's).
+  explicit TinyModel(Groups& g, bool bias_and_rope = false)
       : embedding({.vocab = kVocab, .hidden = kHidden, .seed = kSeed, .init_scale = 1.0}, g.tp()),
         layer({.name = "layers.0",
                .attention = {.hidden = kHidden,
                              .heads = 8,
                              .kv_groups = 4,
                              .head_dim = 8,
+                             .rope_base = bias_and_rope ? 1e6 : 10000.0,
+                             .add_qkv_bias = bias_and_rope,
                              .seed = kSeed,
                              .init_scale = 0.3},
                .mlp = {.hidden = kHidden, .ffn = 64, .seed = kSeed, .init_scale = 0.3}},
@@ -48,7 +52,13 @@ struct TinyModel {
                 .seed = kSeed,
                 .scale = 0.3},
                g.tp()),
-        loss(kVocab, g.tp()) {}
+        loss(kVocab, g.tp()) {
+    if (!bias_and_rope) return;
+    auto& b = layer.attention().linear_qkv_bias();
+    auto const global = random_tensor<T>(static_cast<std::size_t>(b.global_cols), "qkv bias");
+    auto const local = b.local_of(std::span<T const>(global));
+    std::copy(local.begin(), local.end(), b.value.begin());
+  }
 
   /// ids, labels: CP-local [S/CP, B] → per-token losses of the CP-local tokens.
   std::vector<T> forward(std::vector<std::int64_t> const& ids,
@@ -135,11 +145,13 @@ TEST_CASE("a folded tiny model computes the single-rank loss and gradients",
 
 TEST_CASE("the model's gradients equal central finite differences in fp64",
           "[nn][model][finite_differences]") {
+  bool const bias_and_rope = GENERATE(false, true);  // true: --add-qkv-bias, --rotary-base 1e6
+  INFO("QKV bias and rotary base 1e6: " << bias_and_rope);
   auto const ids = token_ids("ids"), labels = token_ids("labels");
   std::vector<std::string> report;
   expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks& checks) {
     Groups groups(mapping_of({}), world);
-    TinyModel<double> model(groups);
+    TinyModel<double> model(groups, bias_and_rope);
     double const n_total = double(kSeq * kBatch);
     auto loss = [&] {
       double s = 0;
@@ -164,7 +176,7 @@ TEST_CASE("the model's gradients equal central finite differences in fp64",
     }
   });
   INFO(fmt::format("{}", fmt::join(report, "\n")));
-  CHECK(report.size() == 9);
+  CHECK(report.size() == (bias_and_rope ? 10u : 9u));
 }
 
 TEST_CASE("attention is causal: later tokens do not change earlier outputs, also across CP",
@@ -201,17 +213,33 @@ TEST_CASE("attention is causal: later tokens do not change earlier outputs, also
 
 TEST_CASE("attention equals a naive causal GQA attention with rotary embeddings",
           "[nn][attention]") {
-  AttentionConfig const cfg{.hidden = 16, .heads = 4, .kv_groups = 2, .seed = 5, .init_scale = 0.5};
+  // The defaults, and Qwen2's QKV bias with Mixtral's rotary base (--add-qkv-bias,
+  // --rotary-base 1000000): the reference adds the bias and rotates by base^(−2i/d).
+  bool const bias = GENERATE(false, true);
+  double const base = bias ? 1e6 : 10000.0;
+  INFO("QKV bias " << bias << ", rotary base " << base);
+  AttentionConfig const cfg{.hidden = 16,
+                            .heads = 4,
+                            .kv_groups = 2,
+                            .rope_base = base,
+                            .add_qkv_bias = bias,
+                            .seed = 5,
+                            .init_scale = 0.5};
   std::int64_t const seq = 8, batch = 2, h = 16, d = 4, heads = 4, groups_n = 2;
   auto const x = random_tensor<double>(static_cast<std::size_t>(seq * batch * h), "x");
   expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks& checks) {
     Groups groups(mapping_of({}), world);
     Attention<Exec, double, Comm> attn(cfg, groups.tp(), groups.cp());
+    std::vector<double> qkv_bias(static_cast<std::size_t>((heads + 2 * groups_n) * d), 0.0);
+    if (bias) {
+      qkv_bias = random_tensor<double>(qkv_bias.size(), "qkv bias");
+      std::copy(qkv_bias.begin(), qkv_bias.end(), attn.linear_qkv_bias().value.begin());
+    }
     auto const y = attn.forward(std::span<double const>(x), batch);
     auto const& wqkv = attn.linear_qkv().weight().value;                    // [G·(N/G+2)·d, H]
     auto const& wo = attn.linear_proj().weight().value;                     // [H, N·d]
     auto project = [&](std::int64_t s, std::int64_t b, std::int64_t row) {  // one qkv feature
-      double acc = 0;
+      double acc = qkv_bias[static_cast<std::size_t>(row)];
       for (std::int64_t i = 0; i < h; ++i)
         acc += wqkv[static_cast<std::size_t>(row * h + i)] *
                x[static_cast<std::size_t>((s * batch + b) * h + i)];
@@ -222,7 +250,7 @@ TEST_CASE("attention equals a naive causal GQA attention with rotary embeddings"
       for (std::int64_t i = 0; i < d; ++i) v[static_cast<std::size_t>(i)] = project(s, b, row0 + i);
       std::vector<double> r(v.size());
       for (std::int64_t i = 0; i < d / 2; ++i) {
-        double const th = double(s) * std::pow(10000.0, -2.0 * double(i) / double(d));
+        double const th = double(s) * std::pow(base, -2.0 * double(i) / double(d));
         r[static_cast<std::size_t>(i)] = v[static_cast<std::size_t>(i)] * std::cos(th) -
                                          v[static_cast<std::size_t>(i + d / 2)] * std::sin(th);
         r[static_cast<std::size_t>(i + d / 2)] =

@@ -2,6 +2,8 @@
 // deterministic sequences and unigram entropy.
 
 #include <cmath>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "moefold/train/adamw.hpp"
@@ -52,6 +54,40 @@ TEST_CASE("the corpus gives the same sequences for the same index and its unigra
   for (std::size_t i = 1; i < a.size(); ++i) CHECK((a[i] - a[i - 1] == 1 || a[i] - a[i - 1] == -3));
   CHECK(c.unigram_entropy() == Approx(std::log(4.0)));
   CHECK_THROWS_AS(c.sequence(Split::validation, 0, 500, 1), error);
+}
+
+TEST_CASE("a tokenized corpus encodes each split on its own and streams token ids",
+          "[train][data][tokenizer]") {
+  // Train "abcd"·450 (1800 bytes), validation "wxyz"·50 (200 bytes); the encoder makes one
+  // token of every two bytes: 256·first + second.
+  std::string text;
+  for (int i = 0; i < 450; ++i) text += "abcd";
+  for (int i = 0; i < 50; ++i) text += "wxyz";
+  std::vector<std::size_t> encoded;  // the lengths the encoder saw
+  auto const c = TextCorpus::from_text(text, 0.1).tokenized([&](std::string_view t) {
+    encoded.push_back(t.size());
+    std::vector<std::int32_t> ids;
+    for (std::size_t i = 0; i + 1 < t.size(); i += 2) ids.push_back(256 * t[i] + t[i + 1]);
+    return ids;
+  });
+  CHECK(encoded == std::vector<std::size_t>{1800, 200});
+  CHECK(c.is_tokenized());
+  CHECK(c.split_tokens(Split::train) == 900);
+  CHECK(c.split_tokens(Split::validation) == 100);
+  CHECK(c.bytes_per_token(Split::validation) == 2.0);
+  CHECK(c.split_size(Split::train) == 1800);  // bytes stay bytes
+  int const ab = 256 * 'a' + 'b', cd = 256 * 'c' + 'd', wx = 256 * 'w' + 'x', yz = 256 * 'y' + 'z';
+  for (std::uint64_t i = 0; i < 20; ++i) {
+    auto const t = c.sequence(Split::train, i, 8, 1), v = c.sequence(Split::validation, i, 8, 1);
+    REQUIRE(t.size() == 9);
+    for (std::size_t k = 0; k < t.size(); ++k) {
+      CHECK((t[k] == ab || t[k] == cd));
+      CHECK((v[k] == wx || v[k] == yz));
+    }
+  }
+  CHECK_THROWS_WITH(c.sequence(Split::validation, 0, 100, 1),
+                    Catch::Contains("the validation split has 100 tokens, too few for sequences "
+                                    "of 100"));
 }
 
 TEST_CASE("a corpus file that cannot be read is named with the system's reason",
