@@ -56,6 +56,7 @@
 #include "moefold/exec/grouped_gemm.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/exec/shuffled_cpu.hpp"
+#include "moefold/exec/simulated_device.hpp"
 
 // ops
 #include "moefold/ops/activations.hpp"
@@ -63,7 +64,9 @@
 #include "moefold/ops/attention.hpp"
 #include "moefold/ops/aux_loss.hpp"
 #include "moefold/ops/bias.hpp"
+#include "moefold/ops/capacity.hpp"
 #include "moefold/ops/cross_entropy.hpp"
+#include "moefold/ops/dispatch.hpp"
 #include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/embedding.hpp"
 #include "moefold/ops/finite.hpp"
