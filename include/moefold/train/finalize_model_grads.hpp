@@ -17,6 +17,9 @@
 ///   moefold::finalize_model_grads(stage, groups);
 ///   moefold::clip_grad_norm(stage.exec(), params, groups, 1.0);
 ///   opt.step(lr);
+///
+/// With the distributed optimizer, step 1 reduce-scatters into its shards instead:
+/// `finalize_model_grads(stage, groups, dist_opt)`, then `dist_opt.clip_grad_norm(1.0)`.
 
 #include <algorithm>
 #include <concepts>
@@ -61,28 +64,9 @@ struct FinalizeOptions {
   bool calculate_per_token_loss = false;
 };
 
-/// Ends a training step of `stage` (see the file comment); returns the global token count in
-/// per-token-loss mode, 0 otherwise. Collective over dp_cp, tp, edp, tp_dp_cp (and pp in
-/// per-token mode): every rank must call it, once per step.
+/// Steps 2 and 3 of the finalizer: expert biases updated, per-step router state reset.
 template <FinalizableStage Stage, Communicator C>
-std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
-                                  FinalizeOptions const& opt = {}) {
-  auto const& exec = stage.exec();
-  using Space = typename std::remove_cvref_t<decltype(exec)>::memory_space;
-  auto const params = stage.parameters();
-  using T = std::remove_cvref_t<decltype(*params.front()->grad.data())>;
-  std::int64_t tokens = 0;
-  if (opt.calculate_per_token_loss) {
-    reduce_gradients(exec, params, groups, T(1));
-    std::vector<std::int64_t> n{stage.loss_tokens_in_step()};
-    groups.pp().all_reduce(std::span<std::int64_t>(n));  // only the last stage counts
-    groups.dp_cp().all_reduce(std::span<std::int64_t>(n));
-    tokens = n[0];
-    T const inv = T(1) / static_cast<T>(std::max<std::int64_t>(tokens, 1));
-    for (auto* p : params) ops::scale(exec, inv, View<T, Space>(p->grad));
-  } else {
-    reduce_gradients(exec, params, groups);
-  }
+void finish_router_step(Stage& stage, ProcessGroups<C>& groups) {
   // f(mlp) for every MLP slot with router state.
   auto each_router = [&stage](auto&& f) {
     stage.for_each_mlp([&](auto& mlp) {
@@ -107,7 +91,64 @@ std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
     });
   }
   each_router([](auto& mlp) { mlp.reset_step_state(); });
+}
+
+/// What reduces a step's gradients: `reduce_gradients(pre_scale)` (collective, by class) and
+/// `scale_gradients(a)` on the reduced gradients — the all-reduce path (`AllReducedGradients`)
+/// or the distributed optimizer (reduce-scatter into its shards).
+template <class R, class T>
+concept GradientReducer = requires(R& r, T a) {
+  r.reduce_gradients(a);
+  r.scale_gradients(a);
+};
+
+/// The all-reduce path: every rank's gradients reduced in place (`reduce_gradients`).
+template <ExecutionInstance Exec, class T, Communicator C>
+struct AllReducedGradients {
+  Exec const& exec;
+  ParamList<T> const& params;
+  ProcessGroups<C>& groups;
+  void reduce_gradients(T pre_scale) { moefold::reduce_gradients(exec, params, groups, pre_scale); }
+  void scale_gradients(T a) {
+    for (auto* p : params) ops::scale(exec, a, View<T, typename Exec::memory_space>(p->grad));
+  }
+};
+
+/// Ends a training step of `stage` (see the file comment), its gradients reduced by `reducer`;
+/// returns the global token count in per-token-loss mode, 0 otherwise. Collective over dp_cp,
+/// tp, edp, tp_dp_cp (and pp in per-token mode): every rank must call it, once per step.
+template <FinalizableStage Stage, Communicator C, class Reducer>
+  requires(!std::same_as<std::remove_cvref_t<Reducer>, FinalizeOptions>)
+std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups, Reducer& reducer,
+                                  FinalizeOptions const& opt = {}) {
+  auto const params = stage.parameters();
+  using T = std::remove_cvref_t<decltype(*params.front()->grad.data())>;
+  static_assert(GradientReducer<Reducer, T>, "finalize_model_grads: not a GradientReducer");
+  std::int64_t tokens = 0;
+  if (opt.calculate_per_token_loss) {
+    reducer.reduce_gradients(T(1));
+    std::vector<std::int64_t> n{stage.loss_tokens_in_step()};
+    groups.pp().all_reduce(std::span<std::int64_t>(n));  // only the last stage counts
+    groups.dp_cp().all_reduce(std::span<std::int64_t>(n));
+    tokens = n[0];
+    reducer.scale_gradients(T(1) / static_cast<T>(std::max<std::int64_t>(tokens, 1)));
+  } else {
+    FoldedMapping const& fold = groups.mapping();
+    reducer.reduce_gradients(T(1) / static_cast<T>(fold.dp() * fold.cp()));
+  }
+  finish_router_step(stage, groups);
   return tokens;
+}
+
+/// `finalize_model_grads` with the gradients all-reduced in place.
+template <FinalizableStage Stage, Communicator C>
+std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
+                                  FinalizeOptions const& opt = {}) {
+  auto const params = stage.parameters();
+  using T = std::remove_cvref_t<decltype(*params.front()->grad.data())>;
+  using Exec = std::remove_cvref_t<decltype(stage.exec())>;
+  AllReducedGradients<Exec, T, C> reducer{stage.exec(), params, groups};
+  return finalize_model_grads(stage, groups, reducer, opt);
 }
 
 }  // namespace v0

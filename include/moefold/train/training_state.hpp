@@ -3,7 +3,9 @@
 /// The training state in a checkpoint: every parameter shard (in the parameters' type), its
 /// AdamW moments ("<name>.exp_avg", "<name>.exp_avg_sq", in the optimizer's moment type) and the
 /// optimizer's step count ("optimizer.steps", int64). Restoring assembles each rank's own
-/// blocks, so the state loads under another folding. Parameter and moment memory is that of the
+/// blocks, so the state loads under another folding. The distributed optimizer saves the same
+/// tensors: each rank the moments of its shard, as the global blocks they cover (a shard that
+/// cuts a row gives 1-row blocks), so either optimizer loads what either saved. Parameter and moment memory is that of the
 /// optimizer's execution instance (`opt.exec()`): entries and reads go through it.
 
 #include <array>
@@ -14,11 +16,26 @@
 #include <vector>
 
 #include "moefold/train/adamw.hpp"
+#include "moefold/train/distributed_optimizer.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/train/checkpoint.hpp"
 
 namespace moefold {
 inline namespace v0 {
+
+namespace detail {
+inline ShardEntry steps_entry(std::int64_t steps) {
+  std::array<std::int64_t, 1> const v{steps};
+  return ShardEntry::copy("optimizer.steps", 1, 1, {{.row0 = 0, .rows = 1, .col0 = 0, .cols = 1}},
+                          std::span<std::int64_t const>(v));
+}
+inline std::int64_t restore_steps(CheckpointReader const& ckpt) {
+  std::array<std::int64_t, 1> steps{0};
+  ckpt.fill("optimizer.steps", 1, 1, {{.row0 = 0, .rows = 1, .col0 = 0, .cols = 1}},
+            std::span<std::int64_t>(steps));
+  return steps[0];
+}
+}  // namespace detail
 
 /// The shards this rank writes: the parameters for which `writes(param)` is true (one replica
 /// of each, e.g. data-parallel rank 0), with their moments; `with_steps` adds the step count.
@@ -43,24 +60,23 @@ std::vector<ShardEntry> training_state_entries(
     out.push_back(ShardEntry::of<Exec, Moment>(exec, p.name + ".exp_avg_sq", p.global_rows,
                                                p.global_cols, p.blocks, opt.exp_avg_sq(k).view()));
   }
-  if (with_steps) {
-    std::array<std::int64_t, 1> const steps{opt.steps()};
-    out.push_back(ShardEntry::copy("optimizer.steps", 1, 1,
-                                   {{.row0 = 0, .rows = 1, .col0 = 0, .cols = 1}},
-                                   std::span<std::int64_t const>(steps)));
-  }
+  if (with_steps) out.push_back(detail::steps_entry(opt.steps()));
   return out;
 }
 
 /// Loads every parameter's blocks from `ckpt` and nothing else: the optimizer keeps its moments
 /// and step count (Megatron's `--finetune` / `--no-load-optim`; a checkpoint converted from
 /// Hugging Face holds weights only).
-template <class Exec, class T>
-void restore_parameters(CheckpointReader const& ckpt, AdamW<Exec, T>& opt) {
+/// (`opt`: `AdamW` or `DistributedOptimizer`.)
+template <class Opt>
+void restore_parameters(CheckpointReader const& ckpt, Opt& opt) {
+  using Exec = std::remove_cvref_t<decltype(opt.exec())>;
   using Space = typename Exec::memory_space;
-  for (Param<T>* p : opt.params())
+  for (auto* p : opt.params()) {
+    using T = std::remove_cvref_t<decltype(*p->value.data())>;
     ckpt.fill<Exec, T>(opt.exec(), p->name, p->global_rows, p->global_cols, p->blocks,
                        View<T, Space>(p->value));
+  }
 }
 
 /// Loads every parameter's blocks, its moments and the step count from `ckpt`.
@@ -77,10 +93,54 @@ void restore_training_state(CheckpointReader const& ckpt, AdamW<Exec, T>& opt) {
     ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, p.blocks,
                             opt.exp_avg_sq(k).view());
   }
-  std::array<std::int64_t, 1> steps{0};
-  ckpt.fill("optimizer.steps", 1, 1, {{.row0 = 0, .rows = 1, .col0 = 0, .cols = 1}},
-            std::span<std::int64_t>(steps));
-  opt.set_steps(steps[0]);
+  opt.set_steps(detail::restore_steps(ckpt));
+}
+
+/// The distributed optimizer's entries: the parameters for which `writes(param)` is true, the
+/// moments of this rank's shard where it saves them (one optimizer instance, TP-replicated
+/// parameters from TP rank 0), and with `with_steps` the step count.
+template <class Exec, class T, class C>
+std::vector<ShardEntry> training_state_entries(
+    DistributedOptimizer<Exec, T, C>& opt,
+    std::type_identity_t<std::function<bool(Param<T> const&)>> const& writes, bool with_steps) {
+  using Space = typename Exec::memory_space;
+  std::vector<ShardEntry> out;
+  auto const& exec = opt.exec();
+  for (Param<T>* p : opt.params())
+    if (writes(*p))
+      out.push_back(ShardEntry::of<Exec, T>(exec, p->name, p->global_rows, p->global_cols,
+                                            p->blocks, View<T const, Space>(p->value)));
+  for (auto& b : opt.buckets())
+    for (auto const& s : b.segments) {
+      if (!opt.saves(s)) continue;
+      Param<T> const& p = *opt.params()[s.param];
+      auto const blocks = blocks_of_range(p.blocks, s.param_offset, s.size);
+      out.push_back(ShardEntry::of<Exec, double>(
+          exec, p.name + ".exp_avg", p.global_rows, p.global_cols, blocks,
+          View<double const, Space>(b.exp_avg.view().cols(s.state_offset, s.size))));
+      out.push_back(ShardEntry::of<Exec, double>(
+          exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, blocks,
+          View<double const, Space>(b.exp_avg_sq.view().cols(s.state_offset, s.size))));
+    }
+  if (with_steps) out.push_back(detail::steps_entry(opt.steps()));
+  return out;
+}
+
+/// Loads every parameter's blocks, the moments of this rank's shard and the step count.
+template <class Exec, class T, class C>
+void restore_training_state(CheckpointReader const& ckpt, DistributedOptimizer<Exec, T, C>& opt) {
+  restore_parameters(ckpt, opt);
+  auto const& exec = opt.exec();
+  for (auto& b : opt.buckets())
+    for (auto const& s : b.segments) {
+      Param<T> const& p = *opt.params()[s.param];
+      auto const blocks = blocks_of_range(p.blocks, s.param_offset, s.size);
+      ckpt.fill<Exec, double>(exec, p.name + ".exp_avg", p.global_rows, p.global_cols, blocks,
+                              b.exp_avg.view().cols(s.state_offset, s.size));
+      ckpt.fill<Exec, double>(exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, blocks,
+                              b.exp_avg_sq.view().cols(s.state_offset, s.size));
+    }
+  opt.set_steps(detail::restore_steps(ckpt));
 }
 
 }  // namespace v0
