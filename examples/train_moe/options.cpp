@@ -22,7 +22,13 @@
 namespace moefold::train_demo {
 
 FoldingConfig TrainOptions::folding() const {
-  FoldingConfig f{.world = world, .tp = tp, .cp = cp, .pp = pp, .ep = ep, .etp = etp};
+  FoldingConfig f{.world = world,
+                  .tp = tp,
+                  .cp = cp,
+                  .pp = pp,
+                  .ep = ep,
+                  .etp = etp,
+                  .num_distributed_optimizer_instances = num_distributed_optimizer_instances};
   if (vpp > 1) f.vpp = vpp;
   return f;
 }
@@ -99,6 +105,12 @@ ParseResult parse_options(int argc, char** argv) {
   std::optional<int> warmup;
   app.add_option("--lr-warmup-iters", warmup, "Warm-up steps (default: 5% of the run)");
   app.add_option("--weight-decay", o.weight_decay)->capture_default_str();
+  app.add_flag("--use-distributed-optimizer", o.use_distributed_optimizer,
+               "Shard the optimizer state over dp_cp (dense) and edp (experts): reduce-scatter "
+               "the gradients, update the shard, all-gather the parameters");
+  app.add_option("--num-distributed-optimizer-instances", o.num_distributed_optimizer_instances,
+                 "Optimizer instances: shard within partial groups, all-reduce across them")
+      ->capture_default_str();
   app.add_option("--clip-grad", o.clip_grad, "Bound of the global gradient norm (0: no clipping)")
       ->capture_default_str();
   std::string seed = std::to_string(o.seed);  // converted below: CLI11 wraps "-1" to 2^64 − 1
@@ -245,6 +257,7 @@ void non_negative(char const* flag, double value, char const* meaning = "") {
 /// Every value on its own, before the folding and the model look at them.
 void check_ranges(TrainOptions const& o) {
   at_least("--num-layers", o.num_layers, 1);
+  at_least("--num-distributed-optimizer-instances", o.num_distributed_optimizer_instances, 1);
   at_least("--hidden-size", o.hidden, 1);
   at_least("--num-attention-heads", o.heads, 1);
   at_least("--num-query-groups", o.kv_groups, 1);
@@ -336,6 +349,9 @@ void validate(TrainOptions const& o) {
   if (o.backend == Backend::mpi && !MOEFOLD_HAS_MPI)
     throw invalid_config("--backend mpi: this build has no MPI (install libopenmpi-dev)");
   check_ranges(o);
+  need(o.num_distributed_optimizer_instances == 1 || o.use_distributed_optimizer,
+       fmt::format("--num-distributed-optimizer-instances {} needs --use-distributed-optimizer",
+                   o.num_distributed_optimizer_instances));
   auto const fold = FoldedMapping::from(o.folding());
   check_memory(o);
   need(o.hidden % o.heads == 0 && (o.hidden / o.heads) % 2 == 0,

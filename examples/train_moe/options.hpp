@@ -48,6 +48,9 @@ struct TrainOptions {
   double bias_update_rate = 1e-3;                          ///< --moe-router-bias-update-rate
   std::optional<double> input_jitter_eps;                  ///< --moe-input-jitter-eps
   bool calculate_per_token_loss = false;                   ///< --calculate-per-token-loss
+  // Optimizer sharding (Megatron's flags).
+  bool use_distributed_optimizer = false;        ///< --use-distributed-optimizer
+  int num_distributed_optimizer_instances = 1;   ///< --num-distributed-optimizer-instances
   // Tokens (Megatron's flags): bytes by default, or a SentencePiece model.
   std::string tokenizer_type = "bytes";    ///< --tokenizer-type: bytes | GPTSentencePieceTokenizer
   std::string tokenizer_model;             ///< --tokenizer-model: the SentencePiece model file

@@ -158,6 +158,13 @@ void Report::checkpoint(std::int64_t step, std::string const& dir) {
   if (!o_.quiet) fmt::print("saved checkpoint of step {} in {}\n", step, dir), std::fflush(stdout);
 }
 
+namespace {
+/// Bytes as "12.34 MiB (12939264 B)".
+std::string mib(std::int64_t bytes) {
+  return fmt::format("{:.2f} MiB ({} B)", static_cast<double>(bytes) / (1024.0 * 1024.0), bytes);
+}
+}  // namespace
+
 void Report::finish(Summary const& s) {
   if (row_pending_) write_row();
   csv_.close();
@@ -208,6 +215,8 @@ void Report::finish(Summary const& s) {
       "{}"
       "  training time        {:.1f} s for {} steps ({:.2f} s/step), {} tokens/s; validation "
       "{:.1f} s\n"
+      "  memory per rank      parameters {}, gradients {}, optimizer state {} ({}; the "
+      "largest rank)\n"
       "  time per phase       (mean over ranks, per step)\n"
       "    attention          {:7.1f} ms  {:5.1f}%  (embedding, norms, attention, output layer, "
       "loss)\n"
@@ -220,7 +229,13 @@ void Report::finish(Summary const& s) {
       s.final_train_loss, rows_.back().step.step, validation, s.train_seconds, s.steps,
       s.train_seconds / steps,
       rate(s.train_seconds > 0 ? static_cast<double>(s.tokens) / s.train_seconds : 0.0),
-      s.eval_seconds, 1e3 * attention / steps, pct(attention), 1e3 * p.dispatch / steps,
+      s.eval_seconds, mib(s.memory.parameters), mib(s.memory.gradients), mib(s.memory.optimizer),
+      o_.use_distributed_optimizer
+          ? fmt::format("distributed optimizer, {} instance{}",
+                        o_.num_distributed_optimizer_instances,
+                        o_.num_distributed_optimizer_instances > 1 ? "s" : "")
+          : std::string("AdamW state on every replica"),
+      1e3 * attention / steps, pct(attention), 1e3 * p.dispatch / steps,
       pct(p.dispatch), 1e3 * experts / steps, pct(experts), 1e3 * p.combine / steps, pct(p.combine),
       1e3 * wait / steps, pct(wait), 1e3 * p.optimizer / steps, pct(p.optimizer), o_.output_dir,
       o_.output_dir);

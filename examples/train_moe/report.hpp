@@ -19,7 +19,7 @@
 namespace moefold::train_demo {
 
 /// The group kinds whose traffic the progress line shows.
-inline constexpr std::array<std::pair<char const*, Group>, 7> kTrafficGroups{{
+inline constexpr std::array<std::pair<char const*, Group>, 10> kTrafficGroups{{
     {"tp", Group::tp},
     {"cp", Group::cp},
     {"pp", Group::pp},
@@ -27,6 +27,10 @@ inline constexpr std::array<std::pair<char const*, Group>, 7> kTrafficGroups{{
     {"etp", Group::etp},
     {"dp_cp", Group::dp_cp},
     {"edp", Group::edp},
+    // With --num-distributed-optimizer-instances > 1 only (the distributed optimizer's groups).
+    {"intra_dp_cp", Group::intra_partial_dp_cp},
+    {"intra_edp", Group::intra_partial_edp},
+    {"inter_edp", Group::inter_partial_edp},
 }};
 
 struct StepRecord {
@@ -40,6 +44,13 @@ struct StepRecord {
   std::array<double, kTrafficGroups.size()> megabytes{};  ///< bytes sent, Σ over ranks
 };
 
+/// Bytes one rank allocates (the largest over ranks), counted from the buffers.
+struct MemoryBytes {
+  std::int64_t parameters = 0;
+  std::int64_t gradients = 0;
+  std::int64_t optimizer = 0;  ///< optimizer state (the AdamW moments)
+};
+
 struct Summary {
   double train_seconds = 0;  ///< the training loop (steps only)
   double eval_seconds = 0;
@@ -50,6 +61,7 @@ struct Summary {
   double unigram_entropy = 0;            ///< of the train split's bytes, nats per byte
   double bytes_per_token = 1;            ///< of the validation split (1: byte-level)
   std::int64_t parameters = 0;
+  MemoryBytes memory;  ///< per rank
   PhaseTimes phases;  ///< mean over ranks, seconds
 };
 

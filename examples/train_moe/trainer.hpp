@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -25,6 +26,7 @@
 #include "moefold/train/adamw.hpp"
 #include "moefold/train/checkpoint.hpp"
 #include "moefold/train/checkpoint_config.hpp"
+#include "moefold/train/distributed_optimizer.hpp"
 #include "moefold/train/finalize_model_grads.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "moefold/train/lr_schedule.hpp"
@@ -71,19 +73,23 @@ class Trainer {
         corpus_(load_corpus(o)),
         stage_(model_config(o), mlp_config<T, Comm>(o), groups_, o.vpp),
         params_(stage_.parameters()),
-        opt_(stage_.exec(), params_, AdamWConfig{.weight_decay = o.weight_decay}),
         schedule_{.lr = o.lr,
                   .min_lr = o.min_lr,
                   .warmup_iters = o.warmup(),
                   .decay_iters = o.train_iters},
         shard_(SequenceShard::of(groups_, o.seq, o.micro_batch)),
         report_(report) {
+    AdamWConfig const adam{.weight_decay = o.weight_decay};
+    if (o.use_distributed_optimizer)
+      dist_.emplace(stage_.exec(), params_, groups_, adam);
+    else
+      adam_.emplace(stage_.exec(), params_, adam);
     if (!o.load.empty()) {
       auto const ckpt = o.ckpt_step >= 0 ? CheckpointReader::open(o.load, o.ckpt_step)
                                          : CheckpointReader::open(o.load);
       ckpt.check_model(checkpoint_metadata<T, Comm>(o).model);
       if (o.finetune || o.no_load_optim) {
-        restore_parameters(ckpt, opt_);
+        with_optimizer([&](auto& opt) { restore_parameters(ckpt, opt); });
         first_step_ = o.finetune ? 0 : ckpt.step();
       } else {
         if (!ckpt.contains("optimizer.steps"))
@@ -92,8 +98,10 @@ class Trainer {
                                   "state (a conversion from Hugging Face?): load it with "
                                   "--finetune or --no-load-optim",
                                   o.load, ckpt.step()));
-        restore_training_state(ckpt, opt_);
-        first_step_ = opt_.steps();
+        first_step_ = with_optimizer([&](auto& opt) {
+          restore_training_state(ckpt, opt);
+          return opt.steps();
+        });
       }
     }
   }
@@ -109,6 +117,7 @@ class Trainer {
     summary.unigram_entropy = corpus_.unigram_entropy();
     summary.bytes_per_token = corpus_.bytes_per_token(Split::validation);
     summary.parameters = params;
+    summary.memory = memory_bytes();
     Stopwatch run_clock;
     for (std::int64_t step = first_step_ + 1; step <= o_.train_iters; ++step) {
       Stopwatch w;
@@ -145,7 +154,8 @@ class Trainer {
 
  private:
   StepRecord train_step(std::int64_t step) {
-    for (auto const& g : kTrafficGroups) groups_.get(g.second).reset_traffic();
+    for (auto const& g : kTrafficGroups)
+      if (has_group(g.second)) groups_.get(g.second).reset_traffic();
     for (auto* p : params_) ops::fill(stage_.exec(), View<T, Space>(p->grad), T{});
     // Step s (1-based) trains on the global batch of stream index s − 1.
     auto const first =
@@ -155,17 +165,25 @@ class Trainer {
     r.loss = loss;
     r.aux_loss = aux;
     Stopwatch w;
-    finalize_model_grads(stage_, groups_,
-                         {.calculate_per_token_loss = o_.calculate_per_token_loss});
+    FinalizeOptions const fin{.calculate_per_token_loss = o_.calculate_per_token_loss};
     // --clip-grad 0 means no clipping, as in Megatron.
-    r.grad_norm = o_.clip_grad > 0 ? clip_grad_norm(stage_.exec(), params_, groups_, o_.clip_grad)
-                                   : global_grad_norm(stage_.exec(), params_, groups_);
+    if (dist_) {
+      finalize_model_grads(stage_, groups_, *dist_, fin);
+      r.grad_norm = o_.clip_grad > 0 ? dist_->clip_grad_norm(o_.clip_grad) : dist_->grad_norm();
+    } else {
+      finalize_model_grads(stage_, groups_, fin);
+      r.grad_norm = o_.clip_grad > 0
+                        ? clip_grad_norm(stage_.exec(), params_, groups_, o_.clip_grad)
+                        : global_grad_norm(stage_.exec(), params_, groups_);
+    }
     if (o_.check_for_nan) check_finite(r.loss, r.grad_norm);
-    opt_.step(r.lr);
+    with_optimizer([&](auto& opt) { opt.step(r.lr); });
     phase_times().optimizer += w.seconds();
     std::vector<double> bytes(kTrafficGroups.size());
     for (std::size_t g = 0; g < kTrafficGroups.size(); ++g)
-      bytes[g] = static_cast<double>(groups_.get(kTrafficGroups[g].second).traffic().total_sent());
+      if (has_group(kTrafficGroups[g].second))
+        bytes[g] =
+            static_cast<double>(groups_.get(kTrafficGroups[g].second).traffic().total_sent());
     groups_.world().all_reduce(std::span<double>(bytes));
     for (std::size_t g = 0; g < bytes.size(); ++g) r.megabytes[g] = bytes[g] / 1e6;
     return r;
@@ -289,8 +307,10 @@ class Trainer {
   }
 
   void save(std::int64_t step) {
-    auto const entries = training_state_entries(
-        opt_, [this](Param<T> const& p) { return writes(p); }, groups_.world().rank() == 0);
+    auto const entries = with_optimizer([&](auto& opt) {
+      return training_state_entries(
+          opt, [this](Param<T> const& p) { return writes(p); }, groups_.world().rank() == 0);
+    });
     save_checkpoint(stage_.exec(), groups_.world(), o_.save, step, entries,
                     checkpoint_metadata<T, Comm>(o_), {.keep_last = o_.keep_last});
     if (report_) report_->checkpoint(step, o_.save);
@@ -351,12 +371,47 @@ class Trainer {
     return at[0];
   }
 
+  /// Whether the folding has groups of kind `g` (the partial ones need several optimizer
+  /// instances).
+  bool has_group(Group g) const {
+    return groups_.mapping().num_distributed_optimizer_instances() > 1 ||
+           (g != Group::intra_partial_dp_cp && g != Group::intra_partial_edp &&
+            g != Group::inter_partial_edp && g != Group::intra_dist_opt_instance);
+  }
+
+  /// `f(optimizer)`: AdamW, or the distributed optimizer with --use-distributed-optimizer.
+  template <class F>
+  decltype(auto) with_optimizer(F&& f) {
+    return dist_ ? f(*dist_) : f(*adam_);
+  }
+
+  /// Bytes this rank allocates for parameters, gradients (the parameters' own and, with the
+  /// distributed optimizer, the reduced shards) and optimizer state (the moments), counted from
+  /// the buffers; the largest over ranks.
+  MemoryBytes memory_bytes() {
+    std::vector<double> v(3, 0.0);
+    for (auto* p : params_) {
+      v[0] += static_cast<double>(p->value.size() * sizeof(T));
+      v[1] += static_cast<double>(p->grad.size() * sizeof(T));
+    }
+    if (dist_) {
+      v[1] += static_cast<double>(dist_->shard_grad_bytes());
+      v[2] = static_cast<double>(dist_->state_bytes());
+    } else {
+      v[2] = static_cast<double>(adam_->state_bytes());
+    }
+    groups_.world().all_reduce(std::span<double>(v), ReduceOp::max);
+    return {static_cast<std::int64_t>(v[0]), static_cast<std::int64_t>(v[1]),
+            static_cast<std::int64_t>(v[2])};
+  }
+
   TrainOptions const& o_;
   ProcessGroups<Comm> groups_;
   TextCorpus corpus_;
   Model<T, Comm> stage_;
   ParamList<T> params_;
-  AdamW<Exec, T> opt_;
+  std::optional<AdamW<Exec, T>> adam_;
+  std::optional<DistributedOptimizer<Exec, T, Comm>> dist_;
   Buffer<std::int64_t, Space> first_bad_ = stage_.exec().template allocate<std::int64_t>(1);
   LrSchedule schedule_;
   SequenceShard shard_;

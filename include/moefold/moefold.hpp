@@ -126,6 +126,7 @@
 #include "moefold/train/checkpoint_config.hpp"
 #include "moefold/train/checkpoint_metadata.hpp"
 #include "moefold/train/decoder_stage.hpp"
+#include "moefold/train/distributed_optimizer.hpp"
 #include "moefold/train/finalize_model_grads.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "moefold/train/lr_schedule.hpp"

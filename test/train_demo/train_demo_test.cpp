@@ -83,6 +83,17 @@ void expect_same_losses(std::vector<StepLog> const& got, std::vector<StepLog> co
   CHECK(worst <= tolerance);
 }
 
+/// Resumes `ckpt` at step 3 under each of `runs` (to step 6): the losses are `tail`'s (≤ 1e-4).
+void expect_resumes(std::vector<std::string> const& runs, std::string const& ckpt,
+                    std::vector<StepLog> const& tail, fs::path const& dir) {
+  for (auto const& run : runs) {
+    INFO("resumed under " << run);
+    auto const tag = fmt::format("r{}", std::hash<std::string>{}(run) % 100000);
+    expect_same_losses(train(run + " --train-iters 6 --load " + ckpt + " --ckpt-step 3", dir, tag),
+                       tail, 1e-4);
+  }
+}
+
 std::string slurp(fs::path const& f) {
   std::ifstream in(f, std::ios::binary);
   std::stringstream ss;
@@ -194,15 +205,29 @@ TEST_CASE("a checkpoint resumes bit-identically, and within 1e-4 under another f
     CHECK(same[i].loss_text == tail[i].loss_text);  // bit-identical
   }
 
-  for (std::string const folding :
-       {"--tp 1 --cp 1 --pp 2 --world-size 8 --ep 2", "--world-size 1",
-        "--tp 2 --pp 2 --world-size 8 --ep 2 --num-virtual-stages-per-pipeline-rank 2"}) {
-    INFO("resumed under " << folding);
-    auto const tag = fmt::format("r{}", std::hash<std::string>{}(folding) % 100000);
-    expect_same_losses(
-        train(folding + " --train-iters 6 --load " + ckpt + " --ckpt-step 3", dir, tag), tail,
-        1e-4);
-  }
+  expect_resumes({"--tp 1 --cp 1 --pp 2 --world-size 8 --ep 2", "--world-size 1",
+                  "--tp 2 --pp 2 --world-size 8 --ep 2 --num-virtual-stages-per-pipeline-rank 2"},
+                 ckpt, tail, dir);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("the distributed optimizer trains with AdamW's losses, and its checkpoint resumes "
+          "under another folding with or without it",
+          "[train][checkpoint][distopt]") {
+  auto const dir = scratch("distopt");
+  auto const ckpt = (dir / "ckpt").string();
+  std::string const folding = "--tp 1 --cp 1 --pp 2 --world-size 8 --ep 2 --train-iters 6";  // DP 4, EDP 2
+  auto const plain = train(folding, dir, "plain");
+  auto const sharded = train(folding +
+                                 " --use-distributed-optimizer "
+                                 "--num-distributed-optimizer-instances 2 --save " +
+                                 ckpt + " --save-interval 3",
+                             dir, "sharded");
+  expect_same_losses(sharded, plain, 1e-5);
+  std::vector<StepLog> const tail(sharded.begin() + 3, sharded.end());
+  expect_resumes({"--world-size 1", "--world-size 1 --use-distributed-optimizer",
+                  "--tp 2 --cp 2 --pp 2 --ep 2 --etp 1 --use-distributed-optimizer"},
+                 ckpt, tail, dir);
   fs::remove_all(dir);
 }
 
@@ -330,6 +355,8 @@ TEST_CASE("invalid flag combinations exit with status 2 and one line", "[train][
         "--tp 2 --pp 2 --world-size 4 --num-virtual-stages-per-pipeline-rank 2 "
         "--global-batch-size 3",
         "--world-size 1 --no-such-flag 1", "--world-size 1 --ep 3 --num-experts 8",
+        "--world-size 1 --num-distributed-optimizer-instances 2",  // needs the flag below
+        "--world-size 1 --use-distributed-optimizer --num-distributed-optimizer-instances 2",
         "--world-size 1 --moe-router-score-function relu",
         "--world-size 1 --moe-router-load-balancing-type aux_los",
         "--world-size 1 --moe-router-enable-expert-bias",            // needs the sigmoid score

@@ -27,6 +27,20 @@ struct AdamWConfig {
   double weight_decay = 0.1;
 };
 
+/// The update of step `step` (1-based) with learning rate `lr`: `config`'s coefficients, the
+/// bias corrections 1 − β^step, and weight decay for `decay` (parameters of more than one row).
+inline ops::AdamWStep adamw_step(AdamWConfig const& config, double lr, std::int64_t step,
+                                 bool decay) {
+  return ops::AdamWStep{.lr = lr,
+                        .beta1 = config.beta1,
+                        .beta2 = config.beta2,
+                        .eps = config.eps,
+                        .weight_decay = config.weight_decay,
+                        .c1 = 1.0 - std::pow(config.beta1, static_cast<double>(step)),
+                        .c2 = 1.0 - std::pow(config.beta2, static_cast<double>(step)),
+                        .decay = decay};
+}
+
 template <ExecutionInstance Exec, class T>
 class AdamW {
  public:
@@ -49,19 +63,9 @@ class AdamW {
   /// One update with learning rate `lr` from the (reduced, clipped) gradients.
   void step(double lr) {
     ++steps_;
-    double const c1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(steps_));
-    double const c2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(steps_));
     for (std::size_t k = 0; k < params_.size(); ++k) {
       Param<T>& p = *params_[k];
-      ops::adamw_update(exec_,
-                        ops::AdamWStep{.lr = lr,
-                                       .beta1 = cfg_.beta1,
-                                       .beta2 = cfg_.beta2,
-                                       .eps = cfg_.eps,
-                                       .weight_decay = cfg_.weight_decay,
-                                       .c1 = c1,
-                                       .c2 = c2,
-                                       .decay = p.global_rows > 1},
+      ops::adamw_update(exec_, adamw_step(cfg_, lr, steps_, p.global_rows > 1),
                         View<T, memory_space>(p.value), View<T const, memory_space>(p.grad),
                         exp_avg_[k].view(), exp_avg_sq_[k].view());
     }
@@ -74,6 +78,14 @@ class AdamW {
   /// First and second moments of parameter k (same layout as its value), for checkpoints.
   Moments& exp_avg(std::size_t k) { return exp_avg_.at(k); }
   Moments& exp_avg_sq(std::size_t k) { return exp_avg_sq_.at(k); }
+  /// Bytes of optimizer state (both moments of every parameter).
+  std::int64_t state_bytes() const {
+    std::int64_t n = 0;
+    for (std::size_t k = 0; k < exp_avg_.size(); ++k)
+      n += static_cast<std::int64_t>((exp_avg_[k].size() + exp_avg_sq_[k].size()) *
+                                     sizeof(typename Moments::value_type));
+    return n;
+  }
 
  private:
   Exec exec_;

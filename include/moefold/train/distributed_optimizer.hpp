@@ -199,24 +199,14 @@ class DistributedOptimizer {
   /// all-gathered over the shard groups. Collective over the shard groups.
   void step(double lr) {
     ++steps_;
-    double const c1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(steps_));
-    double const c2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(steps_));
     for (auto& b : buckets_) {
       auto shard = exec_.template allocate<T>(b.shard_size);
       ops::fill(exec_, shard.view(), T{});
       for (auto const& s : b.segments) {
         Param<T>& p = *params_[s.param];
         auto value = View<T, memory_space>(p.value).cols(s.param_offset, s.size);
-        ops::adamw_update(exec_,
-                          ops::AdamWStep{.lr = lr,
-                                         .beta1 = cfg_.beta1,
-                                         .beta2 = cfg_.beta2,
-                                         .eps = cfg_.eps,
-                                         .weight_decay = cfg_.weight_decay,
-                                         .c1 = c1,
-                                         .c2 = c2,
-                                         .decay = p.global_rows > 1},
-                          value, shard_grad(b, s), b.exp_avg.view().cols(s.state_offset, s.size),
+        ops::adamw_update(exec_, adamw_step(cfg_, lr, steps_, p.global_rows > 1), value,
+                          shard_grad(b, s), b.exp_avg.view().cols(s.state_offset, s.size),
                           b.exp_avg_sq.view().cols(s.state_offset, s.size));
         copy(exec_, View<T const, memory_space>(value), shard.view().cols(s.shard_offset, s.size));
       }
@@ -248,7 +238,8 @@ class DistributedOptimizer {
   std::int64_t state_bytes() const {
     std::int64_t n = 0;
     for (auto const& b : buckets_)
-      n += static_cast<std::int64_t>((b.exp_avg.size() + b.exp_avg_sq.size()) * sizeof(double));
+      n += static_cast<std::int64_t>((b.exp_avg.size() + b.exp_avg_sq.size()) *
+                                     sizeof(typename Moments::value_type));
     return n;
   }
   /// Bytes of the reduced gradient shards this rank holds (besides the parameters' gradients).

@@ -104,6 +104,7 @@ std::vector<ShardEntry> training_state_entries(
     DistributedOptimizer<Exec, T, C>& opt,
     std::type_identity_t<std::function<bool(Param<T> const&)>> const& writes, bool with_steps) {
   using Space = typename Exec::memory_space;
+  using Moment = typename DistributedOptimizer<Exec, T, C>::Moments::value_type;
   std::vector<ShardEntry> out;
   auto const& exec = opt.exec();
   for (Param<T>* p : opt.params())
@@ -115,12 +116,12 @@ std::vector<ShardEntry> training_state_entries(
       if (!opt.saves(s)) continue;
       Param<T> const& p = *opt.params()[s.param];
       auto const blocks = blocks_of_range(p.blocks, s.param_offset, s.size);
-      out.push_back(ShardEntry::of<Exec, double>(
+      out.push_back(ShardEntry::of<Exec, Moment>(
           exec, p.name + ".exp_avg", p.global_rows, p.global_cols, blocks,
-          View<double const, Space>(b.exp_avg.view().cols(s.state_offset, s.size))));
-      out.push_back(ShardEntry::of<Exec, double>(
+          View<Moment const, Space>(b.exp_avg.view().cols(s.state_offset, s.size))));
+      out.push_back(ShardEntry::of<Exec, Moment>(
           exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, blocks,
-          View<double const, Space>(b.exp_avg_sq.view().cols(s.state_offset, s.size))));
+          View<Moment const, Space>(b.exp_avg_sq.view().cols(s.state_offset, s.size))));
     }
   if (with_steps) out.push_back(detail::steps_entry(opt.steps()));
   return out;
@@ -129,15 +130,16 @@ std::vector<ShardEntry> training_state_entries(
 /// Loads every parameter's blocks, the moments of this rank's shard and the step count.
 template <class Exec, class T, class C>
 void restore_training_state(CheckpointReader const& ckpt, DistributedOptimizer<Exec, T, C>& opt) {
+  using Moment = typename DistributedOptimizer<Exec, T, C>::Moments::value_type;
   restore_parameters(ckpt, opt);
   auto const& exec = opt.exec();
   for (auto& b : opt.buckets())
     for (auto const& s : b.segments) {
       Param<T> const& p = *opt.params()[s.param];
       auto const blocks = blocks_of_range(p.blocks, s.param_offset, s.size);
-      ckpt.fill<Exec, double>(exec, p.name + ".exp_avg", p.global_rows, p.global_cols, blocks,
+      ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg", p.global_rows, p.global_cols, blocks,
                               b.exp_avg.view().cols(s.state_offset, s.size));
-      ckpt.fill<Exec, double>(exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, blocks,
+      ckpt.fill<Exec, Moment>(exec, p.name + ".exp_avg_sq", p.global_rows, p.global_cols, blocks,
                               b.exp_avg_sq.view().cols(s.state_offset, s.size));
     }
   opt.set_steps(detail::restore_steps(ckpt));

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 
@@ -26,6 +27,8 @@ using namespace moefold;
 namespace fs = std::filesystem;
 using Comm = inproc::Communicator;
 using DistOpt = DistributedOptimizer<test::Exec, float, Comm>;
+using Moment = DistOpt::Moments::value_type;  // the same type as AdamW's (checked below)
+static_assert(std::is_same_v<Moment, AdamW<test::Exec, float>::Moments::value_type>);
 
 namespace {
 
@@ -128,13 +131,13 @@ std::vector<RankResult> compare_steps(FoldingConfig const& cfg, Shapes shapes,
       auto const a = ref.list(), b = dist.list();
       for (std::size_t k = 0; k < a.size(); ++k) r.worst = std::max(r.worst, rel_diff(*b[k], *a[k]));
       for (std::size_t k = 0; k < a.size(); ++k) {
-        auto const bytes =
-            static_cast<std::int64_t>((adam.exp_avg(k).size() + adam.exp_avg_sq(k).size()) * 8);
+        auto const bytes = static_cast<std::int64_t>(
+            (adam.exp_avg(k).size() + adam.exp_avg_sq(k).size()) * sizeof(Moment));
         (a[k]->cls == ParamClass::expert ? r.unsharded_expert : r.unsharded_dense) += bytes;
       }
       for (auto const& bk : dopt.buckets())
         (bk.expert ? r.state_expert : r.state_dense) +=
-            static_cast<std::int64_t>((bk.exp_avg.size() + bk.exp_avg_sq.size()) * 8);
+            static_cast<std::int64_t>((bk.exp_avg.size() + bk.exp_avg_sq.size()) * sizeof(Moment));
       int const n = fold.num_distributed_optimizer_instances();
       r.shards_dense = fold.dp() * fold.cp() / n;
       r.shards_expert = fold.edp() / n;
