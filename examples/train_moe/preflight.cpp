@@ -81,7 +81,16 @@ double memory_estimate(TrainOptions const& o) {
   double const world = d(o.world > 0 ? o.world : o.tp * o.cp * o.pp);
   double const dp = std::max(1.0, world / d(o.tp * o.cp * o.pp));
   double const edp = std::max(1.0, world / d(o.ep * o.etp * o.pp));
-  double const weights = (dense * dp * d(o.cp) + expert * edp) * 4 * sizeof(float);
+  // Every replica holds its parameters and gradients; the two FP32 AdamW moments are held by
+  // every replica, or with the distributed optimizer once per optimizer instance (with the
+  // reduced gradient shards).
+  auto const bytes = [&](double elements, double replicas) {
+    double const state = o.use_distributed_optimizer
+                             ? 3 * d(o.num_distributed_optimizer_instances)
+                             : 2 * replicas;
+    return elements * (2 * replicas + state) * sizeof(float);
+  };
+  double const weights = bytes(dense, dp * d(o.cp)) + bytes(expert, edp);
   // Activations each layer keeps of its last forward (attention scores, four hidden-size
   // tensors, the experts' 3·FFN per routed token) and the output logits, for one microbatch of
   // every DP replica.

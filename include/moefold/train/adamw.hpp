@@ -4,11 +4,13 @@
 /// `weight_decay`: one state per local parameter shard, so every replica that holds the same
 /// reduced gradient makes the same update. One-dimensional parameters (norm weights, biases:
 /// a global tensor of one row) get no weight decay, as in Megatron. The update of each element
-/// is the body `ops::AdamWUpdate` (ops/adamw.hpp); the moments are fp64 buffers of the
-/// instance's memory space.
+/// is the body `ops::AdamWUpdate` (ops/adamw.hpp); the moments are buffers of the instance's
+/// memory space in `adam_moment_t<T>`: FP32 for FP32 (and BF16) parameters, as Megatron's Adam;
+/// double only for a double model (the finite-difference tier).
 
 #include <cmath>
 #include <concepts>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -19,6 +21,10 @@
 
 namespace moefold {
 inline namespace v0 {
+
+/// The type of the Adam moments of parameters of type `T`.
+template <class T>
+using adam_moment_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 struct AdamWConfig {
   double beta1 = 0.9;
@@ -45,15 +51,15 @@ template <ExecutionInstance Exec, class T>
 class AdamW {
  public:
   using memory_space = typename Exec::memory_space;
-  using Moments = Buffer<double, memory_space>;
+  using Moments = Buffer<adam_moment_t<T>, memory_space>;
 
   /// Optimizer state for `params` (zero moments) on `exec`. The list must stay the same.
   AdamW(Exec exec, ParamList<T> params, AdamWConfig config = {})
       : exec_(std::move(exec)), params_(std::move(params)), cfg_(config) {
     for (auto* p : params_) {
       auto const n = static_cast<std::int64_t>(p->size());
-      exp_avg_.push_back(exec_.template allocate<double>(n));
-      exp_avg_sq_.push_back(exec_.template allocate<double>(n));
+      exp_avg_.push_back(exec_.template allocate<adam_moment_t<T>>(n));
+      exp_avg_sq_.push_back(exec_.template allocate<adam_moment_t<T>>(n));
     }
   }
   AdamW(ParamList<T> params, AdamWConfig config = {})

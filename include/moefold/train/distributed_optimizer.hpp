@@ -87,7 +87,7 @@ template <ExecutionInstance Exec, class T, Communicator C>
 class DistributedOptimizer {
  public:
   using memory_space = typename Exec::memory_space;
-  using Moments = Buffer<double, memory_space>;
+  using Moments = Buffer<adam_moment_t<T>, memory_space>;
 
   /// The part of parameter `param` in this rank's shard of a bucket.
   struct Segment {
@@ -285,10 +285,10 @@ class DistributedOptimizer {
         state += hi - lo;
       }
       cur.grad = exec_.template allocate<T>(cur.shard_size);
-      cur.exp_avg = exec_.template allocate<double>(state);
-      cur.exp_avg_sq = exec_.template allocate<double>(state);
-      ops::fill(exec_, cur.exp_avg.view(), 0.0);
-      ops::fill(exec_, cur.exp_avg_sq.view(), 0.0);
+      cur.exp_avg = exec_.template allocate<adam_moment_t<T>>(state);
+      cur.exp_avg_sq = exec_.template allocate<adam_moment_t<T>>(state);
+      ops::fill(exec_, cur.exp_avg.view(), adam_moment_t<T>{});
+      ops::fill(exec_, cur.exp_avg_sq.view(), adam_moment_t<T>{});
       buckets_.push_back(std::move(cur));
       cur = Bucket{};
     };
