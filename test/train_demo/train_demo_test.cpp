@@ -224,6 +224,11 @@ TEST_CASE("the distributed optimizer trains with AdamW's losses, and its checkpo
                                  ckpt + " --save-interval 3",
                              dir, "sharded");
   expect_same_losses(sharded, plain, 1e-5);
+  // Per-token-loss mode divides the reduced shards by the global token count.
+  std::string const per_token = "--tp 1 --cp 1 --pp 2 --world-size 8 --ep 2 --train-iters 3 "
+                                "--calculate-per-token-loss";
+  expect_same_losses(train(per_token + " --use-distributed-optimizer", dir, "pt_sharded"),
+                     train(per_token, dir, "pt_plain"), 1e-5);
   std::vector<StepLog> const tail(sharded.begin() + 3, sharded.end());
   expect_resumes({"--world-size 1", "--world-size 1 --use-distributed-optimizer",
                   "--tp 2 --cp 2 --pp 2 --ep 2 --etp 1 --use-distributed-optimizer"},
