@@ -150,7 +150,9 @@ inline void export_hf_mixtral(CheckpointReader const& ckpt, std::filesystem::pat
   std::vector<char> bytes;  // the source tensor, whole, in its stored dtype
   DType dtype = DType::f32;
   for (auto const& p : detail::mixtral_pieces(c)) {
-    auto const [rows, cols] = shapes.at(p.source);
+    // Plain variables, not a structured binding: the lambda below captures them (clang 14, the
+    // fuzz phase's compiler, cannot capture bindings).
+    std::int64_t const rows = shapes.at(p.source).first, cols = shapes.at(p.source).second;
     if (loaded != p.source) {
       if (!ckpt.contains(p.source))
         throw error(errc::invalid_argument,
