@@ -83,8 +83,14 @@ class SimulatedDevice {
 
   /// The copies counted since construction (shared by the copies of this instance).
   DeviceTraffic const& traffic() const noexcept { return *traffic_; }
-  DeviceTraffic& traffic() noexcept { return *traffic_; }
   void reset_traffic() noexcept { *traffic_ = DeviceTraffic{}; }
+  /// Counts one copy of `bytes` across the bus (the counters are shared state, not the
+  /// instance's value: a const instance counts too).
+  void count_copy(bool to_host, std::int64_t bytes) const noexcept {
+    auto& d = to_host ? traffic_->to_host : traffic_->to_device;
+    ++d.calls;
+    d.bytes += bytes;
+  }
 
  private:
   std::shared_ptr<DeviceTraffic> traffic_ = std::make_shared<DeviceTraffic>();
@@ -108,13 +114,8 @@ template <class T, class Src, class S1, class S2>
            detail::sim_or_host_v<S2>)
 void copy(SimulatedDevice const& exec, View<Src, S1> src, View<T, S2> dst) {
   copy<T>(Cpu{}, detail::as_host(View<T const, S1>(src)), detail::as_host(dst));
-  auto& t = const_cast<SimulatedDevice&>(exec).traffic();
-  auto const bytes = src.size() * static_cast<std::int64_t>(sizeof(T));
-  if constexpr (!std::is_same_v<S1, S2>) {
-    auto& d = std::is_same_v<S2, HostSpace> ? t.to_host : t.to_device;
-    ++d.calls;
-    d.bytes += bytes;
-  }
+  if constexpr (!std::is_same_v<S1, S2>)
+    exec.count_copy(std::is_same_v<S2, HostSpace>, src.size() * static_cast<std::int64_t>(sizeof(T)));
 }
 
 template <class T>
