@@ -71,7 +71,10 @@ inline DecoderModelConfig model_config(TrainOptions const& o) {
           .add_qkv_bias = o.add_qkv_bias,
           .seed = o.seed,
           .calculate_per_token_loss = o.calculate_per_token_loss,
-          .check_activations_and_grads = o.check_activations_and_grads};
+          .check_activations_and_grads = o.check_activations_and_grads,
+          .recompute_granularity = o.recompute_granularity == "full"
+                                       ? RecomputeGranularity::full
+                                       : RecomputeGranularity::none};
 }
 
 }  // namespace moefold::train_demo

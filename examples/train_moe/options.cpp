@@ -141,6 +141,10 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_flag("--check-activations-and-grads", o.check_activations_and_grads,
                "Check every layer's output, the logits and every input gradient for NaN/Inf "
                "(moefold's own; names the layer)");
+  app.add_option("--recompute-granularity", o.recompute_granularity,
+                 "full: keep only each pipeline chunk's input and recompute its forward in the "
+                 "backward (default: keep every in-flight microbatch's activations)")
+      ->check(CLI::IsMember({"full"}));
   app.add_flag("--no-check-for-nan-in-loss-and-grad", no_nan_check,
                "Keep training when the loss or the gradient norm is NaN or infinite");
   app.add_option("--distributed-timeout-minutes", o.distributed_timeout_minutes,

@@ -74,6 +74,9 @@ struct TrainOptions {
   bool check_for_nan = true;
   /// moefold's own opt-in per-layer check (--check-activations-and-grads): names the layer.
   bool check_activations_and_grads = false;
+  /// --recompute-granularity: "" keeps every in-flight microbatch's activations (Megatron's
+  /// default); "full" re-runs each chunk's forward in its backward.
+  std::string recompute_granularity;
   /// --distributed-timeout-minutes: how long a rank waits in a collective before the run fails
   /// (Megatron's default, 10), in-process and under MPI.
   int distributed_timeout_minutes = 10;

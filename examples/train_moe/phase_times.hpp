@@ -67,6 +67,10 @@ class TimedBlock {
   std::span<std::int64_t> expert_bias_counts() noexcept { return inner_.expert_bias_counts(); }
   void apply_expert_bias_update() { inner_.apply_expert_bias_update(); }
   void reset_step_state() { inner_.reset_step_state(); }
+  // Per-microbatch activations (nn/microbatch_stash.hpp).
+  void stash(int mb) { inner_.stash(mb); }
+  void restore(int mb) { inner_.restore(mb); }
+  void drop_stashed() { inner_.drop_stashed(); }
 
  private:
   Inner inner_;

@@ -43,6 +43,9 @@ struct TimedDispatcher {
       return timed(phase_times().dispatch, [&] { return inner_.dispatch_backward(dx, dprobs); });
     }
     DispatchMetadata const& metadata() const { return inner_.metadata(); }
+    void stash(int mb) { inner_.stash(mb); }
+    void restore(int mb) { inner_.restore(mb); }
+    void drop_stashed() { inner_.drop_stashed(); }
 
    private:
     template <class F>

@@ -88,6 +88,7 @@
 #include "moefold/nn/decoder_layer.hpp"
 #include "moefold/nn/dense_mlp.hpp"
 #include "moefold/nn/forward_context.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/nn/rms_norm.hpp"
 #include "moefold/nn/rotary.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"

@@ -12,6 +12,7 @@
 
 #include "moefold/moe/all_to_all_dispatcher.hpp"
 #include "moefold/moe/detail/expert_rows.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/dispatch.hpp"
 
 namespace moefold {
@@ -51,6 +52,11 @@ class AllGatherTokenDispatcher {
   }
 
   DispatchMetadata const& metadata() const noexcept { return meta_; }
+
+  /// Per-microbatch saved state (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
 
   /// Applies the drop policy locally, all-gathers the routing map over `tp_ep` and selects the
   /// local experts' entries. Collective over `tp_ep`; throws when ranks hold different T.
@@ -201,6 +207,11 @@ class AllGatherTokenDispatcher {
         what);
   }
 
+  /// The plan and what combine and the backwards read.
+  auto saved() {
+    return std::tuple_cat(std::tie(meta_, routing_, gathered_tokens_, entry_), experts_.saved());
+  }
+
   Exec exec_;
   DispatcherConfig cfg_;
   Drop drop_;
@@ -214,6 +225,7 @@ class AllGatherTokenDispatcher {
   Buffer<std::int64_t, Space> entry_;  // gathered routed entry of each expert row (−1: padding)
   // Per-plan temporaries, reused: sort keys and the drop policy's rankings.
   Buffer<std::int64_t, Space> keys_, local_keys_, status_keys_, workspace_;
+  MicrobatchStash stash_;
 };
 
 /// Policy tag: `AllGatherDispatcher<Drop>::dispatcher<Exec, Comm, Real>` is the dispatcher type.

@@ -20,6 +20,7 @@
 #include "moefold/moe/detail/expert_rows.hpp"
 #include "moefold/moe/permutation.hpp"
 #include "moefold/moe/token_dispatcher.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/dispatch.hpp"
 #include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/permute.hpp"
@@ -191,6 +192,11 @@ class AllToAllTokenDispatcher {
   }
 
   DispatchMetadata const& metadata() const noexcept { return meta_; }
+
+  /// Per-microbatch saved state (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
 
   /// Applies the drop policy to this rank's routing (capacity on local tokens) and computes the
   /// splits. Collective over `tp_ep` (count all-gather), except in drop-and-pad mode. Copies
@@ -479,6 +485,13 @@ class AllToAllTokenDispatcher {
     return out;
   }
 
+  /// The plan and what combine and the backwards read.
+  auto saved() {
+    return std::tuple_cat(std::tie(meta_, routing_, send_map_, send_entry_, gathered_rows_,
+                                   send_routed_, slot_, gathered_p_),
+                          experts_.saved());
+  }
+
   Exec exec_;
   DispatcherConfig cfg_;
   Drop drop_;
@@ -495,6 +508,7 @@ class AllToAllTokenDispatcher {
   Buffer<Real, Space> gathered_p_;
   // Per-plan temporaries, reused: sort keys and the drop policy's rankings.
   Buffer<std::int64_t, Space> keys_, dest_keys_, expand_keys_, status_keys_, workspace_;
+  MicrobatchStash stash_;
 };
 
 /// Policy tag: `AllToAllDispatcher<Drop>::dispatcher<Exec, Comm, Real>` is the dispatcher type.

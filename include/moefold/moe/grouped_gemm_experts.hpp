@@ -28,6 +28,7 @@
 #include "moefold/core/view.hpp"
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/grouped_gemm.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/activations.hpp"
 #include "moefold/ops/row_scale.hpp"
 
@@ -113,6 +114,11 @@ class GroupedGemmExperts {
   }
   Param<T, Space>& fc1(int local) { return fc1_.at(static_cast<std::size_t>(local)); }
   Param<T, Space>& fc2(int local) { return fc2_.at(static_cast<std::size_t>(local)); }
+
+  /// Per-microbatch saved state (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
 
   /// y [N, H] for rows x [N, H] grouped by local expert (`tokens_per_expert[l]` consecutive
   /// rows each) with their routing probabilities `probs` [N]. Keeps what backward needs.
@@ -277,6 +283,7 @@ class GroupedGemmExperts {
   void run(std::vector<GemmProblem<T>> const& ps) {
     grouped_gemm<Gemm>(exec_, std::span<GemmProblem<T> const>(ps), workspace_);
   }
+  auto saved() { return std::tie(rows_, with_probs_, counts_, x_, probs_, h1_, act_, scaled_); }
 
   Exec exec_;
   ExpertsConfig cfg_;
@@ -289,6 +296,7 @@ class GroupedGemmExperts {
   // backward's temporaries, reused
   Buffer<T, Space> d_scaled_, d_act_, dh1_;
   Buffer<std::byte, Space> workspace_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

@@ -46,6 +46,7 @@
 #include "moefold/moe/router.hpp"
 #include "moefold/nn/dense_mlp.hpp"
 #include "moefold/nn/forward_context.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/core/buffer.hpp"
 #include "moefold/core/param.hpp"
 #include "moefold/core/view.hpp"
@@ -327,12 +328,48 @@ class MoELayer {
   /// recomputation are reset.
   void reset_step_state() { router_.reset_step_state(); }
 
+  /// Per-microbatch saved state of the router, dispatcher, experts and shared expert
+  /// (nn/microbatch_stash.hpp).
+  void stash(int mb)
+    requires StashingLayer<Router> && StashingLayer<DispatcherType> &&
+             StashingLayer<Experts>
+  {
+    stash_.stash(mb, saved());
+    router_.stash(mb);
+    dispatcher_.stash(mb);
+    experts_.stash(mb);
+    if (shared_) shared_->stash(mb);
+  }
+  void restore(int mb)
+    requires StashingLayer<Router> && StashingLayer<DispatcherType> &&
+             StashingLayer<Experts>
+  {
+    stash_.restore(mb, saved());
+    router_.restore(mb);
+    dispatcher_.restore(mb);
+    experts_.restore(mb);
+    if (shared_) shared_->restore(mb);
+  }
+  void drop_stashed()
+    requires StashingLayer<Router> && StashingLayer<DispatcherType> &&
+             StashingLayer<Experts>
+  {
+    stash_.drop();
+    router_.drop_stashed();
+    dispatcher_.drop_stashed();
+    experts_.drop_stashed();
+    if (shared_) shared_->drop_stashed();
+  }
+
   /// The last plan's dispatcher metadata (splits, tokens per local expert, bytes sent).
   DispatchMetadata const& dispatch_metadata() const noexcept { return dispatcher_.metadata(); }
   Router& router() noexcept { return router_; }
   Experts& experts() noexcept { return experts_; }
 
  private:
+  /// What backward reads of the forward (besides the sub-layers' own).
+  auto saved() { return std::tie(shared_out_, gate_, x_, aux_loss_scale_); }
+
   /// A reusable buffer of n elements (reallocated only when the size changes).
   void resize(Buffer<T, Space>& b, std::int64_t n) {
     if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<T>(n);
@@ -367,6 +404,7 @@ class MoELayer {
   Buffer<T, Space> d_shared_, dz_;               // backward's temporaries
   double aux_loss_ = 0;
   double aux_loss_scale_ = 1.0;
+  MicrobatchStash stash_;
 };
 
 /// The default MoE block for a decoder layer's MLP slot on instance `Exec`: softmax top-k

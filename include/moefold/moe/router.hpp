@@ -38,6 +38,7 @@
 #include "moefold/moe/sinkhorn.hpp"
 #include "moefold/moe/top_k.hpp"
 #include "moefold/nn/forward_context.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/aux_loss.hpp"
 #include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/router.hpp"
@@ -137,6 +138,11 @@ class TopKRouter {
   std::span<std::int64_t const> local_tokens_per_expert() const noexcept {
     return local_tokens_per_expert_;
   }
+
+  /// Per-microbatch saved state (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
 
   /// Routes the `tokens` local tokens `x [T, H]` (token `t = s·B + b`, B = `ctx.batch`).
   /// On a `train` forward, collective over `groups.tp_cp` when an aux/seq-aux loss is enabled
@@ -284,6 +290,12 @@ class TopKRouter {
     std::vector<U> out(static_cast<std::size_t>(v.size()));
     copy<U>(exec_, v, View<U>(out));
     return out;
+  }
+
+  /// What backward reads of the last forward.
+  auto saved() {
+    return std::tie(tokens_, tp_cp_size_, has_aux_, has_z_, jittered_, per_token_factor_,
+                    jitter_key_, jitter_tokens_, x_, logits_, aux_scores_, aux_d_scores_, topk_);
   }
 
   Real prob_scale() const noexcept {
@@ -559,6 +571,7 @@ class TopKRouter {
   Buffer<int, memory_space> aux_topk_;
   Buffer<std::int64_t, memory_space> counts_, seq_counts_, aux_keys_, non_finite_, bias_counts_;
   Buffer<double, memory_space> counts_gradient_, z_work_, sinkhorn_work_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

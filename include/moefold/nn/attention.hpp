@@ -36,6 +36,7 @@
 #include "moefold/exec/instance.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/context_parallel.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/nn/rotary.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
@@ -224,6 +225,23 @@ class Attention {
     return {&qkv_.weight(), &proj_.weight()};
   }
 
+  /// Per-microbatch saved tensors (nn/microbatch_stash.hpp).
+  void stash(int mb) {
+    stash_.stash(mb, saved());
+    qkv_.stash(mb);
+    proj_.stash(mb);
+  }
+  void restore(int mb) {
+    stash_.restore(mb, saved());
+    qkv_.restore(mb);
+    proj_.restore(mb);
+  }
+  void drop_stashed() {
+    stash_.drop();
+    qkv_.drop_stashed();
+    proj_.drop_stashed();
+  }
+
  private:
   static AttentionConfig normalized(AttentionConfig c, int tp) {
     std::string const layer = "Attention '" + c.name + "'";
@@ -260,6 +278,8 @@ class Attention {
   ops::HeadLayout kv_layout(std::int64_t which) const noexcept {
     return {width(), 1, q_per_group() + 2, q_per_group() + which, cfg_.head_dim};
   }
+  /// What backward reads of the forward (the RoPE tables depend on the shard only).
+  auto saved() { return std::tie(shard_, batch_, q_pos_, k_pos_, q_, k_, v_, probs_); }
 
   Exec exec_;
   AttentionConfig cfg_;
@@ -277,6 +297,7 @@ class Attention {
   // Per-step temporaries, reused across calls.
   Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dk_, dv_, dp_, dk_local_,
       dv_local_, dqkv_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

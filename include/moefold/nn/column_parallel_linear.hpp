@@ -26,6 +26,7 @@
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/nn/detail/tensor.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -117,13 +118,21 @@ class ColumnParallelLinear {
   Param<T, Space>& weight() noexcept { return weight_; }
   ParamList<T> parameters() { return {&weight_}; }
 
+  /// Per-microbatch saved tensors (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
+
  private:
+  auto saved() { return std::tie(x_full_, rows_); }
+
   Exec exec_;
   LinearConfig cfg_;
   Comm* tp_;
   Param<T, Space> weight_;
   Buffer<T, Space> x_full_, dx_full_;
   std::int64_t rows_ = 0;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

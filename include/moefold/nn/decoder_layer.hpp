@@ -28,6 +28,7 @@
 #include "moefold/nn/dense_mlp.hpp"
 #include "moefold/nn/detail/tensor.hpp"
 #include "moefold/nn/forward_context.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/nn/rms_norm.hpp"
 #include "moefold/ops/elementwise.hpp"
 
@@ -161,6 +162,27 @@ class DecoderLayer {
 
   Attention<Exec, T, Comm>& attention() noexcept { return attention_; }
   Mlp& mlp() noexcept { return mlp_; }
+
+  /// Per-microbatch saved tensors of every sub-layer (nn/microbatch_stash.hpp); the layer's own
+  /// buffers are temporaries. Needs an MLP slot that is a `StashingLayer`.
+  void stash(int mb) requires StashingLayer<Mlp> {
+    input_norm_.stash(mb);
+    attention_.stash(mb);
+    mlp_norm_.stash(mb);
+    mlp_.stash(mb);
+  }
+  void restore(int mb) requires StashingLayer<Mlp> {
+    input_norm_.restore(mb);
+    attention_.restore(mb);
+    mlp_norm_.restore(mb);
+    mlp_.restore(mb);
+  }
+  void drop_stashed() requires StashingLayer<Mlp> {
+    input_norm_.drop_stashed();
+    attention_.drop_stashed();
+    mlp_norm_.drop_stashed();
+    mlp_.drop_stashed();
+  }
   ParamList<T> parameters() {
     ParamList<T> out = input_norm_.parameters();
     append(out, attention_.parameters());

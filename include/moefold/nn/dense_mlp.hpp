@@ -24,6 +24,7 @@
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/detail/tensor.hpp"
 #include "moefold/nn/forward_context.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/ops/activations.hpp"
 
@@ -111,12 +112,30 @@ class DenseMlp {
   RowParallelLinear<Exec, T, Comm>& linear_fc2() noexcept { return fc2_; }
   ParamList<T> parameters() { return {&fc1_.weight(), &fc2_.weight()}; }
 
+  /// Per-microbatch saved tensors (nn/microbatch_stash.hpp).
+  void stash(int mb) {
+    stash_.stash(mb, std::tie(h_));
+    fc1_.stash(mb);
+    fc2_.stash(mb);
+  }
+  void restore(int mb) {
+    stash_.restore(mb, std::tie(h_));
+    fc1_.restore(mb);
+    fc2_.restore(mb);
+  }
+  void drop_stashed() {
+    stash_.drop();
+    fc1_.drop_stashed();
+    fc2_.drop_stashed();
+  }
+
  private:
   Exec exec_;
   Config cfg_;
   ColumnParallelLinear<Exec, T, Comm> fc1_;
   RowParallelLinear<Exec, T, Comm> fc2_;
   Buffer<T, Space> h_, act_, dact_, dh_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

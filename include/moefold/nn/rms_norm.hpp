@@ -17,6 +17,7 @@
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/nn/detail/tensor.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/rms_norm.hpp"
 
 namespace moefold {
@@ -81,12 +82,20 @@ class RmsNorm {
   Param<T, Space>& weight() noexcept { return weight_; }
   ParamList<T> parameters() { return {&weight_}; }
 
+  /// Per-microbatch saved tensors (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
+
  private:
+  auto saved() { return std::tie(x_, rstd_); }
+
   Exec exec_;
   RMSNormConfig cfg_;
   Param<T, Space> weight_;
   Buffer<T, Space> x_;
   Buffer<T, Space> rstd_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

@@ -23,6 +23,7 @@
 #include "moefold/exec/instance.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
 #include "moefold/nn/detail/tensor.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -101,13 +102,21 @@ class RowParallelLinear {
   Param<T, Space>& weight() noexcept { return weight_; }
   ParamList<T> parameters() { return {&weight_}; }
 
+  /// Per-microbatch saved tensors (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, saved()); }
+  void restore(int mb) { stash_.restore(mb, saved()); }
+  void drop_stashed() { stash_.drop(); }
+
  private:
+  auto saved() { return std::tie(x_, rows_); }
+
   Exec exec_;
   LinearConfig cfg_;
   Comm* tp_;
   Param<T, Space> weight_;
   Buffer<T, Space> x_, partial_, dy_full_;
   std::int64_t rows_ = 0;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

@@ -24,6 +24,7 @@
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/nn/detail/tensor.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/cross_entropy.hpp"
 
 namespace moefold {
@@ -92,12 +93,18 @@ class VocabParallelCrossEntropy {
                                 [&](View<T, Space> d) { backward(dloss, d); });
   }
 
+  /// Per-microbatch saved softmax and labels (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, std::tie(softmax_, labels_)); }
+  void restore(int mb) { stash_.restore(mb, std::tie(softmax_, labels_)); }
+  void drop_stashed() { stash_.drop(); }
+
  private:
   Exec exec_;
   std::int64_t vocab_;
   Comm* tp_;
   Buffer<T, Space> softmax_, mx_, sum_, target_;
   Buffer<std::int64_t, Space> labels_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

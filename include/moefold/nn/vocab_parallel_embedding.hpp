@@ -23,6 +23,7 @@
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/nn/detail/tensor.hpp"
+#include "moefold/nn/microbatch_stash.hpp"
 #include "moefold/ops/embedding.hpp"
 
 namespace moefold {
@@ -112,6 +113,11 @@ class VocabParallelEmbedding {
   Param<T, Space>& weight() noexcept { return weight_; }
   ParamList<T> parameters() { return {&weight_}; }
 
+  /// Per-microbatch saved ids (nn/microbatch_stash.hpp).
+  void stash(int mb) { stash_.stash(mb, std::tie(ids_)); }
+  void restore(int mb) { stash_.restore(mb, std::tie(ids_)); }
+  void drop_stashed() { stash_.drop(); }
+
  private:
   Exec exec_;
   EmbeddingConfig cfg_;
@@ -119,6 +125,7 @@ class VocabParallelEmbedding {
   Param<T, Space> weight_;
   Buffer<std::int64_t, Space> ids_, key_, counts_, offsets_, order_;
   Buffer<T, Space> full_;
+  MicrobatchStash stash_;
 };
 
 namespace cpu {

@@ -13,11 +13,14 @@
 /// interleaved layout); parameters carry the global layer number ("decoder.layers.<i>…"), so every
 /// folding holds slices of the same global tensors.
 ///
-/// Activations: full recomputation (Megatron's `--recompute-granularity full`). Layers keep the
-/// saved tensors of their last forward only, while a pipeline schedule has several microbatches
-/// in flight; the stage therefore stashes each microbatch's chunk input and, in `backward`,
-/// re-runs the chunk's forward for that microbatch before its backward — unless the chunk's last
-/// forward was that very microbatch (1F1B's last stage), where the layers' state is still valid.
+/// Activations (Megatron's `recompute_granularity`): a pipeline schedule has several microbatches
+/// in flight. By default (`none`, as Megatron) every layer keeps each in-flight microbatch's
+/// saved tensors: after a chunk's forward the stage stashes them under the microbatch
+/// (nn/microbatch_stash.hpp) and restores them before its backward, so each microbatch runs
+/// one forward. With `full` the stage keeps only each microbatch's chunk input and, in
+/// `backward`, re-runs the chunk's forward before its backward — unless the chunk's last forward
+/// was that very microbatch (1F1B's last stage) — trading compute for activation memory. `none`
+/// needs every layer to be a `StashingLayer` (the library's are; a custom MLP slot may not be).
 /// All ranks of a pipeline stage run the same actions in the same order, so the collectives
 /// inside the layers (tp, cp, and the MLP slot's groups) stay matched.
 ///
@@ -68,6 +71,13 @@
 namespace moefold {
 inline namespace v0 {
 
+/// What a pipeline stage keeps of each in-flight microbatch (Megatron's
+/// `--recompute-granularity`; `selective` is not offered).
+enum class RecomputeGranularity : std::uint8_t {
+  none,  ///< every layer keeps the microbatch's saved tensors (the default, as Megatron)
+  full,  ///< keep each chunk's input only and re-run its forward before the backward
+};
+
 /// Sizes of a decoder-only model (Megatron's names in comments). The MLP slot has its own
 /// config.
 struct DecoderModelConfig {
@@ -91,6 +101,9 @@ struct DecoderModelConfig {
   /// logits and every layer's input gradient must be finite; the first that is not throws,
   /// naming the layer, the microbatch and the rank.
   bool check_activations_and_grads = false;
+  /// `recompute_granularity`: `none` keeps every in-flight microbatch's activations, `full`
+  /// recomputes each chunk's forward in its backward (see `DecoderStage`).
+  RecomputeGranularity recompute_granularity = RecomputeGranularity::none;
 };
 
 /// This rank's token ids and labels of one microbatch: its CP-local tokens [S/CP · B]
@@ -132,6 +145,11 @@ class DecoderStage {
         pp_rank_(groups.pp().rank()) {
     int const stages = pp_ * chunks;
     MOEFOLD_EXPECTS(chunks >= 1, "DecoderStage: chunks must be at least 1 (got {})", chunks);
+    if (!recomputes() && !kLayersStash)
+      throw invalid_config(
+          "recompute_granularity none keeps every in-flight microbatch's activations, which "
+          "needs an MLP slot that can stash them (a StashingLayer: stash, restore, "
+          "drop_stashed); this MLP slot cannot: use recompute_granularity full");
     if (cfg_.num_layers < 1 || cfg_.num_layers % stages != 0)
       throw invalid_config(fmt::format(
           "num_layers = {} is not divisible by PP·VPP = {}·{} = {} (every virtual pipeline "
@@ -192,6 +210,7 @@ class DecoderStage {
     for (auto& [key, saved] : stash_) spare_.push_back(std::move(saved));
     stash_.clear();
     for (auto& c : chunks_) c.fresh = -1;
+    for (int c = 0; c < num_chunks(); ++c) for_each_stashing(c, [](auto& l) { l.drop_stashed(); });
   }
 
   /// Calls `f(mb, chunk)` after every scheduled forward of a chunk (not after the recomputation
@@ -207,7 +226,7 @@ class DecoderStage {
   /// virtual stage `out[0]` receives the microbatch's scaled loss (mean over this rank's tokens,
   /// divided by M).
   void forward(int mb, int chunk, std::span<T const> in, std::span<T> out) {
-    if (!is_first(chunk) && training_) {
+    if (!is_first(chunk) && training_ && recomputes()) {
       auto& saved = stash_[{mb, chunk}];
       saved = take_activation(static_cast<std::int64_t>(in.size()));
       copy(exec_, View<T const, memory_space>(in), saved.view());
@@ -223,22 +242,26 @@ class DecoderStage {
       copy(exec_, yv.cols(0, 1), ov.cols(0, 1));
     else
       copy(exec_, yv, ov);
+    if (training_ && !recomputes()) for_each_stashing(chunk, [mb](auto& l) { l.stash(mb); });
   }
 
-  /// Backward of microbatch `mb` through chunk `chunk`: recomputes the chunk's forward when its
-  /// layers hold another microbatch's state, then back-propagates and accumulates gradients.
+  /// Backward of microbatch `mb` through chunk `chunk`: restores the microbatch's stashed
+  /// activations (or, with `recompute_granularity` full, recomputes the chunk's forward when its
+  /// layers hold another microbatch's state), then back-propagates and accumulates gradients.
   void backward(int mb, int chunk, std::span<T const> out_grad, std::span<T> in_grad) {
     if (!training_) return;  // evaluation: in_grad stays zero
     auto& ch = chunks_[static_cast<std::size_t>(chunk)];
     Buffer<T, memory_space> input;
-    if (!is_first(chunk)) {
+    if (!recomputes()) {
+      for_each_stashing(chunk, [mb](auto& l) { l.restore(mb); });
+    } else if (!is_first(chunk)) {
       auto it = stash_.find({mb, chunk});
       MOEFOLD_EXPECTS(it != stash_.end(),
                       "DecoderStage: no stashed input of microbatch {} chunk {}", mb, chunk);
       input = std::move(it->second);
       stash_.erase(it);
     }
-    if (ch.fresh != mb)
+    if (recomputes() && ch.fresh != mb)
       run_chunk(mb, chunk, std::span<T const>(input.view()), ForwardMode::recompute);
     ch.fresh = -1;
 
@@ -349,6 +372,27 @@ class DecoderStage {
       if (static_cast<std::int64_t>(b.size()) == n) return b;
     }
     return exec_.template allocate<T>(n);
+  }
+
+  /// Whether every decoder layer can keep several microbatches' activations.
+  static constexpr bool kLayersStash = StashingLayer<Layer>;
+  bool recomputes() const noexcept {
+    return cfg_.recompute_granularity == RecomputeGranularity::full;
+  }
+  /// Calls `f(layer)` for every layer of chunk `chunk` that keeps saved tensors: its decoder
+  /// layers, and the embedding or the head where the chunk holds them (no-op when the decoder
+  /// layers cannot stash: then the stage recomputes).
+  template <class F>
+  void for_each_stashing(int chunk, F&& f) {
+    if constexpr (kLayersStash) {
+      for (auto& l : chunks_[static_cast<std::size_t>(chunk)].layers) f(*l);
+      if (is_first(chunk)) f(*embedding_);
+      if (is_last(chunk)) {
+        f(*final_norm_);
+        f(*output_);
+        f(*cross_entropy_);
+      }
+    }
   }
 
   template <class F>

@@ -88,7 +88,8 @@ MoELayerConfig moe_config(Losses const& l) {
   return c;
 }
 
-DecoderModelConfig model_config(bool per_token) {
+DecoderModelConfig model_config(bool per_token,
+                                RecomputeGranularity recompute = RecomputeGranularity::none) {
   return {.vocab = kVocab,
           .hidden = kHidden,
           .num_layers = kLayers,
@@ -98,7 +99,8 @@ DecoderModelConfig model_config(bool per_token) {
           .micro_batch = kBatch,
           .seed = 11,
           .init_scale = 0.3,
-          .calculate_per_token_loss = per_token};
+          .calculate_per_token_loss = per_token,
+          .recompute_granularity = recompute};
 }
 
 std::int64_t token_of(std::int64_t sequence, std::int64_t position) {
@@ -163,13 +165,14 @@ double run_step(Stage& stage, ProcessGroups<Comm>& groups, SequenceShard const& 
 /// Trains `steps` SGD steps under `fold` (VPP `vpp`); every rank records what its routers saw
 /// (replicas record the same values, and the test compares each against the reference).
 std::vector<StepRecord> train(FoldingConfig const& fold_cfg, int vpp, Losses const& losses,
-                              int steps = 3) {
+                              int steps = 3,
+                              RecomputeGranularity recompute = RecomputeGranularity::none) {
   auto const fold = FoldedMapping::from(fold_cfg);
   std::vector<StepRecord> out(static_cast<std::size_t>(steps));
   std::mutex mu;
   inproc::run(fold.world_size(), [&](Comm& world) {
     ProcessGroups<Comm> groups(fold, world);
-    Stage stage(model_config(losses.per_token), moe_config(losses), groups, vpp);
+    Stage stage(model_config(losses.per_token, recompute), moe_config(losses), groups, vpp);
     auto const shard = SequenceShard::of(groups, kSeq, kBatch);
     auto const params = stage.parameters();
     for (int s = 1; s <= steps; ++s) {
@@ -227,6 +230,9 @@ TEST_CASE(
   CHECK(serial.back().loss < serial.front().loss);
   expect_same_steps(train(kTpCpPpVpp, 2, losses), serial, "TP2·CP2·PP2·VPP2 / EP4");
   expect_same_steps(train(kCpPp, 1, losses), serial, "CP2·PP2 / EP2");
+  // Megatron's --recompute-granularity full: the stage re-runs each chunk's forward.
+  expect_same_steps(train(kTpCpPpVpp, 2, losses, 3, RecomputeGranularity::full), serial,
+                    "TP2·CP2·PP2·VPP2 / EP4, full recomputation");
 }
 
 TEST_CASE("with the local auxiliary losses on, DP 2 folded steps equal the 1-rank steps",
@@ -271,7 +277,7 @@ TEST_CASE("statistics are counted once per microbatch: never on a recompute or a
     inproc::run(fold.world_size(), [&](Comm& world) {
       auto& fail = failures[static_cast<std::size_t>(world.rank())];
       ProcessGroups<Comm> groups(fold, world);
-      Stage stage(model_config(false), moe_config(losses), groups, 2);
+      Stage stage(model_config(false, RecomputeGranularity::full), moe_config(losses), groups, 2);
       auto const shard = SequenceShard::of(groups, kSeq, kBatch);
       auto const params = stage.parameters();
       int const m = kGlobalBatch / kBatch;  // DP 1
@@ -314,6 +320,60 @@ TEST_CASE("statistics are counted once per microbatch: never on a recompute or a
   // The evaluation left no state behind: step 2 is bitwise the same with or without it.
   REQUIRE(grads[0].size() == static_cast<std::size_t>(kLayers));
   CHECK(grads[0] == grads[1]);
+}
+
+namespace {
+/// The MoE layer, counting its forwards by mode (the stage's MLP slot).
+struct CountingMoe : Moe {
+  using Moe::Moe;
+  std::map<ForwardMode, int> forwards;
+  Buffer<float> forward(View<float const> x, ForwardContext const& ctx) {
+    ++forwards[ctx.mode];
+    return Moe::forward(x, ctx);
+  }
+};
+using CountingStage = DecoderStage<test::Exec, float, Comm, CountingMoe>;
+}  // namespace
+
+TEST_CASE("without recomputation every microbatch runs one forward per layer, with the "
+          "gradients of full recomputation",
+          "[train][moe][recompute]") {
+  auto const fold = FoldedMapping::from(kCpPp);  // PP 2: stage 0 holds PP microbatches
+  int const m = kGlobalBatch / kBatch;
+  // Per mode: every rank's parameter gradients after one step, and its layers' forward counts.
+  std::map<RecomputeGranularity, std::vector<std::map<std::string, std::vector<float>>>> grads;
+  std::map<RecomputeGranularity, std::vector<std::map<ForwardMode, int>>> counts;
+  std::vector<int> pp_rank(static_cast<std::size_t>(fold.world_size()));
+  for (auto mode : {RecomputeGranularity::none, RecomputeGranularity::full}) {
+    grads[mode].resize(static_cast<std::size_t>(fold.world_size()));
+    counts[mode].resize(static_cast<std::size_t>(fold.world_size()));
+    inproc::run(fold.world_size(), [&](Comm& world) {
+      ProcessGroups<Comm> groups(fold, world);
+      CountingStage stage(model_config(false, mode), moe_config(all_losses()), groups);
+      auto const shard = SequenceShard::of(groups, kSeq, kBatch);
+      auto const params = stage.parameters();
+      for (auto* p : params) p->zero_grad();
+      stage.begin_step(m, [&](int mb) { return tokens(shard, 1, mb); }, true, 1);
+      run_pipeline(OneFOneB{.stages = 2, .microbatches = m}, groups.pp(), stage);
+      auto const r = static_cast<std::size_t>(world.rank());
+      pp_rank[r] = groups.pp().rank();
+      for (auto* p : params) grads[mode][r][p->name] = p->grad.vector();
+      for (auto& layer : stage.layers(0))
+        for (auto [k, n] : layer->mlp().forwards) counts[mode][r][k] += n;
+    });
+  }
+  int const layers_per_stage = kLayers / 2;
+  for (std::size_t r = 0; r < grads[RecomputeGranularity::none].size(); ++r) {
+    INFO("rank " << r);
+    auto const& none = counts[RecomputeGranularity::none][r];
+    CHECK(none.at(ForwardMode::train) == m * layers_per_stage);
+    CHECK_FALSE(none.contains(ForwardMode::recompute));
+    // Full recomputation re-ran the forwards of stage 0 (its layers held another microbatch).
+    if (pp_rank[r] == 0)
+      CHECK(counts[RecomputeGranularity::full][r].at(ForwardMode::recompute) > 0);
+    // Recomputing the same forward from the same input gives the same bits.
+    CHECK(grads[RecomputeGranularity::none][r] == grads[RecomputeGranularity::full][r]);
+  }
 }
 
 TEST_CASE("a train forward of a microbatch already counted in the step is refused",

@@ -80,6 +80,9 @@ class ExpertRows {
   void give(Buffer<Real, Space>&& b) { pool_.give(std::move(b)); }
   RowMapIn<Space> const& map() const noexcept { return map_; }
   std::int64_t rows() const noexcept { return map_.rows(); }
+  /// What combine and the backwards read of the last plan and forward (for a dispatcher's
+  /// per-microbatch stash).
+  auto saved() { return std::tie(map_, probs_, saved_output_); }
 
   /// Dispatch's last step: the experts' rows of `gathered` [G, H] with their probabilities.
   DispatchOutput<Real, Space> to_experts(View<Real const, Space> gathered, std::int64_t h,
