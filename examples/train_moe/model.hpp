@@ -10,6 +10,7 @@
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/shuffled_cpu.hpp"
 #include "moefold/moe/moe_layer.hpp"
+#include "moefold/plan/flops.hpp"
 #include "moefold/train/decoder_stage.hpp"
 #include "options.hpp"
 #include "phase_times.hpp"
@@ -75,6 +76,29 @@ inline DecoderModelConfig model_config(TrainOptions const& o) {
           .recompute_granularity = o.recompute_granularity == "full"
                                        ? RecomputeGranularity::full
                                        : RecomputeGranularity::none};
+}
+
+/// The model as the planner describes it, for Megatron's FLOPs formula (MFU in the summary).
+inline ModelSpec model_spec(TrainOptions const& o) {
+  ModelSpec m;
+  m.name = "moefold-train";
+  m.num_layers = o.num_layers;
+  m.hidden_size = o.hidden;
+  m.num_attention_heads = o.heads;
+  m.num_query_groups = o.kv_groups > 0 ? o.kv_groups : o.heads;
+  m.moe_ffn_hidden_size = o.moe_ffn;
+  m.num_experts = o.num_experts;
+  m.moe_router_topk = o.topk;
+  m.shared_expert_ffn_hidden_size = o.shared_expert_ffn;
+  m.vocab_size = static_cast<int>(o.padded_vocab());
+  m.seq_length = o.seq;
+  return m;
+}
+
+/// Model FLOPs of one training step (Megatron's `num_floating_point_operations`; the vocabulary
+/// is the model's own, already padded).
+inline double model_flops_per_step(TrainOptions const& o) {
+  return megatron_flops_per_step(model_spec(o), o.global_batch, o.seq);
 }
 
 }  // namespace moefold::train_demo

@@ -1,5 +1,7 @@
 #include "report.hpp"
 
+#include "moefold/train/mfu.hpp"
+
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
@@ -209,12 +211,25 @@ void Report::finish(Summary const& s) {
   double const attention = std::max(0.0, p.compute - p.mlp);
   double const experts = std::max(0.0, p.mlp - p.dispatch - p.combine);
   double const wait = std::max(0.0, p.pipeline - p.compute);
+  std::string throughput;
+  if (s.train_seconds > 0 && s.gemm_peak_per_rank > 0) {
+    Mfu const m = mfu(s.model_flops_per_step * steps, s.train_seconds, s.ranks,
+                      s.gemm_peak_per_rank);
+    throughput = fmt::format(
+        "  throughput           {:.3f} GFLOP/s per rank ({:.3f} GFLOP per step by Megatron's "
+        "formula)\n"
+        "  MFU                  {:.1f}% of {:.3f} GFLOP/s per rank (an fp32 GEMM on every rank's "
+        "instance at once, at start-up)\n",
+        m.flops_per_rank / 1e9, s.model_flops_per_step / 1e9, 100.0 * m.ratio,
+        m.peak_per_rank / 1e9);
+  }
   fmt::print(
       "\nsummary\n"
       "  final train loss     {:.4f} (step {})\n"
       "{}"
       "  training time        {:.1f} s for {} steps ({:.2f} s/step), {} tokens/s; validation "
       "{:.1f} s\n"
+      "{}"
       "  memory per rank      parameters {}, gradients {}, optimizer state {} ({}; the "
       "largest rank)\n"
       "  time per phase       (mean over ranks, per step)\n"
@@ -229,7 +244,7 @@ void Report::finish(Summary const& s) {
       s.final_train_loss, rows_.back().step.step, validation, s.train_seconds, s.steps,
       s.train_seconds / steps,
       rate(s.train_seconds > 0 ? static_cast<double>(s.tokens) / s.train_seconds : 0.0),
-      s.eval_seconds, mib(s.memory.parameters), mib(s.memory.gradients), mib(s.memory.optimizer),
+      s.eval_seconds, throughput, mib(s.memory.parameters), mib(s.memory.gradients), mib(s.memory.optimizer),
       o_.use_distributed_optimizer
           ? fmt::format("distributed optimizer, {} instance{}",
                         o_.num_distributed_optimizer_instances,

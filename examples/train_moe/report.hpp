@@ -63,6 +63,9 @@ struct Summary {
   std::int64_t parameters = 0;
   MemoryBytes memory;  ///< per rank
   PhaseTimes phases;  ///< mean over ranks, seconds
+  int ranks = 1;
+  double model_flops_per_step = 0;  ///< Megatron's formula
+  double gemm_peak_per_rank = 0;    ///< FLOP/s, measured at start-up on every rank at once
 };
 
 class Report {

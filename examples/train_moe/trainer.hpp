@@ -31,6 +31,7 @@
 #include "moefold/train/gradient_reduction.hpp"
 #include "moefold/train/lr_schedule.hpp"
 #include "moefold/train/microbatch_data.hpp"
+#include "moefold/train/mfu.hpp"
 #include "moefold/train/training_state.hpp"
 #include "options.hpp"
 #include "phase_times.hpp"
@@ -118,6 +119,9 @@ class Trainer {
     summary.bytes_per_token = corpus_.bytes_per_token(Split::validation);
     summary.parameters = params;
     summary.memory = memory_bytes();
+    summary.ranks = groups_.world().size();
+    summary.model_flops_per_step = model_flops_per_step(o_);
+    summary.gemm_peak_per_rank = measured_gemm_peak();
     Stopwatch run_clock;
     for (std::int64_t step = first_step_ + 1; step <= o_.train_iters; ++step) {
       Stopwatch w;
@@ -383,6 +387,18 @@ class Trainer {
   template <class F>
   decltype(auto) with_optimizer(F&& f) {
     return dist_ ? f(*dist_) : f(*adam_);
+  }
+
+  /// The dense GEMM rate of a rank (FLOP/s), measured on every rank's instance at once (ranks
+  /// in one process share its cores): the mean over ranks.
+  double measured_gemm_peak() {
+    auto barrier = [this] {
+      std::vector<int> token{0};
+      groups_.world().all_reduce(std::span<int>(token));
+    };
+    std::vector<double> v{gemm_peak_flops(stage_.exec(), 256, 20, barrier)};
+    groups_.world().all_reduce(std::span<double>(v));
+    return v[0] / groups_.world().size();
   }
 
   /// Bytes this rank allocates for parameters, gradients (the parameters' own and, with the

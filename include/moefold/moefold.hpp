@@ -131,6 +131,7 @@
 #include "moefold/train/finalize_model_grads.hpp"
 #include "moefold/train/gradient_reduction.hpp"
 #include "moefold/train/lr_schedule.hpp"
+#include "moefold/train/mfu.hpp"
 #include "moefold/train/microbatch_data.hpp"
 #include "moefold/train/text_corpus.hpp"
 #include "moefold/train/training_state.hpp"
