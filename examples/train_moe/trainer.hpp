@@ -5,6 +5,7 @@
 // inproc, a process under MPI); global rank 0 reports.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -401,20 +402,23 @@ class Trainer {
     } else {
       v[2] = static_cast<double>(adam_->state_bytes());
     }
+    // Every rank's {PP rank, bytes}, summed into place; the summary shows the largest.
     auto const ranks = static_cast<std::size_t>(groups_.world().size());
-    std::vector<double> all(4 * ranks, 0.0);  // {PP rank, v} of every rank, summed into place
+    std::vector<double> all(4 * ranks, 0.0);
     auto const at = 4 * static_cast<std::size_t>(groups_.world().rank());
     all[at] = groups_.pp().rank();
     std::copy(v.begin(), v.end(), all.begin() + static_cast<std::ptrdiff_t>(at) + 1);
     groups_.world().all_reduce(std::span<double>(all));
-    groups_.world().all_reduce(std::span<double>(v), ReduceOp::max);
-    MemoryBytes m{static_cast<std::int64_t>(v[0]), static_cast<std::int64_t>(v[1]),
-                  static_cast<std::int64_t>(v[2]), {}};
-    for (std::size_t r = 0; r < ranks; ++r)
-      m.per_rank.push_back({static_cast<std::int64_t>(all[4 * r]),
-                            static_cast<std::int64_t>(all[4 * r + 1]),
-                            static_cast<std::int64_t>(all[4 * r + 2]),
-                            static_cast<std::int64_t>(all[4 * r + 3])});
+    MemoryBytes m;
+    for (std::size_t r = 0; r < ranks; ++r) {
+      std::array<std::int64_t, 4> row{};
+      for (std::size_t k = 0; k < row.size(); ++k)
+        row[k] = static_cast<std::int64_t>(all[4 * r + k]);
+      m.parameters = std::max(m.parameters, row[1]);
+      m.gradients = std::max(m.gradients, row[2]);
+      m.optimizer = std::max(m.optimizer, row[3]);
+      m.per_rank.push_back(row);
+    }
     return m;
   }
 

@@ -69,8 +69,7 @@ Command add_plan_command(CLI::App& app) {
   add_folding_flags(*cmd, o.folding, /*world_required=*/false);
   o.world_size = cmd->get_option("--world-size");
   cmd->add_flag_function(
-      "--bf16,!--fp32",
-      [&o](std::int64_t n) { o.state.bf16 = n > 0; },
+      "--bf16,!--fp32", [&o](std::int64_t n) { o.state.bf16 = n > 0; },
       "Precision: BF16 mixed precision (default, the paper's runs) or FP32");
   cmd->add_flag("--use-distributed-optimizer,!--no-use-distributed-optimizer",
                 o.state.use_distributed_optimizer,
@@ -186,7 +185,7 @@ void print_header(PlanRequest const& r) {
   StatePolicy const& s = r.workload.state;
   fmt::print("model state: {}, {}, {} buffers\n",
              s.bf16 ? "BF16 weights, FP32 main gradients, FP32 main weights and moments"
-                 : "FP32 weights, gradients and moments",
+                    : "FP32 weights, gradients and moments",
              s.use_distributed_optimizer
                  ? fmt::format("distributed optimizer ({} instance{})",
                                s.num_distributed_optimizer_instances,

@@ -217,9 +217,9 @@ inline StageParams stage_params(ModelSpec const& model, ParallelConfig const& c,
   double const layers = model.num_layers / c.pp;
   double const vocab = double(model.padded_vocab(c.tp)) * h / tp;
   StageParams p;
-  p.non_expert = layers * ((model.attention_params_per_layer() +
-                            model.shared_expert_params_per_layer()) / tp +
-                           model.replicated_params_per_layer());
+  p.non_expert =
+      layers * ((model.attention_params_per_layer() + model.shared_expert_params_per_layer()) / tp +
+                model.replicated_params_per_layer());
   p.expert = layers * (double(model.num_experts) / c.ep) * model.params_per_expert() / c.etp;
   if (stage == 0) p.non_expert += vocab;
   if (stage == c.pp - 1) {
@@ -324,15 +324,15 @@ inline void check_shape(ModelSpec const& model, Workload const& w, ParallelConfi
 /// The folding `c` describes on `w.gpus` ranks (Megatron's default order); throws
 /// `invalid_config` naming the broken rule.
 inline FoldedMapping folding_of(Workload const& w, ParallelConfig const& c) {
-  return FoldedMapping::from({.world = w.gpus,
-                              .tp = c.tp,
-                              .cp = c.cp,
-                              .pp = c.pp,
-                              .ep = c.ep,
-                              .etp = c.etp,
-                              .num_distributed_optimizer_instances =
-                                  w.state.num_distributed_optimizer_instances,
-                              .vpp = c.vpp > 1 ? std::optional<int>(c.vpp) : std::nullopt});
+  return FoldedMapping::from(
+      {.world = w.gpus,
+       .tp = c.tp,
+       .cp = c.cp,
+       .pp = c.pp,
+       .ep = c.ep,
+       .etp = c.etp,
+       .num_distributed_optimizer_instances = w.state.num_distributed_optimizer_instances,
+       .vpp = c.vpp > 1 ? std::optional<int>(c.vpp) : std::nullopt});
 }
 
 /// Prices `c` given the placement of its groups (from `place(folding_of(w, c), ...)`).
@@ -450,8 +450,7 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
                                   ? dense_params / (e.dp * cp) + expert_params / e.edp
                                   : dense_params + expert_params;
   // Bytes per element: read grad, (master,) weight, m, v; write them back (and cast, BF16).
-  double const optimizer =
-      shard_params * (policy.bf16 ? 32.0 : 28.0) / hbm;
+  double const optimizer = shard_params * (policy.bf16 ? 32.0 : 28.0) / hbm;
 
   e.step_time_s = M * stage_time + bubble + rs_exposed + ag_exposed + optimizer;
 
@@ -512,19 +511,17 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   }
   double const logits = c.pp == 1 ? t_attn * V / tp * 6 : 0.0;  // last stage: see below
   mem.activations_without_recompute = act_factor * (in_flight * layer_act + logits);
-  mem.activations_with_recompute =
-      act_factor * (in_flight * layer_input + layer_act + logits);
+  mem.activations_with_recompute = act_factor * (in_flight * layer_input + layer_act + logits);
   // The last stage holds fewer micro-batches but the logits.
   if (c.pp > 1) {
     double const last_in_flight =
         c.vpp == 1 ? layers : (double(c.vpp - 1) * c.pp + 1) * chunk_layers;
     double const last_logits = t_attn * V / tp * 6;
-    mem.activations_without_recompute =
-        std::max(mem.activations_without_recompute,
-                 act_factor * (last_in_flight * layer_act + last_logits));
-    mem.activations_with_recompute = std::max(
-        mem.activations_with_recompute,
-        act_factor * (last_in_flight * layer_input + layer_act + last_logits));
+    mem.activations_without_recompute = std::max(
+        mem.activations_without_recompute, act_factor * (last_in_flight * layer_act + last_logits));
+    mem.activations_with_recompute =
+        std::max(mem.activations_with_recompute,
+                 act_factor * (last_in_flight * layer_input + layer_act + last_logits));
   }
   mem.activations = c.recompute == Recompute::full ? mem.activations_with_recompute
                                                    : mem.activations_without_recompute;

@@ -4,8 +4,8 @@
 /// and an optimizer sharding, counted as the library (and Megatron-Core) allocate it:
 ///
 ///   precision   weights   gradients            optimizer state per element it keeps
-///   fp32        4 B       4 B                  8 B: the Adam moments (the weights are the main ones)
-///   bf16        2 B       4 B (FP32 main_grad)  12 B: FP32 main weights and Adam moments
+///   fp32        4 B       4 B                  8 B: the Adam moments (the weights are the main
+///   ones) bf16        2 B       4 B (FP32 main_grad)  12 B: FP32 main weights and Adam moments
 ///
 /// Without the distributed optimizer every rank keeps the optimizer state of all its parameters.
 /// With it (`--use-distributed-optimizer`) the state of the non-expert parameters (dense and
@@ -59,14 +59,15 @@ struct StatePolicy {
   /// Throws `invalid_config` for N < 1, or N > 1 without the distributed optimizer.
   void validate() const {
     if (num_distributed_optimizer_instances < 1)
-      throw invalid_config(fmt::format("num_distributed_optimizer_instances must be at least 1 "
-                                       "(got {})",
-                                       num_distributed_optimizer_instances));
+      throw invalid_config(
+          fmt::format("num_distributed_optimizer_instances must be at least 1 "
+                      "(got {})",
+                      num_distributed_optimizer_instances));
     if (num_distributed_optimizer_instances > 1 && !use_distributed_optimizer)
-      throw invalid_config(fmt::format(
-          "num_distributed_optimizer_instances = {} needs the distributed optimizer "
-          "(--use-distributed-optimizer)",
-          num_distributed_optimizer_instances));
+      throw invalid_config(
+          fmt::format("num_distributed_optimizer_instances = {} needs the distributed optimizer "
+                      "(--use-distributed-optimizer)",
+                      num_distributed_optimizer_instances));
   }
 };
 
