@@ -3,9 +3,9 @@
 /// The model state one rank holds — weights, gradients, optimizer state — for a precision policy
 /// and an optimizer sharding, counted as the library (and Megatron-Core) allocate it:
 ///
-///   precision   weights   gradients            optimizer state per element it keeps
-///   fp32        4 B       4 B                  8 B: the Adam moments (the weights are the main
-///   ones) bf16        2 B       4 B (FP32 main_grad)  12 B: FP32 main weights and Adam moments
+///   precision  weights  gradients         optimizer state per element it keeps
+///   fp32       4 B      4 B               8 B: the Adam moments (the weights are the main ones)
+///   bf16       2 B      4 B (main_grad)   12 B: FP32 main weights and Adam moments
 ///
 /// Without the distributed optimizer every rank keeps the optimizer state of all its parameters.
 /// With it (`--use-distributed-optimizer`) the state of the non-expert parameters (dense and
