@@ -171,6 +171,7 @@ void Report::finish(Summary const& s) {
   if (row_pending_) write_row();
   csv_.close();
   if (!rows_.empty()) write_svg(s.unigram_entropy);
+  write_memory_json(s.memory);
   std::string validation =
       s.final_val_loss && o_.tokenizer_type != "bytes"
           ? fmt::format("  validation loss      {:.4f} nats per token\n", *s.final_val_loss)
@@ -255,6 +256,26 @@ void Report::finish(Summary const& s) {
       1e3 * wait / steps, pct(wait), 1e3 * p.optimizer / steps, pct(p.optimizer), o_.output_dir,
       o_.output_dir);
   std::fflush(stdout);
+}
+
+void Report::write_memory_json(MemoryBytes const& m) const {
+  std::string ranks;
+  for (std::size_t r = 0; r < m.per_rank.size(); ++r)
+    ranks += fmt::format(
+        "{}\n    {{\"rank\": {}, \"pp_rank\": {}, \"parameters\": {}, \"gradients\": {}, "
+        "\"optimizer\": {}}}",
+        r == 0 ? "" : ",", r, m.per_rank[r][0], m.per_rank[r][1], m.per_rank[r][2],
+        m.per_rank[r][3]);
+  auto const file = std::filesystem::path(o_.output_dir) / "memory.json";
+  std::ofstream out(file, std::ios::trunc);
+  out << fmt::format(
+      "{{\"world_size\": {}, \"tp\": {}, \"cp\": {}, \"pp\": {}, \"ep\": {}, \"etp\": {}, "
+      "\"use_distributed_optimizer\": {}, \"num_distributed_optimizer_instances\": {},\n"
+      "  \"ranks\": [{}]}}\n",
+      o_.world, o_.tp, o_.cp, o_.pp, o_.ep, o_.etp, o_.use_distributed_optimizer,
+      o_.num_distributed_optimizer_instances, ranks);
+  out.flush();
+  if (!out) file_error("write", file, errno);
 }
 
 void Report::write_svg(double baseline) const {

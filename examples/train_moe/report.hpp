@@ -49,6 +49,9 @@ struct MemoryBytes {
   std::int64_t parameters = 0;
   std::int64_t gradients = 0;
   std::int64_t optimizer = 0;  ///< optimizer state (the AdamW moments)
+  /// Every rank's bytes, by global rank: {PP rank, parameters, gradients, optimizer}
+  /// (`memory.json` in the output directory).
+  std::vector<std::array<std::int64_t, 4>> per_rank;
 };
 
 struct Summary {
@@ -87,6 +90,7 @@ class Report {
  private:
   void write_row();
   void write_svg(double baseline) const;
+  void write_memory_json(MemoryBytes const& m) const;
 
   TrainOptions const& o_;
   std::int64_t first_step_ = 0;

@@ -4,6 +4,8 @@
 // checkpoints that load under any folding. Runs on every rank of the world (a thread under
 // inproc, a process under MPI); global rank 0 reports.
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -403,7 +405,7 @@ class Trainer {
 
   /// Bytes this rank allocates for parameters, gradients (the parameters' own and, with the
   /// distributed optimizer, the reduced shards) and optimizer state (the moments), counted from
-  /// the buffers; the largest over ranks.
+  /// the buffers; the largest over ranks, and every rank's (with its PP rank).
   MemoryBytes memory_bytes() {
     std::vector<double> v(3, 0.0);
     for (auto* p : params_) {
@@ -416,9 +418,24 @@ class Trainer {
     } else {
       v[2] = static_cast<double>(adam_->state_bytes());
     }
-    groups_.world().all_reduce(std::span<double>(v), ReduceOp::max);
-    return {static_cast<std::int64_t>(v[0]), static_cast<std::int64_t>(v[1]),
-            static_cast<std::int64_t>(v[2])};
+    // Every rank's {PP rank, bytes}, summed into place; the summary shows the largest.
+    auto const ranks = static_cast<std::size_t>(groups_.world().size());
+    std::vector<double> all(4 * ranks, 0.0);
+    auto const at = 4 * static_cast<std::size_t>(groups_.world().rank());
+    all[at] = groups_.pp().rank();
+    std::copy(v.begin(), v.end(), all.begin() + static_cast<std::ptrdiff_t>(at) + 1);
+    groups_.world().all_reduce(std::span<double>(all));
+    MemoryBytes m;
+    for (std::size_t r = 0; r < ranks; ++r) {
+      std::array<std::int64_t, 4> row{};
+      for (std::size_t k = 0; k < row.size(); ++k)
+        row[k] = static_cast<std::int64_t>(all[4 * r + k]);
+      m.parameters = std::max(m.parameters, row[1]);
+      m.gradients = std::max(m.gradients, row[2]);
+      m.optimizer = std::max(m.optimizer, row[3]);
+      m.per_rank.push_back(row);
+    }
+    return m;
   }
 
   TrainOptions const& o_;

@@ -143,6 +143,7 @@
 #include "moefold/plan/model.hpp"
 #include "moefold/plan/placement.hpp"
 #include "moefold/plan/planner.hpp"
+#include "moefold/plan/state_memory.hpp"
 
 // interop
 #if MOEFOLD_HAS_INTEROP && __has_include(<nlohmann/json.hpp>)  // component interop

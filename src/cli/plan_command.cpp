@@ -35,6 +35,7 @@ struct PlanOptions {
   std::optional<int> micro_batch_size;
   std::optional<std::string> recompute;
   CLI::Option* world_size = nullptr;
+  StatePolicy state;  // --bf16/--fp32, --use-distributed-optimizer, --runtime
 };
 
 int run_plan(PlanOptions const& o);
@@ -67,6 +68,27 @@ Command add_plan_command(CLI::App& app) {
                 "Print the cost breakdown of the folding given by the size flags");
   add_folding_flags(*cmd, o.folding, /*world_required=*/false);
   o.world_size = cmd->get_option("--world-size");
+  cmd->add_flag_function(
+      "--bf16,!--fp32", [&o](std::int64_t n) { o.state.bf16 = n > 0; },
+      "Precision: BF16 mixed precision (default, the paper's runs) or FP32");
+  cmd->add_flag("--use-distributed-optimizer,!--no-use-distributed-optimizer",
+                o.state.use_distributed_optimizer,
+                "Shard the optimizer state over dp_cp and edp (default: on, the paper's runs)");
+  cmd->add_option_function<std::string>(
+         "--runtime",
+         [&o](std::string const& v) {
+           if (v == "megatron") {
+             o.state.runtime = Runtime::megatron;
+           } else if (v == "moefold") {
+             o.state.runtime = Runtime::moefold;
+           } else {
+             throw invalid_config(
+                 fmt::format("--runtime must be megatron or moefold (got '{}')", v));
+           }
+         },
+         "Whose buffers the memory counts: megatron (default) or moefold (moefold-train: the "
+         "distributed optimizer keeps the reduced gradient shards in buffers of their own)")
+      ->type_name("NAME");
   add_integer(*cmd, "--virtual-pipeline-model-parallel-size,--vpp", o.vpp, 1, kMaxInt,
               "--explain: virtual pipeline stages per rank (default: the best)");
   add_integer(*cmd, "--micro-batch-size", o.micro_batch_size, 1, kMaxInt,
@@ -81,7 +103,7 @@ namespace {
 
 double gb(double bytes) { return bytes / 1e9; }
 
-nlohmann::ordered_json to_json(Estimate const& e) {
+nlohmann::ordered_json to_json(Estimate const& e, PlanRequest const& r) {
   nlohmann::ordered_json j;
   j["tp"] = e.config.tp;
   j["cp"] = e.config.cp;
@@ -126,6 +148,11 @@ nlohmann::ordered_json to_json(Estimate const& e) {
       {"activations_without_recompute", gb(m.activations_without_recompute)},
       {"activations_with_recompute", gb(m.activations_with_recompute)},
       {"reserve", gb(m.reserve)}};
+  // Exact bytes of one rank of each pipeline stage (the largest of its shard groups).
+  j["state_per_stage_bytes"] = nlohmann::ordered_json::array();
+  for (StateBytes const& b : state_per_stage(r.model, r.workload, e.config))
+    j["state_per_stage_bytes"].push_back(
+        {{"weights", b.weights}, {"gradients", b.gradients}, {"optimizer", b.optimizer}});
   return j;
 }
 
@@ -155,9 +182,20 @@ void print_header(PlanRequest const& r) {
       r.cluster.name, r.cluster.hbm_gb, r.workload.global_batch_size, r.workload.seq_length);
   fmt::print("model FLOPs per step (Megatron v0.10 formula, TP1 vocabulary): {:.4g}\n",
              megatron_flops_per_step(r.model, r.workload.global_batch_size, r.workload.seq_length));
+  StatePolicy const& s = r.workload.state;
+  fmt::print("model state: {}, {}, {} buffers\n",
+             s.bf16 ? "BF16 weights, FP32 main gradients, FP32 main weights and moments"
+                    : "FP32 weights, gradients and moments",
+             s.use_distributed_optimizer
+                 ? fmt::format("distributed optimizer ({} instance{})",
+                               s.num_distributed_optimizer_instances,
+                               s.num_distributed_optimizer_instances > 1 ? "s" : "")
+                 : std::string("optimizer state on every replica"),
+             name(s.runtime));
 }
 
-void print_breakdown(Estimate const& e, ClusterSpec const& cluster) {
+void print_breakdown(Estimate const& e, PlanRequest const& r) {
+  ClusterSpec const& cluster = r.cluster;
   auto const& t = e.time;
   auto const& m = e.memory;
   fmt::print("folding {}, recompute {}: {}\n", folding_label(e), name(e.config.recompute),
@@ -197,6 +235,17 @@ void print_breakdown(Estimate const& e, ClusterSpec const& cluster) {
       gb(m.total()), cluster.hbm_gb, e.fits ? "fits" : "DOES NOT FIT", gb(m.weights),
       gb(m.gradients), gb(m.optimizer), gb(m.activations), gb(m.activations_without_recompute),
       gb(m.activations_with_recompute), gb(m.reserve));
+  auto const stages = state_per_stage(r.model, r.workload, e.config);
+  fmt::print("  model state per pipeline stage (one rank, GB):\n");
+  for (std::size_t i = 0, j = 0; i < stages.size(); i = j) {  // equal neighbours on one line
+    auto same = [&](StateBytes const& a, StateBytes const& b) {
+      return a.weights == b.weights && a.gradients == b.gradients && a.optimizer == b.optimizer;
+    };
+    while (j < stages.size() && same(stages[j], stages[i])) ++j;
+    fmt::print("    stage {:<7} weights {:.4f}  gradients {:.4f}  optimizer {:.4f}\n",
+               j - i > 1 ? fmt::format("{}-{}", i, j - 1) : std::to_string(i),
+               gb(stages[i].weights), gb(stages[i].gradients), gb(stages[i].optimizer));
+  }
 }
 
 void print_row(int rank, Estimate const& e) {
@@ -298,10 +347,10 @@ int run_explain(PlanOptions const& o, PlanRequest r) {
       }
   if (!best) throw invalid_config(*first_violation);
   if (o.json) {
-    fmt::print("{}\n", to_json(*best).dump());
+    fmt::print("{}\n", to_json(*best, r).dump());
   } else {
     print_header(r);
-    print_breakdown(*best, r.cluster);
+    print_breakdown(*best, r);
   }
   return 0;
 }
@@ -312,6 +361,10 @@ int run_plan(PlanOptions const& o) {
   if (!o.global_batch_size) throw invalid_config("--global-batch-size is required");
   r.workload.global_batch_size = *o.global_batch_size;
   r.workload.seq_length = o.seq_length.value_or(r.model.seq_length);
+  r.workload.state = o.state;
+  r.workload.state.num_distributed_optimizer_instances =
+      o.folding.num_distributed_optimizer_instances;
+  r.workload.state.validate();
   if (o.explain) return run_explain(o, r);
   if (!o.gpus) throw invalid_config("--gpus is required");
   r.workload.gpus = static_cast<int>(*o.gpus);
@@ -326,9 +379,9 @@ int run_plan(PlanOptions const& o) {
   if (o.json) {
     nlohmann::ordered_json doc;
     doc["configs"] = nlohmann::ordered_json::array();
-    for (std::size_t i = 0; i < shown; ++i) doc["configs"].push_back(to_json(result.ranked[i]));
+    for (std::size_t i = 0; i < shown; ++i) doc["configs"].push_back(to_json(result.ranked[i], r));
     doc["best_unfolded"] =
-        result.best_unfolded ? to_json(*result.best_unfolded) : nlohmann::ordered_json(nullptr);
+        result.best_unfolded ? to_json(*result.best_unfolded, r) : nlohmann::ordered_json(nullptr);
     fmt::print("{}\n", doc.dump());
     return 0;
   }
@@ -364,7 +417,7 @@ int run_plan(PlanOptions const& o) {
     fmt::print("\nno non-folded configuration fits\n");
   }
   fmt::print("\n#1 in detail:\n");
-  print_breakdown(result.ranked.front(), r.cluster);
+  print_breakdown(result.ranked.front(), r);
   return 0;
 }
 

@@ -124,7 +124,7 @@ ModelSpec parse_model(std::string_view text, std::string const& origin) {
            {"name", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
             "kv_channels", "moe_ffn_hidden_size", "num_experts", "moe_router_topk",
             "moe_shared_expert_intermediate_size", "vocab_size", "seq_length", "swiglu",
-            "untie_embeddings_and_output_weights"});
+            "untie_embeddings_and_output_weights", "add_qkv_bias", "make_vocab_size_divisible_by"});
   r.get("name", m.name, false);
   r.get("num_layers", m.num_layers, true, 1, kMaxInt);
   r.get("hidden_size", m.hidden_size, true, 1, kMaxInt);
@@ -140,6 +140,8 @@ ModelSpec parse_model(std::string_view text, std::string const& origin) {
   r.get("seq_length", m.seq_length, false, 1, kMaxInt);
   r.get("swiglu", m.swiglu, false);
   r.get("untie_embeddings_and_output_weights", m.untie_embeddings, false);
+  r.get("add_qkv_bias", m.add_qkv_bias, false);
+  r.get("make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, false, 1, kMaxInt);
   m.validate();
   return m;
 }

@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -33,6 +34,7 @@
 #include "moefold/plan/flops.hpp"
 #include "moefold/plan/model.hpp"
 #include "moefold/plan/placement.hpp"
+#include "moefold/plan/state_memory.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -85,18 +87,21 @@ struct ParallelConfig {
   Recompute recompute = Recompute::none;
 };
 
-/// The training job: sequences per step and their length, on how many GPUs.
+/// The training job: sequences per step and their length, on how many GPUs, and how it keeps
+/// its model state (precision, optimizer sharding).
 struct Workload {
   int gpus = 1;
   long global_batch_size = 1;
   long seq_length = 4096;
+  StatePolicy state{};
 };
 
-/// Memory per GPU (the busiest pipeline stage), in bytes.
+/// Memory per GPU, in bytes: the model state of the pipeline stage that holds the most
+/// (`state_per_stage` lists every stage), the activations of the busiest one.
 struct MemoryEstimate {
-  double weights = 0;      ///< BF16 parameters
-  double gradients = 0;    ///< FP32 main gradients
-  double optimizer = 0;    ///< FP32 master weights and Adam moments, sharded over dp_cp / edp
+  double weights = 0;      ///< parameters (BF16 or FP32)
+  double gradients = 0;    ///< FP32 (main) gradients
+  double optimizer = 0;    ///< Adam moments (and FP32 main weights with BF16), sharded or not
   double activations = 0;  ///< with the configuration's recompute mode
   double activations_without_recompute = 0;
   double activations_with_recompute = 0;
@@ -181,6 +186,15 @@ inline std::optional<std::string> shape_violation(ModelSpec const& model, Worklo
   long const tcp = long{c.tp} * c.cp * c.pp;
   if (w.gpus % tcp != 0) return std::nullopt;  // FoldedMapping reports it
   long const dp = w.gpus / tcp;
+  if (int const n = w.state.num_distributed_optimizer_instances; n > 1) {
+    long const edp = w.gpus % (long{c.ep} * c.etp * c.pp) == 0
+                         ? w.gpus / (long{c.ep} * c.etp * c.pp)
+                         : n;  // FoldedMapping reports it
+    if ((dp * c.cp) % n != 0 || edp % n != 0)
+      return fmt::format(
+          "DP·CP = {} and EDP = {} must be divisible by num_distributed_optimizer_instances = {}",
+          dp * c.cp, edp, n);
+  }
   if (w.global_batch_size % (dp * c.micro_batch_size) != 0)
     return fmt::format("global_batch_size ({}) is not divisible by micro_batch_size·DP = {}·{}",
                        w.global_batch_size, c.micro_batch_size, dp);
@@ -192,32 +206,67 @@ inline std::optional<std::string> shape_violation(ModelSpec const& model, Worklo
   return std::nullopt;
 }
 
-/// Parameters one rank holds (the stage with the embedding or output layer): dense (sharded
-/// over TP) and expert (E/EP local experts sharded over ETP).
-inline std::pair<double, double> params_per_rank(ModelSpec const& model, ParallelConfig const& c) {
-  double const tp = c.tp;
-  int const layers = model.num_layers / c.pp;
-  double const dense_per_layer =
-      (model.attention_params_per_layer() + model.shared_expert_params_per_layer()) / tp +
-      model.replicated_params_per_layer();
-  double const embedding =
-      double(padded_vocab_size(model.vocab_size, c.tp)) * model.hidden_size / tp;
-  double const dense =
-      layers * dense_per_layer + embedding * (c.pp == 1 && model.untie_embeddings ? 2 : 1);
-  double const expert =
-      layers * (double(model.num_experts) / c.ep) * model.params_per_expert() / c.etp;
-  return {dense, expert};
+}  // namespace detail
+
+/// Parameters one rank of pipeline stage `stage` holds, as `DecoderStage` builds them: its
+/// L/PP layers (attention and shared expert sharded over TP; the two norms and the router
+/// replicated; E/EP experts sharded over ETP); the embedding on the first stage; the final norm
+/// and the output layer (or, tied with PP > 1, the embedding's copy) on the last.
+inline StageParams stage_params(ModelSpec const& model, ParallelConfig const& c, int stage) {
+  double const tp = c.tp, h = model.hidden_size;
+  double const layers = model.num_layers / c.pp;
+  double const vocab = double(model.padded_vocab(c.tp)) * h / tp;
+  StageParams p;
+  p.non_expert =
+      layers * ((model.attention_params_per_layer() + model.shared_expert_params_per_layer()) / tp +
+                model.replicated_params_per_layer());
+  p.expert = layers * (double(model.num_experts) / c.ep) * model.params_per_expert() / c.etp;
+  if (stage == 0) p.non_expert += vocab;
+  if (stage == c.pp - 1) {
+    p.non_expert += h;  // final norm
+    if (model.untie_embeddings || c.pp > 1) p.non_expert += vocab;
+  }
+  return p;
 }
 
-/// The memory that does not depend on activations (bytes): BF16 weights, FP32 gradients, FP32
-/// master weights and Adam moments sharded over dp_cp (dense) and edp (experts), the reserve.
-/// A lower bound on any variant's memory: the planner prunes mappings with it before pricing.
-inline MemoryEstimate state_memory(double dense_params, double expert_params, double dp_cp,
-                                   double edp, CostConstants const& k) {
+/// The parameters of the stage that holds the most (the first or the last: the others hold
+/// their layers only).
+inline StageParams busiest_stage_params(ModelSpec const& model, ParallelConfig const& c) {
+  StageParams const first = stage_params(model, c, 0), last = stage_params(model, c, c.pp - 1);
+  return last.total() > first.total() ? last : first;
+}
+
+/// Weights, gradients and optimizer state of one rank of pipeline stage `stage` under
+/// `w.state`: the rank of the stage's shard groups that keeps the most.
+/// Precondition: `folding_of(w, c)` does not throw.
+inline StateBytes stage_state(ModelSpec const& model, Workload const& w, ParallelConfig const& c,
+                              int stage) {
+  long const dp_cp = w.gpus / (long{c.tp} * c.pp);
+  long const edp = w.gpus / (long{c.ep} * c.etp * c.pp);
+  return state_bytes(stage_params(model, c, stage), dp_cp, edp, w.state);
+}
+
+/// `stage_state` of every pipeline stage, stage 0 first.
+inline std::vector<StateBytes> state_per_stage(ModelSpec const& model, Workload const& w,
+                                               ParallelConfig const& c) {
+  std::vector<StateBytes> out;
+  for (int s = 0; s < c.pp; ++s) out.push_back(stage_state(model, w, c, s));
+  return out;
+}
+
+namespace detail {
+
+/// The memory that does not depend on activations (bytes): weights, gradients and optimizer
+/// state of the stage that holds the most, and the reserve. A lower bound on any variant's
+/// memory: the planner prunes mappings with it before pricing.
+inline MemoryEstimate state_memory(ModelSpec const& model, Workload const& w,
+                                   ParallelConfig const& c, CostConstants const& k) {
+  StateBytes const first = stage_state(model, w, c, 0), last = stage_state(model, w, c, c.pp - 1);
+  StateBytes const& most = last.total() > first.total() ? last : first;
   MemoryEstimate mem;
-  mem.weights = 2 * (dense_params + expert_params);
-  mem.gradients = 4 * (dense_params + expert_params);
-  mem.optimizer = 12 * (dense_params / dp_cp + expert_params / edp);
+  mem.weights = most.weights;
+  mem.gradients = most.gradients;
+  mem.optimizer = most.optimizer;
   mem.reserve = 1e9 * k.memory_reserve_gb;
   return mem;
 }
@@ -275,13 +324,15 @@ inline void check_shape(ModelSpec const& model, Workload const& w, ParallelConfi
 /// The folding `c` describes on `w.gpus` ranks (Megatron's default order); throws
 /// `invalid_config` naming the broken rule.
 inline FoldedMapping folding_of(Workload const& w, ParallelConfig const& c) {
-  return FoldedMapping::from({.world = w.gpus,
-                              .tp = c.tp,
-                              .cp = c.cp,
-                              .pp = c.pp,
-                              .ep = c.ep,
-                              .etp = c.etp,
-                              .vpp = c.vpp > 1 ? std::optional<int>(c.vpp) : std::nullopt});
+  return FoldedMapping::from(
+      {.world = w.gpus,
+       .tp = c.tp,
+       .cp = c.cp,
+       .pp = c.pp,
+       .ep = c.ep,
+       .etp = c.etp,
+       .num_distributed_optimizer_instances = w.state.num_distributed_optimizer_instances,
+       .vpp = c.vpp > 1 ? std::optional<int>(c.vpp) : std::nullopt});
 }
 
 /// Prices `c` given the placement of its groups (from `place(folding_of(w, c), ...)`).
@@ -305,7 +356,7 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   double const a = model.num_attention_heads, g = model.num_query_groups;
   double const F = model.moe_ffn_hidden_size, Fs = model.shared_expert_ffn_hidden_size;
   double const E = model.num_experts, topk = model.moe_router_topk, f1 = model.fc1_factor();
-  double const V = double(padded_vocab_size(model.vocab_size, c.tp));
+  double const V = double(model.padded_vocab(c.tp));
   double const tp = c.tp, cp = c.cp, ep = c.ep, etp = c.etp;
   int const layers = model.num_layers / c.pp;  // per pipeline rank
   double const M = double(e.microbatches);
@@ -377,20 +428,29 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
   double const bubble = (c.pp - 1) / double(c.vpp) * stage_time;
 
   // ---- Parameters per rank (the stage holding the embedding or output layer).
-  auto const [dense_params, expert_params] = detail::params_per_rank(model, c);
+  StageParams const stage = busiest_stage_params(model, c);
+  double const dense_params = stage.non_expert, expert_params = stage.expert;
+  StatePolicy const& policy = w.state;
 
-  // ---- Gradient reduction and parameter gather (distributed optimizer), per step.
-  double const dp_rs = links.ring(4 * dense_params, place.dp_cp);
-  double const dp_ag = links.ring(2 * dense_params, place.dp_cp);
-  double const edp_rs = links.ring(4 * expert_params, place.edp);
-  double const edp_ag = links.ring(2 * expert_params, place.edp);
+  // ---- Gradient reduction (FP32) and parameter gather, per step: with the distributed
+  // optimizer a reduce-scatter of the gradients and an all-gather of the updated weights;
+  // without it an all-reduce of the gradients (reduce-scatter + all-gather, in the backward).
+  double const grad_passes = policy.use_distributed_optimizer ? 1.0 : 2.0;
+  double const gather_bytes = policy.use_distributed_optimizer ? policy.weight_bytes() : 0.0;
+  double const dp_rs = grad_passes * links.ring(4 * dense_params, place.dp_cp);
+  double const dp_ag = links.ring(gather_bytes * dense_params, place.dp_cp);
+  double const edp_rs = grad_passes * links.ring(4 * expert_params, place.edp);
+  double const edp_ag = links.ring(gather_bytes * expert_params, place.edp);
   double const window_b = stage_time * 2 / 3, window_f = stage_time / 3;
   double const rs_exposed = std::max(0.0, dp_rs + edp_rs - window_b);
   double const ag_exposed = std::max(0.0, dp_ag + edp_ag - window_f);
   double const rs_share = dp_rs + edp_rs > 0 ? dp_rs / (dp_rs + edp_rs) : 0.0;
   double const ag_share = dp_ag + edp_ag > 0 ? dp_ag / (dp_ag + edp_ag) : 0.0;
-  double const shard_params = dense_params / (e.dp * cp) + expert_params / e.edp;
-  double const optimizer = shard_params * 32 / hbm;  // read grad, master, m, v; write 3; cast
+  double const shard_params = policy.use_distributed_optimizer
+                                  ? dense_params / (e.dp * cp) + expert_params / e.edp
+                                  : dense_params + expert_params;
+  // Bytes per element: read grad, (master,) weight, m, v; write them back (and cast, BF16).
+  double const optimizer = shard_params * (policy.bf16 ? 32.0 : 28.0) / hbm;
 
   e.step_time_s = M * stage_time + bubble + rs_exposed + ag_exposed + optimizer;
 
@@ -427,7 +487,9 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
 
   // ---- Memory per GPU (bytes).
   MemoryEstimate& mem = e.memory;
-  mem = detail::state_memory(dense_params, expert_params, e.dp * cp, e.edp, k);
+  mem = detail::state_memory(model, w, c, k);
+  // Activations are kept in the weights' type: the BF16 figures below, doubled for FP32.
+  double const act_factor = k.activation_fragmentation * policy.weight_bytes() / 2;
   // Activations of one layer and micro-batch.
   double const attn_act = t_loc * 4 * h  // norm input, QKV input
                           + t_attn * (2 * (a + 2 * g) * d + 2 * a * d + 4 * a) / tp  // q,k,v,o,lse
@@ -448,20 +510,18 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
     in_flight = std::min(warmup, M * c.vpp) * chunk_layers;
   }
   double const logits = c.pp == 1 ? t_attn * V / tp * 6 : 0.0;  // last stage: see below
-  mem.activations_without_recompute = k.activation_fragmentation * (in_flight * layer_act + logits);
-  mem.activations_with_recompute =
-      k.activation_fragmentation * (in_flight * layer_input + layer_act + logits);
+  mem.activations_without_recompute = act_factor * (in_flight * layer_act + logits);
+  mem.activations_with_recompute = act_factor * (in_flight * layer_input + layer_act + logits);
   // The last stage holds fewer micro-batches but the logits.
   if (c.pp > 1) {
     double const last_in_flight =
         c.vpp == 1 ? layers : (double(c.vpp - 1) * c.pp + 1) * chunk_layers;
     double const last_logits = t_attn * V / tp * 6;
-    mem.activations_without_recompute =
-        std::max(mem.activations_without_recompute,
-                 k.activation_fragmentation * (last_in_flight * layer_act + last_logits));
-    mem.activations_with_recompute = std::max(
-        mem.activations_with_recompute,
-        k.activation_fragmentation * (last_in_flight * layer_input + layer_act + last_logits));
+    mem.activations_without_recompute = std::max(
+        mem.activations_without_recompute, act_factor * (last_in_flight * layer_act + last_logits));
+    mem.activations_with_recompute =
+        std::max(mem.activations_with_recompute,
+                 act_factor * (last_in_flight * layer_input + layer_act + last_logits));
   }
   mem.activations = c.recompute == Recompute::full ? mem.activations_with_recompute
                                                    : mem.activations_without_recompute;
@@ -474,6 +534,7 @@ inline Estimate estimate(ModelSpec const& model, ClusterSpec const& cluster, Wor
                          ParallelConfig const& c, CostConstants const& k = {}) {
   model.validate();
   cluster.validate();
+  w.state.validate();
   check_shape(model, w, c);
   FoldedMapping const fold = folding_of(w, c);
   return estimate(model, cluster, w, c, place(fold, cluster.gpus_per_node), k);

@@ -9,13 +9,6 @@
 namespace moefold {
 inline namespace v0 {
 
-/// Megatron's padded vocabulary: the next multiple of 128·TP (`make_vocab_size_divisible_by`
-/// = 128 times the tensor-parallel size).
-constexpr long padded_vocab_size(long vocab, int tp) noexcept {
-  long const multiple = 128L * tp;
-  return (vocab + multiple - 1) / multiple * multiple;
-}
-
 /// Model FLOPs of one step on `global_batch_size` sequences of `seq_length` tokens:
 ///
 ///   12·B·s·L·h²·[ (1 + g/a + s/h)·(a·d/h) + (F/h)·k·m + (F_shared/h)·m + V/(2·L·h) ]
@@ -27,7 +20,7 @@ inline double megatron_flops_per_step(ModelSpec const& model, long global_batch_
   double const L = model.num_layers, h = model.hidden_size;
   double const a = model.num_attention_heads, g = model.num_query_groups, d = model.head_dim();
   double const m = model.swiglu ? 1.5 : 1.0;
-  double const V = double(padded_vocab_size(model.vocab_size, tp));
+  double const V = double(model.padded_vocab(tp));
   double const bracket = (1.0 + g / a + s / h) * (a * d / h) +
                          double(model.moe_ffn_hidden_size) / h * model.moe_router_topk * m +
                          double(model.shared_expert_ffn_hidden_size) / h * m + V / (2.0 * L * h);

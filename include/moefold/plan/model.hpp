@@ -14,6 +14,13 @@
 namespace moefold {
 inline namespace v0 {
 
+/// Megatron's padded vocabulary: the next multiple of `divisible_by`·TP
+/// (`make_vocab_size_divisible_by`, 128 by default, times the tensor-parallel size).
+constexpr long padded_vocab_size(long vocab, int tp, int divisible_by = 128) noexcept {
+  long const multiple = long{divisible_by} * tp;
+  return (vocab + multiple - 1) / multiple * multiple;
+}
+
 /// An MoE decoder: every layer is attention + an MoE block (routed experts, optionally a shared
 /// expert), RMSNorm, SwiGLU (or a plain two-GEMM MLP), untied input embedding and output layer.
 struct ModelSpec {
@@ -31,6 +38,15 @@ struct ModelSpec {
   int seq_length = 4096;                  ///< default sequence length
   bool swiglu = true;                     ///< gated linear unit: fc1 is 2·F wide
   bool untie_embeddings = true;           ///< separate output-layer weights
+  bool add_qkv_bias = false;              ///< a bias on the QKV projection (Megatron's flag)
+  /// The vocabulary is padded to a multiple of this times TP (Megatron's
+  /// `make_vocab_size_divisible_by`; 1 with TP dividing V: no padding, as moefold-train's bytes).
+  int make_vocab_size_divisible_by = 128;
+
+  /// Megatron's padded vocabulary under tensor parallelism `tp`.
+  long padded_vocab(int tp) const noexcept {
+    return padded_vocab_size(vocab_size, tp, make_vocab_size_divisible_by);
+  }
 
   /// d_head.
   int head_dim() const noexcept {
@@ -39,11 +55,11 @@ struct ModelSpec {
   /// fc1's output width per F: 2 with SwiGLU, 1 otherwise.
   int fc1_factor() const noexcept { return swiglu ? 2 : 1; }
 
-  /// Attention weights of one layer (QKV and output projection).
+  /// Attention weights of one layer (QKV, its bias with `add_qkv_bias`, output projection).
   double attention_params_per_layer() const noexcept {
     double const h = hidden_size, d = head_dim();
-    return h * (num_attention_heads + 2.0 * num_query_groups) * d +
-           double(num_attention_heads) * d * h;
+    double const qkv = (num_attention_heads + 2.0 * num_query_groups) * d;
+    return (h + (add_qkv_bias ? 1 : 0)) * qkv + double(num_attention_heads) * d * h;
   }
   /// Weights of one routed expert (fc1 and fc2).
   double params_per_expert() const noexcept {
@@ -88,6 +104,7 @@ struct ModelSpec {
     positive(moe_router_topk, "moe_router_topk");
     positive(vocab_size, "vocab_size");
     positive(seq_length, "seq_length");
+    positive(make_vocab_size_divisible_by, "make_vocab_size_divisible_by");
     if (kv_channels < 0)
       throw invalid_config(
           fmt::format("model '{}': kv_channels must not be negative (got {})", name, kv_channels));

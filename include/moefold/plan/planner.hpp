@@ -125,6 +125,7 @@ long price_variants(PlanRequest const& r, Mapping const& m, FoldingPlacement con
 inline void validate(PlanRequest const& r) {
   r.model.validate();
   r.cluster.validate();
+  r.workload.state.validate();
   if (r.workload.gpus < 1)
     throw invalid_config(fmt::format("--gpus must be at least 1 (got {})", r.workload.gpus));
   constexpr long kMaxInt = std::numeric_limits<int>::max();
@@ -232,11 +233,7 @@ inline PlanResult plan(PlanRequest const& r) {
             ++out.mappings;
             // Memory lower bound: state alone (no activations) must fit.
             ++out.evaluations;
-            auto const [dense, expert] = detail::params_per_rank(model, base);
-            double const floor =
-                detail::state_memory(dense, expert, double(dp) * cp,
-                                     double(W) / (long{etp} * ep * pp), r.constants)
-                    .total();
+            double const floor = detail::state_memory(model, r.workload, base, r.constants).total();
             if (floor > 1e9 * r.cluster.hbm_gb) {
               ++out.pruned_by_memory;
               continue;

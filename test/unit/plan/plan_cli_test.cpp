@@ -108,6 +108,39 @@ TEST_CASE("plan reads model and cluster JSON files") {
   CHECK(doc.at("configs").size() == 3);
 }
 
+TEST_CASE("plan --explain --json gives each stage's state bytes for the precision and optimizer") {
+  auto state = [](std::string const& flags) {
+    auto const r =
+        run_command(cli("plan --explain --json --model " + examples("moefold-train-demo.json") +
+                        " --world-size 8 --tp 2 --cp 2 --pp 2 --ep 2 --etp 1 "
+                        "--global-batch-size 16 --micro-batch-size 2 " +
+                        flags));
+    INFO(flags << " -> " << r.err);
+    REQUIRE(r.status == 0);
+    auto const stages = nlohmann::json::parse(r.out).at("state_per_stage_bytes");
+    REQUIRE(stages.size() == 2);  // one entry per pipeline stage
+    return stages;
+  };
+  // W8 TP2 CP2 PP2 EP2 ETP1, demo model: the last stage holds 854656 parameters (the test of
+  // test_train_demo compares these figures with moefold-train's own).
+  double const n = 854656;
+  auto const fp32 = state("--fp32 --no-use-distributed-optimizer")[1];
+  CHECK(fp32.at("weights").get<double>() == 4 * n);
+  CHECK(fp32.at("gradients").get<double>() == 4 * n);
+  CHECK(fp32.at("optimizer").get<double>() == 8 * n);
+  auto const bf16 = state("--bf16 --no-use-distributed-optimizer")[1];
+  CHECK(bf16.at("weights").get<double>() == 2 * n);
+  CHECK(bf16.at("optimizer").get<double>() == 12 * n);
+  // The defaults are the paper's: BF16, distributed optimizer (sharded: less state).
+  auto const paper = state("")[1];
+  CHECK(paper.at("weights").get<double>() == 2 * n);
+  CHECK(paper.at("optimizer").get<double>() < 12 * n);
+  // moefold's distributed optimizer keeps the reduced gradient shards besides.
+  auto const moefold = state("--runtime moefold")[1];
+  CHECK(moefold.at("gradients").get<double>() > 4 * n);
+  CHECK(moefold.at("optimizer").get<double>() == paper.at("optimizer").get<double>());
+}
+
 TEST_CASE("invalid plan input exits with status 2 and one line naming the rule") {
   auto const dir = std::filesystem::temp_directory_path();
   auto const bad_key = (dir / "moefold_plan_bad_key.json").string();
@@ -137,6 +170,14 @@ TEST_CASE("invalid plan input exits with status 2 and one line naming the rule")
        "num_experts (8) is not divisible by EP (16)"},
       {"plan --explain --model mixtral-8x22b --gpus 128 --world-size 64 --global-batch-size 256",
        "--gpus (128) and --world-size (64) disagree"},
+      {"plan --model mixtral-8x22b --gpus 8 --global-batch-size 8 --runtime deepspeed",
+       "--runtime must be megatron or moefold (got 'deepspeed')"},
+      {"plan --model mixtral-8x22b --gpus 8 --global-batch-size 8 "
+       "--num-distributed-optimizer-instances 2 --no-use-distributed-optimizer",
+       "num_distributed_optimizer_instances = 2 needs the distributed optimizer"},
+      {"plan --model mixtral-8x22b --gpus 8 --global-batch-size 8 "
+       "--num-distributed-optimizer-instances 0",
+       "num_distributed_optimizer_instances must be at least 1 (got 0)"},
   };
   for (auto const& c : cases) {
     auto const r = run_command(cli(c.args));
@@ -192,6 +233,9 @@ TEST_CASE("every numeric field of a model or cluster file is checked for type an
        "\"kv_channels\" must be an integer between 0 and 2147483647 (got -128)"},
       {"swiglu", "1", "\"swiglu\" must be true or false (got 1)"},
       {"name", "7", "\"name\" must be a string (got 7)"},
+      {"make_vocab_size_divisible_by", "0",
+       "\"make_vocab_size_divisible_by\" must be an integer between 1 and 2147483647 (got 0)"},
+      {"add_qkv_bias", "\"yes\"", "\"add_qkv_bias\" must be true or false (got \"yes\")"},
   };
   for (auto const& c : cases) {
     auto const path = model_file_with("moefold_plan_field.json", c.field, c.value);
