@@ -77,20 +77,22 @@ void BM_GroupedExpertsFwdBwd(benchmark::State& state) {
 }
 BENCHMARK(BM_GroupedExpertsFwdBwd)->Arg(0)->Arg(1)->Iterations(2)->Unit(benchmark::kMillisecond);
 
-/// The whole MoE layer (router, dispatcher, experts, combine) forward+backward on one rank:
-/// 8192 tokens, top-2 over the 8 experts = 16384 routed rows, in tokens per second.
+/// The whole MoE layer (router, dispatcher, experts, combine) forward+backward on one rank, in
+/// tokens per second: arguments (tokens, H, F), top-2 over 8 experts. (8192, 1024, 2048) is
+/// 16384 routed rows of the experts' shape above; (16384, 512, 1024) is the shape of the
+/// PyTorch side-by-side (bench/peers/peers.sh).
 void BM_MoELayerFwdBwdOneRank(benchmark::State& state) {
   using Comm = moefold::inproc::Communicator;
   auto const fold = moefold::FoldedMapping::from({.world = 1});
-  moefold::MoELayerConfig cfg{.hidden_size = kH, .moe_ffn_hidden_size = kF};
+  std::int64_t const tokens = state.range(0), h = state.range(1), f = state.range(2);
+  moefold::MoELayerConfig cfg{.hidden_size = h, .moe_ffn_hidden_size = f};
   cfg.router.num_experts = kExperts;
   cfg.router.moe_router_topk = 2;
-  std::int64_t const tokens = kRows / 2;
   double seconds = 0;
   moefold::inproc::run(1, [&](Comm& world) {
     moefold::ProcessGroups groups(fold, world);
     moefold::cpu::DefaultMoELayer<float, Comm> moe(cfg, groups);
-    std::vector<float> x(static_cast<std::size_t>(tokens * kH));
+    std::vector<float> x(static_cast<std::size_t>(tokens * h));
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(i % 97) - 0.4f;
     for (auto _ : state) {
       auto const t0 = std::chrono::steady_clock::now();
@@ -102,7 +104,11 @@ void BM_MoELayerFwdBwdOneRank(benchmark::State& state) {
   });
   state.counters["tokens_per_s"] = static_cast<double>(tokens) * static_cast<double>(state.iterations()) / seconds;
 }
-BENCHMARK(BM_MoELayerFwdBwdOneRank)->Iterations(2)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MoELayerFwdBwdOneRank)
+    ->Args({kRows / 2, kH, kF})
+    ->Args({16384, 512, 1024})
+    ->Iterations(2)
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
