@@ -19,6 +19,7 @@
 #include "moefold/core/error.hpp"
 #include "moefold/core/format.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/host_cache.hpp"
 #include "moefold/core/init.hpp"
 #include "moefold/core/memory_space.hpp"
 #include "moefold/core/param.hpp"

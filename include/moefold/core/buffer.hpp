@@ -10,6 +10,7 @@
 ///   auto y = exec.template allocate<float>(rows * cols);   // Buffer<float, HostSpace>
 ///   View<float> v = y.view(rows, cols);
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -17,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "moefold/core/host_cache.hpp"
 #include "moefold/core/memory_space.hpp"
 #include "moefold/core/view.hpp"
 
@@ -63,7 +65,8 @@ class Buffer {
   std::int64_t size_ = 0;
 };
 
-/// Host storage: a `std::vector<T>` with views.
+/// Host storage: a `std::vector<T>` with views. Large vectors come from and go back to the
+/// thread's `detail::HostCache` (core/host_cache.hpp), so a warm step reuses its memory.
 template <class T>
 class Buffer<T, HostSpace> {
  public:
@@ -74,8 +77,21 @@ class Buffer<T, HostSpace> {
 
   Buffer() = default;
   /// n value-initialized elements.
-  explicit Buffer(std::int64_t n) : v_(static_cast<std::size_t>(n)) {}
-  Buffer(std::int64_t n, T const& value) : v_(static_cast<std::size_t>(n), value) {}
+  explicit Buffer(std::int64_t n) : v_(fresh(static_cast<std::size_t>(n))) {}
+  Buffer(std::int64_t n, T const& value) : v_(fresh(static_cast<std::size_t>(n))) {
+    std::fill(v_.begin(), v_.end(), value);
+  }
+  Buffer(Buffer const&) = default;
+  Buffer(Buffer&&) noexcept = default;
+  Buffer& operator=(Buffer const&) = default;
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      v_ = std::move(o.v_);
+    }
+    return *this;
+  }
+  ~Buffer() { release(); }
   Buffer(std::initializer_list<T> init) : v_(init) {}
   Buffer(std::vector<T> v) noexcept : v_(std::move(v)) {}  // NOLINT: implicit by design
   template <class It>
@@ -127,6 +143,16 @@ class Buffer<T, HostSpace> {
   friend bool operator==(Buffer const& a, Buffer const& b) { return a.v_ == b.v_; }
 
  private:
+  static std::vector<T> fresh(std::size_t n) {
+    auto* cache = detail::HostCache<T>::local();
+    return cache ? cache->take(n) : std::vector<T>(n);
+  }
+  void release() noexcept {
+    if (v_.capacity() != 0)
+      if (auto* cache = detail::HostCache<T>::local()) cache->give(std::move(v_));
+    v_ = std::vector<T>();
+  }
+
   std::vector<T> v_;
 };
 
