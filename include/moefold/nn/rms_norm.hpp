@@ -86,7 +86,7 @@ class RmsNorm {
   RMSNormConfig cfg_;
   Param<T, Space> weight_;
   Buffer<T, Space> x_;
-  Buffer<T, Space> rstd_;
+  Buffer<compute_t<T>, Space> rstd_;
 };
 
 namespace cpu {

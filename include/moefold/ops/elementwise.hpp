@@ -12,6 +12,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -54,6 +55,14 @@ struct AddInto {
   MOEFOLD_HD void operator()(std::int64_t i) const { y[i] += x[i]; }
 };
 
+/// y[i] = x[i] converted (float → bf16 rounds to nearest even; bf16 → float is exact).
+template <class Src, class Dst>
+struct Convert {
+  Src const* x;
+  Dst* y;
+  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] = narrow<Dst>(widen(x[i])); }
+};
+
 namespace detail {
 template <class T, class U, class S>
 void same_size(View<T, S> const& a, View<U, S> const& b, char const* op) {
@@ -89,6 +98,15 @@ void add_into(Exec const& exec, std::type_identity_t<View<T const, typename Exec
               View<T, typename Exec::memory_space> y) {
   detail::same_size(x, y, "add_into");
   for_each(exec, y.size(), AddInto<T>{x.data(), y.data()});
+}
+
+/// y[i] = x[i] converted to y's type (the optimizer's FP32 main parameters written back to a
+/// bf16 model, a bf16 model widened to its main parameters).
+template <class Exec, class Src, class Dst>
+void convert(Exec const& exec, std::type_identity_t<View<Src const, typename Exec::memory_space>> x,
+             View<Dst, typename Exec::memory_space> y) {
+  detail::same_size(x, y, "convert");
+  for_each(exec, y.size(), Convert<Src, Dst>{x.data(), y.data()});
 }
 
 }  // namespace ops
