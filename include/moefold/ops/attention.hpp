@@ -12,9 +12,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/view_args.hpp"
@@ -32,18 +34,26 @@ struct CausalSoftmax {
   std::int64_t s;
   MOEFOLD_HD void operator()(std::int64_t i) const {
     using std::exp;
+    using C = compute_t<T>;
     T* MOEFOLD_RESTRICT row = p + i * s;
     std::int64_t const* MOEFOLD_RESTRICT kp = kpos;
     std::int64_t const q = qpos[i];
-    T mx = -static_cast<T>(INFINITY);
+    C mx = -static_cast<C>(INFINITY);
     for (std::int64_t j = 0; j < s; ++j)
-      if (kp[j] <= q) mx = mx < row[j] ? row[j] : mx;
-    T sum{0};
-    for (std::int64_t j = 0; j < s; ++j) {
-      row[j] = kp[j] <= q ? exp(row[j] - mx) : T{0};
-      sum += row[j];
+      if (kp[j] <= q) mx = mx < widen(row[j]) ? widen(row[j]) : mx;
+    C sum{0};
+    if constexpr (std::is_same_v<T, C>) {  // the exponentials kept in the row
+      for (std::int64_t j = 0; j < s; ++j) {
+        row[j] = kp[j] <= q ? exp(row[j] - mx) : T{0};
+        sum += row[j];
+      }
+      for (std::int64_t j = 0; j < s; ++j) row[j] /= sum;
+    } else {  // bf16 scores: FP32 exponentials and sum, each probability rounded once
+      for (std::int64_t j = 0; j < s; ++j)
+        if (kp[j] <= q) sum += exp(widen(row[j]) - mx);
+      for (std::int64_t j = 0; j < s; ++j)
+        row[j] = narrow<T>(kp[j] <= q ? exp(widen(row[j]) - mx) / sum : C{0});
     }
-    for (std::int64_t j = 0; j < s; ++j) row[j] /= sum;
   }
 };
 
@@ -53,13 +63,14 @@ struct SoftmaxBackward {
   T const* p;
   T* d;
   std::int64_t s;
-  T scale;
+  compute_t<T> scale;
   MOEFOLD_HD void operator()(std::int64_t i) const {
     T const* MOEFOLD_RESTRICT pr = p + i * s;
     T* MOEFOLD_RESTRICT dr = d + i * s;
-    T dot{0};
-    for (std::int64_t j = 0; j < s; ++j) dot += pr[j] * dr[j];
-    for (std::int64_t j = 0; j < s; ++j) dr[j] = pr[j] * (dr[j] - dot) * scale;
+    compute_t<T> dot{0};
+    for (std::int64_t j = 0; j < s; ++j) dot += widen(pr[j]) * widen(dr[j]);
+    for (std::int64_t j = 0; j < s; ++j)
+      dr[j] = narrow<T>(widen(pr[j]) * (widen(dr[j]) - dot) * scale);
   }
 };
 
@@ -78,7 +89,8 @@ void causal_softmax(Exec const& exec, OutView<Exec, T> scores,
 
 /// d [rows, s]: dP → dS in place, from the saved probabilities p [rows, s].
 template <class Exec, class T>
-void softmax_backward(Exec const& exec, InView<Exec, T> p, OutView<Exec, T> d, T scale) {
+void softmax_backward(Exec const& exec, InView<Exec, T> p, OutView<Exec, T> d,
+                      std::type_identity_t<compute_t<T>> scale) {
   MOEFOLD_EXPECTS(p.contiguous() && d.contiguous() && p.rows() == d.rows() && p.cols() == d.cols(),
                   "ops::softmax_backward: probabilities {}×{}, gradients {}×{}", p.rows(), p.cols(),
                   d.rows(), d.cols());
