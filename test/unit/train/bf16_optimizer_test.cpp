@@ -4,15 +4,21 @@
 // same (bf16-representable) values, and the bf16 values are those rounded — also under the
 // distributed optimizer, where the main parameters are sharded like the moments. Updates far
 // below bf16's resolution accumulate in the main parameters (a model stepped in bf16 would
-// never move). Optimizer bytes count the main parameters.
+// never move). Optimizer bytes count the main parameters. Checkpoints: a bf16 run saved with
+// the distributed optimizer resumes in bf16 and in FP32 on one rank, and an FP32 checkpoint
+// resumes in bf16, each continuing exactly as the FP32 twin run.
 
 #include <cstdint>
+#include <filesystem>
+#include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/train/adamw.hpp"
 #include "moefold/train/distributed_optimizer.hpp"
 #include "moefold/train/gradient_reduction.hpp"
+#include "moefold/train/training_state.hpp"
 #include "support/catch.hpp"
 #include "support/exec.hpp"
 
@@ -148,4 +154,80 @@ TEST_CASE("the distributed optimizer of a bf16 model shards FP32 main parameters
   std::int64_t total = 0;
   for (auto e : elems) total += e;
   CHECK(total == 8 * 37 + 19 + 8 * 11);
+}
+
+namespace {
+namespace fs = std::filesystem;
+
+/// Two steps of `Model<T>` with the distributed optimizer on 4 ranks (DP 4, EP 2), saved to `dir`.
+template <class T>
+void save_two_steps(fs::path const& dir) {
+  auto const fold = FoldedMapping::from({.world = 4, .ep = 2, .etp = 1});
+  inproc::run(fold.world_size(), [&](Comm& world) {
+    ProcessGroups groups(fold, world);
+    Model<T> m(fold, world.rank());
+    if constexpr (std::is_same_v<T, float>) {  // the float twin starts from the bf16 values
+      Model<bf16> b(fold, world.rank());
+      copy_values(b, m);
+    }
+    DistributedOptimizer<test::Exec, T, Comm> opt(test::Exec{}, m.list(), groups);
+    for (int step = 1; step <= 2; ++step) {
+      fill_grads(m, world.rank(), step);
+      opt.reduce_gradients();
+      opt.step(1e-2);
+    }
+    auto writes = [&](Param<T> const& p) {
+      return p.cls == ParamClass::expert ? groups.edp().rank() == 0 : groups.dp_cp().rank() == 0;
+    };
+    save_checkpoint(test::Exec{}, world, dir, 2,
+                    training_state_entries(opt, writes, world.rank() == 0), CheckpointInfo{});
+  });
+}
+
+/// One rank's AdamW<T> restored from `dir`, then a third step.
+template <class T>
+struct Resumed {
+  Model<T> m{FoldedMapping::from({.world = 1}), 0};
+  AdamW<test::Exec, T> opt{m.list()};
+  explicit Resumed(fs::path const& dir) {
+    restore_training_state(CheckpointReader::open(dir), opt);
+    REQUIRE(opt.steps() == 2);
+  }
+  void step(int n) {
+    fill_grads(m, 0, n);
+    opt.step(1e-2);
+  }
+};
+}  // namespace
+
+TEST_CASE("bf16 and FP32 checkpoints resume in either precision", "[train][checkpoint][bf16]") {
+  auto const root = fs::temp_directory_path() / ("moefold_bf16_ckpt_" + std::to_string(::getpid()));
+  fs::remove_all(root);
+  save_two_steps<bf16>(root / "bf16");
+  save_two_steps<float>(root / "fp32");
+  Resumed<float> ref(root / "fp32");       // the FP32 twin
+  Resumed<bf16> b_from_b(root / "bf16");   // bf16 → bf16
+  Resumed<float> f_from_b(root / "bf16");  // bf16 → FP32: the FP32 main parameters
+  Resumed<bf16> b_from_f(root / "fp32");   // FP32 → bf16: main parameters = the FP32 values
+  for (int round = 0; round < 2; ++round) {  // as restored, then after one more step
+    auto const pr = ref.m.list();
+    auto const pbb = b_from_b.m.list();
+    auto const pfb = f_from_b.m.list();
+    auto const pbf = b_from_f.m.list();
+    for (std::size_t k = 0; k < pr.size(); ++k)
+      for (std::int64_t i = 0; i < static_cast<std::int64_t>(pr[k]->size()); ++i) {
+        INFO("round " << round << " " << pr[k]->name << "[" << i << "]");
+        float const want = pr[k]->value[i];
+        REQUIRE(b_from_b.opt.main_param(k)[i] == want);
+        REQUIRE(pbb[k]->value[i] == bf16(want));
+        REQUIRE(pfb[k]->value[i] == want);
+        REQUIRE(b_from_f.opt.main_param(k)[i] == want);
+        REQUIRE(pbf[k]->value[i] == bf16(want));
+      }
+    ref.step(3 + round);
+    b_from_b.step(3 + round);
+    f_from_b.step(3 + round);
+    b_from_f.step(3 + round);
+  }
+  fs::remove_all(root);
 }
