@@ -338,13 +338,16 @@ class Trainer {
     auto const& f = groups_.mapping();
     return fmt::format(
         "moefold-train: {} parameters, {} layers, hidden {}, {} heads / {} query groups, MLP slot "
-        "{}\n"
+        "{}{}\n"
         "  data: {} ({} files, {:.2f} MB{}): train {} / "
         "validation {} bytes, byte-unigram entropy {:.4f} nats\n"
         "{}"
         "  folding: {} ranks, attention TP{}·CP{}·PP{}·DP{}, MoE EP{}·ETP{}·EDP{}, {}; global "
         "batch {} × {} tokens in {} microbatches of {}\n",
         params, o_.num_layers, o_.hidden, o_.heads, o_.kv_groups, mlp_description(o_),
+        o_.bf16 ? "; BF16 mixed precision (FP32 accumulation, loss, router, main gradients and "
+                  "parameters)"
+                : "",
         data_path_of(o_), corpus_.files(), static_cast<double>(corpus_.size()) / 1e6,
         o_.data_path.empty() ? "; Debian package 'fortunes', BSD license" : "",
         corpus_.split_size(Split::train), corpus_.split_size(Split::validation),
