@@ -26,6 +26,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
@@ -154,9 +155,17 @@ class Attention {
       for (std::int64_t h = 0; h < nq; ++h) {
         std::int64_t const g = h / q_per_group();
         View<T, Space> const p(probs.data() + (b * nq + h) * sc * s, sc, s);
-        gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
-                head(k_, b * ng + g, s, ldk), 0, p);
-        ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
+        if constexpr (std::is_same_v<T, C>) {  // scores and probabilities in place
+          gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
+                  head(k_, b * ng + g, s, ldk), 0, p);
+          ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
+        } else {  // bf16: FP32 scores (as a fused kernel), bf16 probabilities
+          auto const scores = detail::reuse(exec_, scores_, sc * s).reshaped(sc, s);
+          gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
+                  head(k_, b * ng + g, s, ldk), 0, scores);
+          ops::causal_softmax(exec_, View<C const, Space>(scores), p, q_pos_.view(),
+                              k_pos_.view());
+        }
         gemm<T>(exec_, Trans::no, Trans::no, 1, p, head(v_, b * ng + g, s, ldk), 0,
                 head(ctx_, b * nq + h, sc, ldq));
       }
@@ -189,8 +198,14 @@ class Attention {
         auto const dout = head(dctx_, b * nq + h, sc, ldq);
         // dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √d
         gemm<T>(exec_, Trans::yes, Trans::no, 1, p, dout, 1, head(dv_, b * ng + g, s, ldk));
-        gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dp);
-        ops::softmax_backward(exec_, p, dp, scale);
+        if constexpr (std::is_same_v<T, C>) {
+          gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dp);
+          ops::softmax_backward(exec_, p, dp, scale);
+        } else {  // bf16: dP in FP32, dS rounded once
+          auto const dpf = detail::reuse(exec_, scores_, sc * s).reshaped(sc, s);
+          gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dpf);
+          ops::softmax_backward(exec_, p, View<C const, Space>(dpf), dp, scale);
+        }
         // dQ = dS·K;  dK += dSᵀ·Q
         gemm<T>(exec_, Trans::no, Trans::no, 1, dp, head(k_, b * ng + g, s, ldk), 0,
                 head(dq_, b * nq + h, sc, ldq));
@@ -293,6 +308,7 @@ class Attention {
   Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dp_, dk_local_, dv_local_,
       dqkv_, dk_t_, dv_t_;
   Buffer<C, Space> dk_, dv_;
+  Buffer<C, Space> scores_;  ///< bf16 only: one head's FP32 scores (forward) or dP (backward)
 };
 
 namespace cpu {

