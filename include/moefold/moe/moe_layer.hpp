@@ -437,10 +437,11 @@ class MoELayer {
 };
 
 /// The default MoE block for a decoder layer's MLP slot on instance `Exec`: softmax top-k
-/// router, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts (BLAS on the CPU).
+/// router (in FP32 for bf16 layers), dropless all-to-all dispatcher, SwiGLU grouped-GEMM
+/// experts (BLAS on the CPU).
 template <ExecutionInstance Exec, class T, Communicator Comm>
 using DefaultMoELayer =
-    MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
+    MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, compute_t<T>>, AllToAllDispatcher<Dropless>,
              GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>;
 
 namespace cpu {

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "moefold/moe/grouped_gemm_experts.hpp"
+#include "moefold/moe/moe_layer.hpp"
 #include "moefold/nn/decoder_layer.hpp"
 #include "moefold/nn/rms_norm.hpp"
 #include "unit/nn/nn_support.hpp"
@@ -149,4 +150,21 @@ TEST_CASE("a bf16 decoder layer (attention + dense MLP) equals the float layer w
   check_equivalence<bf16>(
       {}, {{.tp = 2, .cp = 2, .dp = 2}}, [&](Groups& g) { return make(g, bf16{}); },
       sequence_forward, 2e-2);
+}
+
+TEST_CASE("a bf16 MoE layer (FP32 router, bf16 experts and shared expert) equals the float layer "
+          "within bf16",
+          "[moe][moe_layer][bf16]") {
+  // The router weight is a bf16 parameter whose FP32 main gradient receives the FP32 router's.
+  MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 32, .moe_ffn_hidden_size = 16,
+                     .moe_shared_expert_intermediate_size = 32, .seed = kSeed, .init_std = 0.3};
+  moe.router.num_experts = 8;
+  moe.router.moe_router_topk = 2;
+  auto make = [&](Groups& g, auto tag) {
+    return DefaultMoELayer<Exec, decltype(tag), Comm>(moe, g);
+  };
+  check_against_float({}, make, local_forward);
+  check_equivalence<bf16>(
+      {}, {{.tp = 2, .cp = 2, .dp = 2, .ep = 4, .etp = 1}},
+      [&](Groups& g) { return make(g, bf16{}); }, local_forward, kBf16Tol);
 }
