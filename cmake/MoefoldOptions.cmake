@@ -25,6 +25,20 @@ moefold_tristate(MOEFOLD_ENABLE_NCCL "Build the NCCL communicator (moefold::nccl
 find_package(Threads REQUIRED)
 find_package(fmt REQUIRED)
 include(MoefoldBlas)
+# BF16 GEMMs: the BLAS's own cblas_sbgemm where it is exported (a link check: Debian 12's cblas.h
+# declares it but its OpenBLAS exports none); otherwise exec/blas.hpp widens blocks to sgemm.
+include(CheckSymbolExists)
+set(CMAKE_REQUIRED_LIBRARIES ${BLAS_LIBRARIES})
+set(CMAKE_REQUIRED_INCLUDES ${MOEFOLD_CBLAS_INCLUDE_DIR})
+set(CMAKE_REQUIRED_QUIET ON)
+check_symbol_exists(cblas_sbgemm "cblas.h" MOEFOLD_BLAS_EXPORTS_SBGEMM)
+unset(CMAKE_REQUIRED_LIBRARIES)
+unset(CMAKE_REQUIRED_INCLUDES)
+unset(CMAKE_REQUIRED_QUIET)
+set(MOEFOLD_HAVE_SBGEMM 0)
+if(MOEFOLD_BLAS_EXPORTS_SBGEMM)
+  set(MOEFOLD_HAVE_SBGEMM 1)
+endif()
 
 # ---- MPI -------------------------------------------------------------------------------------
 set(MOEFOLD_HAS_MPI 0)

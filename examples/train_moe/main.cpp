@@ -57,13 +57,25 @@ int fail(std::string what, int status) {
   std::_Exit(1);
 }
 
+/// This rank's run in the precision --bf16 picks (bf16 parameters and activations with FP32
+/// main gradients, main parameters and moments; float otherwise).
+template <class Comm>
+void run_trainer(TrainOptions const& o, Comm& world, Report* report) {
+  if (o.bf16) {
+    Trainer<Comm, bf16> trainer(o, world, report);
+    trainer.run();
+  } else {
+    Trainer<Comm, float> trainer(o, world, report);
+    trainer.run();
+  }
+}
+
 int run_inproc(TrainOptions const& o) {
   Report report(o);
   inproc::run(
       o.world,
       [&](inproc::Communicator& world) {
-        Trainer<inproc::Communicator> trainer(o, world, world.rank() == 0 ? &report : nullptr);
-        trainer.run();
+        run_trainer<inproc::Communicator>(o, world, world.rank() == 0 ? &report : nullptr);
       },
       inproc::Options{.timeout = std::chrono::minutes(o.distributed_timeout_minutes)});
   return 0;
@@ -104,8 +116,7 @@ int run_mpi(int argc, char** argv, TrainOptions o) {
           return;
         }
         Report report(o);
-        Trainer<mpi::Communicator> trainer(o, world, world.rank() == 0 ? &report : nullptr);
-        trainer.run();
+        run_trainer<mpi::Communicator>(o, world, world.rank() == 0 ? &report : nullptr);
       },
       mpi::Options{.timeout = timeout});
   return status;

@@ -26,12 +26,14 @@ namespace moefold::train_demo {
 /// runs the demo on the order-scrambling test instance instead).
 using Exec = MOEFOLD_TEST_EXEC;
 
-/// The MLP slot of every decoder layer: Megatron's MoE block (top-k router whose score
-/// function the command line picks, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts,
+/// The MLP slot of every decoder layer: Megatron's MoE block (top-k router in FP32 — the
+/// layers' type, or FP32 under --bf16, as --moe-router-dtype fp32 — whose score function the
+/// command line picks, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts,
 /// optional shared expert), timed for the summary's phases.
 template <class T, Communicator Comm>
 using MlpBlock = TimedBlock<
-    MoELayer<Exec, TopKRouter<Exec, ConfiguredScore, T>, TimedDispatcher<AllToAllDispatcher<Dropless>>,
+    MoELayer<Exec, TopKRouter<Exec, ConfiguredScore, compute_t<T>>,
+             TimedDispatcher<AllToAllDispatcher<Dropless>>,
              GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>>;
 
 /// The MLP slot's config from the command line (EP and ETP come from the folding).

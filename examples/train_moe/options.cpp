@@ -105,6 +105,13 @@ ParseResult parse_options(int argc, char** argv) {
   std::optional<int> warmup;
   app.add_option("--lr-warmup-iters", warmup, "Warm-up steps (default: 5% of the run)");
   app.add_option("--weight-decay", o.weight_decay)->capture_default_str();
+  app.add_flag("--bf16", o.bf16,
+               "BF16 parameters and activations; FP32 GEMM accumulation, loss, main gradients "
+               "(reduced in FP32), main parameters and Adam moments");
+  app.add_option("--moe-router-dtype", o.router_dtype,
+                 "Router logits and scores: fp32 (moefold-train's router computes in FP32 also "
+                 "under --bf16)")
+      ->capture_default_str();
   app.add_flag("--use-distributed-optimizer", o.use_distributed_optimizer,
                "Shard the optimizer state over dp_cp (dense) and edp (experts): reduce-scatter "
                "the gradients, update the shard, all-gather the parameters");
@@ -353,6 +360,10 @@ void validate(TrainOptions const& o) {
   if (o.backend == Backend::mpi && !MOEFOLD_HAS_MPI)
     throw invalid_config("--backend mpi: this build has no MPI (install libopenmpi-dev)");
   check_ranges(o);
+  need(o.router_dtype == "fp32",
+       fmt::format("--moe-router-dtype {}: moefold-train's router computes in fp32 (with or "
+                   "without --bf16); fp64 is not built into it",
+                   o.router_dtype));
   need(o.num_distributed_optimizer_instances == 1 || o.use_distributed_optimizer,
        fmt::format("--num-distributed-optimizer-instances {} needs --use-distributed-optimizer",
                    o.num_distributed_optimizer_instances));

@@ -48,6 +48,9 @@ struct TrainOptions {
   double bias_update_rate = 1e-3;                          ///< --moe-router-bias-update-rate
   std::optional<double> input_jitter_eps;                  ///< --moe-input-jitter-eps
   bool calculate_per_token_loss = false;                   ///< --calculate-per-token-loss
+  // Precision (Megatron's flags).
+  bool bf16 = false;  ///< --bf16: bf16 parameters and activations, FP32 main grads and params
+  std::string router_dtype = "fp32";  ///< --moe-router-dtype: fp32 (the router of moefold-train)
   // Optimizer sharding (Megatron's flags).
   bool use_distributed_optimizer = false;        ///< --use-distributed-optimizer
   int num_distributed_optimizer_instances = 1;   ///< --num-distributed-optimizer-instances

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "moefold/comm/process_groups.hpp"
+#include "moefold/pipeline/executor.hpp"
 #include "moefold/nn/forward_context.hpp"
 #include "moefold/core/param.hpp"
 
@@ -81,10 +82,12 @@ template <class Stage>
 class TimedStage {
  public:
   using value_type = typename Stage::value_type;
+  using loss_type = pipeline_loss_t<Stage>;
   using T = value_type;
   explicit TimedStage(Stage& s) : stage_(&s) {}
   std::size_t activation_size() const { return stage_->activation_size(); }
-  void forward(int mb, int chunk, std::span<T const> in, std::span<T> out) {
+  template <class U>  // activations, or the last stage's loss
+  void forward(int mb, int chunk, std::span<T const> in, std::span<U> out) {
     Stopwatch w;
     stage_->forward(mb, chunk, in, out);
     phase_times().compute += w.seconds();

@@ -81,22 +81,24 @@ double memory_estimate(TrainOptions const& o) {
   double const world = d(o.world > 0 ? o.world : o.tp * o.cp * o.pp);
   double const dp = std::max(1.0, world / d(o.tp * o.cp * o.pp));
   double const edp = std::max(1.0, world / d(o.ep * o.etp * o.pp));
-  // Every replica holds its parameters and gradients; the two FP32 AdamW moments are held by
-  // every replica, or with the distributed optimizer once per optimizer instance (with the
-  // reduced gradient shards).
+  // Every replica holds its parameters (4 bytes, 2 with --bf16) and FP32 gradients; the two
+  // FP32 AdamW moments (and with --bf16 the FP32 main parameters) are held by every replica, or
+  // with the distributed optimizer once per optimizer instance (with the reduced FP32 gradient
+  // shards).
+  double const value = o.bf16 ? 2 : 4;
+  double const state_per_element = o.bf16 ? 12 : 8;
   auto const bytes = [&](double elements, double replicas) {
     double const state = o.use_distributed_optimizer
-                             ? 3 * d(o.num_distributed_optimizer_instances)
-                             : 2 * replicas;
-    return elements * (2 * replicas + state) * sizeof(float);
+                             ? (state_per_element + 4) * d(o.num_distributed_optimizer_instances)
+                             : state_per_element * replicas;
+    return elements * ((value + 4) * replicas + state);
   };
   double const weights = bytes(dense, dp * d(o.cp)) + bytes(expert, edp);
   // Activations each layer keeps of its last forward (attention scores, four hidden-size
   // tensors, the experts' 3·FFN per routed token) and the output logits, for one microbatch of
   // every DP replica.
   double const per_token = 4 * h + d(o.topk) * 3 * d(o.moe_ffn);
-  double const activations =
-      dp * mb * s * (layers * (d(o.heads) * s + per_token) + vocab) * sizeof(float);
+  double const activations = dp * mb * s * (layers * (d(o.heads) * s + per_token) + vocab) * value;
   return weights + activations;
 }
 

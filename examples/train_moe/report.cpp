@@ -246,11 +246,13 @@ void Report::finish(Summary const& s) {
       s.train_seconds / steps,
       rate(s.train_seconds > 0 ? static_cast<double>(s.tokens) / s.train_seconds : 0.0),
       s.eval_seconds, throughput, mib(s.memory.parameters), mib(s.memory.gradients), mib(s.memory.optimizer),
-      o_.use_distributed_optimizer
-          ? fmt::format("distributed optimizer, {} instance{}",
-                        o_.num_distributed_optimizer_instances,
-                        o_.num_distributed_optimizer_instances > 1 ? "s" : "")
-          : std::string("AdamW state on every replica"),
+      std::string(o_.bf16 ? "bf16 parameters; FP32 gradients, moments and main parameters; "
+                          : "") +
+          (o_.use_distributed_optimizer
+               ? fmt::format("distributed optimizer, {} instance{}",
+                             o_.num_distributed_optimizer_instances,
+                             o_.num_distributed_optimizer_instances > 1 ? "s" : "")
+               : std::string("AdamW state on every replica")),
       1e3 * attention / steps, pct(attention), 1e3 * p.dispatch / steps,
       pct(p.dispatch), 1e3 * experts / steps, pct(experts), 1e3 * p.combine / steps, pct(p.combine),
       1e3 * wait / steps, pct(wait), 1e3 * p.optimizer / steps, pct(p.optimizer), o_.output_dir,

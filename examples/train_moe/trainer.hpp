@@ -60,10 +60,11 @@ CheckpointInfo checkpoint_metadata(TrainOptions const& o) {
   return info;
 }
 
-template <Communicator Comm>
+/// `T`: the precision policy's element type — float, or bf16 with --bf16 (FP32 main gradients,
+/// main parameters and moments, FP32 router and loss; core/precision.hpp).
+template <Communicator Comm, class T = float>
 class Trainer {
  public:
-  using T = float;
 
   /// Builds this rank's model and optimizer and, with --load, restores the training state —
   /// or, with --finetune / --no-load-optim, the weights only (fresh moments; iteration 0 with
@@ -162,7 +163,8 @@ class Trainer {
   StepRecord train_step(std::int64_t step) {
     for (auto const& g : kTrafficGroups)
       if (has_group(g.second)) groups_.get(g.second).reset_traffic();
-    for (auto* p : params_) ops::fill(stage_.exec(), View<T, Space>(p->grad), T{});
+    for (auto* p : params_)
+      ops::fill(stage_.exec(), View<grad_t<T>, Space>(p->grad), grad_t<T>{});
     // Step s (1-based) trains on the global batch of stream index s − 1.
     auto const first =
         static_cast<std::uint64_t>(step - 1) * static_cast<std::uint64_t>(o_.global_batch);
@@ -256,7 +258,7 @@ class Trainer {
         /*training=*/step > 0, step);
     TimedStage<Model<T, Comm>> timed(stage_);
     Stopwatch w;
-    T const loss =
+    auto const loss =
         o_.vpp > 1
             ? run_pipeline(
                   Interleaved{.stages = o_.pp, .virtual_stages = o_.vpp, .microbatches = m},
@@ -342,13 +344,16 @@ class Trainer {
     auto const& f = groups_.mapping();
     return fmt::format(
         "moefold-train: {} parameters, {} layers, hidden {}, {} heads / {} query groups, MLP slot "
-        "{}\n"
+        "{}{}\n"
         "  data: {} ({} files, {:.2f} MB{}): train {} / "
         "validation {} bytes, byte-unigram entropy {:.4f} nats\n"
         "{}"
         "  folding: {} ranks, attention TP{}·CP{}·PP{}·DP{}, MoE EP{}·ETP{}·EDP{}, {}; global "
         "batch {} × {} tokens in {} microbatches of {}\n",
         params, o_.num_layers, o_.hidden, o_.heads, o_.kv_groups, mlp_description(o_),
+        o_.bf16 ? "; BF16 mixed precision (FP32 accumulation, loss, router, main gradients and "
+                  "parameters)"
+                : "",
         data_path_of(o_), corpus_.files(), static_cast<double>(corpus_.size()) / 1e6,
         o_.data_path.empty() ? "; Debian package 'fortunes', BSD license" : "",
         corpus_.split_size(Split::train), corpus_.split_size(Split::validation),
@@ -369,7 +374,7 @@ class Trainer {
   using Space = typename Exec::memory_space;
 
   /// The first index of a non-finite element of `v`, or −1.
-  std::int64_t first_non_finite(View<T const, Space> v) {
+  std::int64_t first_non_finite(View<grad_t<T> const, Space> v) {
     ops::first_non_finite(stage_.exec(), v, first_bad_.view());
     Buffer<std::int64_t> at(1);
     copy(stage_.exec(), View<std::int64_t const, Space>(first_bad_.view()), at.view());
@@ -404,13 +409,14 @@ class Trainer {
   }
 
   /// Bytes this rank allocates for parameters, gradients (the parameters' own and, with the
-  /// distributed optimizer, the reduced shards) and optimizer state (the moments), counted from
-  /// the buffers; the largest over ranks, and every rank's (with its PP rank).
+  /// distributed optimizer, the reduced shards) and optimizer state (the moments, and with
+  /// --bf16 the FP32 main parameters), counted from the buffers; the largest over ranks, and
+  /// every rank's (with its PP rank).
   MemoryBytes memory_bytes() {
     std::vector<double> v(3, 0.0);
     for (auto* p : params_) {
-      v[0] += static_cast<double>(p->value.size() * sizeof(T));
-      v[1] += static_cast<double>(p->grad.size() * sizeof(T));
+      v[0] += static_cast<double>(p->value.size() * sizeof(*p->value.data()));
+      v[1] += static_cast<double>(p->grad.size() * sizeof(*p->grad.data()));
     }
     if (dist_) {
       v[1] += static_cast<double>(dist_->shard_grad_bytes());

@@ -23,6 +23,7 @@
 #include "moefold/core/init.hpp"
 #include "moefold/core/memory_space.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 
 // mesh

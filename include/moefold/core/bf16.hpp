@@ -1,10 +1,12 @@
 #pragma once
 /// \file
 /// `bf16`: the bfloat16 storage type (the upper 16 bits of an IEEE float), with
-/// round-to-nearest-even conversion from float. Arithmetic happens in float.
+/// round-to-nearest-even conversion from float. Arithmetic happens in float (core/precision.hpp:
+/// `compute_t<bf16>` is float); the conversions run on the host and, under nvcc, on the device.
 
-#include <bit>
 #include <cstdint>
+
+#include "moefold/core/hd.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -15,16 +17,16 @@ struct bf16 {
 
   constexpr bf16() = default;
   /// Rounds `f` to the nearest bf16, ties to even; NaN stays NaN.
-  constexpr explicit bf16(float f) noexcept : bits(round(f)) {}
+  MOEFOLD_HD constexpr explicit bf16(float f) noexcept : bits(round(f)) {}
   /// The exact float value.
-  constexpr explicit operator float() const noexcept {
-    return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
+  MOEFOLD_HD constexpr explicit operator float() const noexcept {
+    return __builtin_bit_cast(float, static_cast<std::uint32_t>(static_cast<std::uint32_t>(bits) << 16));
   }
-  constexpr bool operator==(bf16 const&) const = default;
+  MOEFOLD_HD constexpr bool operator==(bf16 const& o) const noexcept { return bits == o.bits; }
 
  private:
-  static constexpr std::uint16_t round(float f) noexcept {
-    std::uint32_t const u = std::bit_cast<std::uint32_t>(f);
+  MOEFOLD_HD static constexpr std::uint16_t round(float f) noexcept {
+    std::uint32_t const u = __builtin_bit_cast(std::uint32_t, f);
     if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0)
       return static_cast<std::uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
     std::uint32_t const lsb = (u >> 16) & 1u;

@@ -24,6 +24,7 @@
 #include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/core/init.hpp"
+#include "moefold/core/precision.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -63,7 +64,7 @@ struct Param {
   std::int64_t global_cols = 0;
   std::vector<ParamBlock> blocks;
   Buffer<T, Space> value;
-  Buffer<T, Space> grad;
+  Buffer<grad_t<T>, Space> grad;  ///< FP32 for a bf16 parameter (Megatron's main_grad)
 
   Param() = default;
   /// A shard of `blocks`; throws when a block leaves the global tensor.
@@ -79,7 +80,7 @@ struct Param {
       size += k.size();
     }
     value = Buffer<T, Space>(size);
-    grad = Buffer<T, Space>(size);
+    grad = Buffer<grad_t<T>, Space>(size);
   }
   /// A parameter held whole (one block over the whole tensor).
   static Param whole(std::string n, ParamClass c, std::int64_t rows, std::int64_t cols) {
@@ -102,7 +103,7 @@ struct Param {
   void zero_grad()
     requires(Space::host_accessible)
   {
-    std::fill(grad.begin(), grad.end(), T{});
+    std::fill(grad.begin(), grad.end(), grad_t<T>{});
   }
 
   /// This rank's elements of a global row-major tensor of this parameter's shape.

@@ -68,11 +68,10 @@ void copy(Cpu const&, std::type_identity_t<View<T const>> src, View<T, HostSpace
                 static_cast<std::size_t>(src.cols()) * sizeof(T));
 }
 
-/// C = alpha · op(A) · op(B) + beta · C on views (row-major; sizes from the views: C is m×n,
-/// op(A) m×k, op(B) k×n). float or double.
-template <class T>
-void gemm(Cpu const&, Trans ta, Trans tb, T alpha, std::type_identity_t<View<T const>> a,
-          std::type_identity_t<View<T const>> b, T beta, std::type_identity_t<View<T>> c) {
+namespace detail {
+/// k of C = op(A)·op(B) on views; throws when the shapes do not match.
+template <class A, class B, class C>
+std::int64_t gemm_k(Trans ta, Trans tb, A const& a, B const& b, C const& c) {
   std::int64_t const m = c.rows(), n = c.cols();
   std::int64_t const k = ta == Trans::no ? a.cols() : a.rows();
   MOEFOLD_EXPECTS((ta == Trans::no ? a.rows() : a.cols()) == m,
@@ -81,7 +80,29 @@ void gemm(Cpu const&, Trans ta, Trans tb, T alpha, std::type_identity_t<View<T c
                       (tb == Trans::no ? b.cols() : b.rows()) == n,
                   "gemm: op(B) is {}×{}, expected {}×{}", tb == Trans::no ? b.rows() : b.cols(),
                   tb == Trans::no ? b.cols() : b.rows(), k, n);
-  gemm<T>(ta, tb, m, n, k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta, c.data(), c.ld());
+  return k;
+}
+}  // namespace detail
+
+/// C = alpha · op(A) · op(B) + beta · C on views (row-major; sizes from the views: C is m×n,
+/// op(A) m×k, op(B) k×n). float or double.
+template <class T>
+  requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
+void gemm(Cpu const&, Trans ta, Trans tb, T alpha, std::type_identity_t<View<T const>> a,
+          std::type_identity_t<View<T const>> b, T beta, std::type_identity_t<View<T>> c) {
+  std::int64_t const k = detail::gemm_k(ta, tb, a, b, c);
+  gemm<T>(ta, tb, c.rows(), c.cols(), k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta,
+          c.data(), c.ld());
+}
+/// The same with bf16 A and B, accumulated in FP32: C float (a main gradient, FP32 logits) or
+/// bf16 (rounded once); alpha and beta in FP32.
+template <class T, class TC>
+  requires(std::is_same_v<T, bf16> && (std::is_same_v<TC, float> || std::is_same_v<TC, bf16>))
+void gemm(Cpu const&, Trans ta, Trans tb, float alpha, std::type_identity_t<View<T const>> a,
+          std::type_identity_t<View<T const>> b, float beta, View<TC, HostSpace> c) {
+  std::int64_t const k = detail::gemm_k(ta, tb, a, b, c);
+  gemm<TC>(ta, tb, c.rows(), c.cols(), k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta,
+           c.data(), c.ld());
 }
 
 /// out[i] = Σ_{j<i} in[j] (out[0] = 0); in and out may be the same view.

@@ -17,24 +17,27 @@
 #include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/core/format.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/exec/cpu.hpp"
 
 namespace moefold {
 inline namespace v0 {
 
-/// One GEMM of a grouped batch: C[m×n] = alpha · op(A) · op(B) + beta · C, row-major.
-template <class T>
+/// One GEMM of a grouped batch: C[m×n] = alpha · op(A) · op(B) + beta · C, row-major, with
+/// operands of type T and C of type `C` (for bf16 operands: bf16, or FP32 for a main gradient;
+/// alpha and beta and the accumulation in `compute_t<T>`).
+template <class T, class C = T>
 struct GemmProblem {
   Trans trans_a = Trans::no;
   Trans trans_b = Trans::no;
   std::int64_t m = 0, n = 0, k = 0;
-  T alpha = T(1);
+  compute_t<T> alpha = compute_t<T>(1);
   T const* a = nullptr;
   std::int64_t lda = 0;
   T const* b = nullptr;
   std::int64_t ldb = 0;
-  T beta = T(0);
-  T* c = nullptr;
+  compute_t<T> beta = compute_t<T>(0);
+  C* c = nullptr;
   std::int64_t ldc = 0;
 };
 
@@ -49,8 +52,8 @@ struct GemmStatus {
 struct BlasGroupedGemm {
   static constexpr std::string_view name = "blas";
 
-  template <class T>
-  static GemmStatus can_implement(std::span<GemmProblem<T> const> problems) {
+  template <class T, class C = T>
+  static GemmStatus can_implement(std::span<GemmProblem<T, C> const> problems) {
     for (std::size_t i = 0; i < problems.size(); ++i) {
       auto const& p = problems[i];
       if (p.m < 0 || p.n < 0 || p.k < 0)
@@ -61,16 +64,16 @@ struct BlasGroupedGemm {
     }
     return {};
   }
-  template <class T>
-  static std::size_t workspace_size(std::span<GemmProblem<T> const>) noexcept {
+  template <class T, class C = T>
+  static std::size_t workspace_size(std::span<GemmProblem<T, C> const>) noexcept {
     return 0;
   }
-  template <class T>
-  static void run(Cpu const&, std::span<GemmProblem<T> const> problems,
+  template <class T, class C = T>
+  static void run(Cpu const&, std::span<GemmProblem<T, C> const> problems,
                   View<std::byte, HostSpace> /*workspace*/) {
-    for (auto const& p : problems)
-      gemm<T>(p.trans_a, p.trans_b, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c,
-              p.ldc);
+    for (auto const& p : problems)  // gemm<T> (float, double) or gemm<C> (bf16 operands)
+      gemm(p.trans_a, p.trans_b, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c,
+           p.ldc);
   }
 };
 
@@ -87,17 +90,17 @@ concept GroupedGemmPolicy = requires(Exec const& e, std::span<GemmProblem<float>
 /// Runs `problems` with policy `G` on `exec`: throws `moefold::error` naming the policy and the
 /// reason when it cannot, grows `workspace` (kept by the caller across calls) when it is too
 /// small.
-template <class G, class Exec, class T>
+template <class G, class Exec, class T, class C>
   requires GroupedGemmPolicy<G, Exec>
-void grouped_gemm(Exec const& exec, std::span<GemmProblem<T> const> problems,
+void grouped_gemm(Exec const& exec, std::span<GemmProblem<T, C> const> problems,
                   Buffer<std::byte, typename Exec::memory_space>& workspace) {
-  if (auto const st = G::template can_implement<T>(problems); !st)
+  if (auto const st = G::template can_implement<T, C>(problems); !st)
     throw error(errc::invalid_argument,
                 detail::format_message("grouped GEMM ({}): {}", G::name, st.reason));
-  auto const bytes = G::template workspace_size<T>(problems);
+  auto const bytes = G::template workspace_size<T, C>(problems);
   if (workspace.size() < bytes)
     workspace = exec.template allocate<std::byte>(static_cast<std::int64_t>(bytes));
-  G::template run<T>(exec, problems, workspace.view());
+  G::template run<T, C>(exec, problems, workspace.view());
 }
 
 static_assert(GroupedGemmPolicy<BlasGroupedGemm>);

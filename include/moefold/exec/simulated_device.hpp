@@ -119,11 +119,21 @@ void copy(SimulatedDevice const& exec, View<Src, S1> src, View<T, S2> dst) {
 }
 
 template <class T>
+  requires(std::is_same_v<T, float> || std::is_same_v<T, double>)
 void gemm(SimulatedDevice const&, Trans ta, Trans tb, T alpha,
           std::type_identity_t<View<T const, SimulatedDeviceSpace>> a,
           std::type_identity_t<View<T const, SimulatedDeviceSpace>> b, T beta,
           std::type_identity_t<View<T, SimulatedDeviceSpace>> c) {
   gemm<T>(Cpu{}, ta, tb, alpha, detail::as_host(a), detail::as_host(b), beta, detail::as_host(c));
+}
+template <class T, class TC>
+  requires(std::is_same_v<T, bf16> && (std::is_same_v<TC, float> || std::is_same_v<TC, bf16>))
+void gemm(SimulatedDevice const&, Trans ta, Trans tb, float alpha,
+          std::type_identity_t<View<T const, SimulatedDeviceSpace>> a,
+          std::type_identity_t<View<T const, SimulatedDeviceSpace>> b, float beta,
+          View<TC, SimulatedDeviceSpace> c) {
+  gemm<T, TC>(Cpu{}, ta, tb, alpha, detail::as_host(a), detail::as_host(b), beta,
+              detail::as_host(c));
 }
 template <class I>
 void exclusive_scan(SimulatedDevice const&, std::type_identity_t<View<I const, SimulatedDeviceSpace>> in,

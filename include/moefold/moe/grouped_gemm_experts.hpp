@@ -171,9 +171,9 @@ class GroupedGemmExperts {
     // dW2_l += dy_lᵀ · (act·p)_l ;  d(act·p)_l = dy_l · W2_l
     T const* fc2_in = with_probs_ ? scaled_.data() : act_.data();
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
-      return GemmProblem<T>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = h, .n = fr, .k = n,
+      return GemmProblem<T, grad_t<T>>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = h, .n = fr, .k = n,
                             .a = dy.data() + off * h, .lda = h, .b = fc2_in + off * fr,
-                            .ldb = fr, .beta = T(1), .c = fc2(l).grad.data(), .ldc = fr};
+                            .ldb = fr, .beta = 1, .c = fc2(l).grad.data(), .ldc = fr};
     }));
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
       return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::no, .m = n, .n = fr, .k = h,
@@ -192,9 +192,9 @@ class GroupedGemmExperts {
                                                   dh1_.view(rows_, g));
     // dW1_l += dh1_lᵀ · x_l ;  dx_l = dh1_l · W1_l
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
-      return GemmProblem<T>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = g, .n = h, .k = n,
+      return GemmProblem<T, grad_t<T>>{.trans_a = Trans::yes, .trans_b = Trans::no, .m = g, .n = h, .k = n,
                             .a = dh1_.data() + off * g, .lda = g, .b = x_.data() + off * h, .ldb = h,
-                            .beta = T(1), .c = fc1(l).grad.data(), .ldc = h};
+                            .beta = 1, .c = fc1(l).grad.data(), .ldc = h};
     }));
     run(per_expert([&](int l, std::int64_t off, std::int64_t n) {
       return GemmProblem<T>{.trans_a = Trans::no, .trans_b = Trans::no, .m = n, .n = h, .k = g,
@@ -268,8 +268,8 @@ class GroupedGemmExperts {
 
   /// One problem per local expert with rows, from make(l, first_row, rows).
   template <class Make>
-  std::vector<GemmProblem<T>> per_expert(Make make) {
-    std::vector<GemmProblem<T>> ps;
+  auto per_expert(Make make) {
+    std::vector<decltype(make(0, std::int64_t{0}, std::int64_t{0}))> ps;
     ps.reserve(counts_.size());
     std::int64_t off = 0;
     for (int l = 0; l < cfg_.num_local_experts; ++l) {
@@ -280,8 +280,9 @@ class GroupedGemmExperts {
     return ps;
   }
 
-  void run(std::vector<GemmProblem<T>> const& ps) {
-    grouped_gemm<Gemm>(exec_, std::span<GemmProblem<T> const>(ps), workspace_);
+  template <class C>
+  void run(std::vector<GemmProblem<T, C>> const& ps) {
+    grouped_gemm<Gemm>(exec_, std::span<GemmProblem<T, C> const>(ps), workspace_);
   }
   auto saved() { return std::tie(rows_, with_probs_, counts_, x_, probs_, h1_, act_, scaled_); }
 

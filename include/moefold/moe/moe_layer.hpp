@@ -149,10 +149,14 @@ concept MoEExpertsPolicy =
       { e.parameters() } -> std::same_as<ParamList<typename E::value_type>>;
     } && std::constructible_from<E, typename E::exec_type, ExpertsConfig, std::uint64_t>;
 
+/// The router computes in `compute_t` of the experts' type: the same type for float and double
+/// layers; FP32 for bf16 layers (Megatron's `--moe-router-dtype fp32`): the layer then keeps the
+/// router weight as a bf16 parameter with an FP32 main gradient and hands the router widened
+/// copies of it and of the tokens; the probabilities reach the dispatcher rounded to bf16.
 template <ExecutionInstance Exec, MoERouterPolicy Router, class Dispatcher, MoEExpertsPolicy Experts,
           Communicator Comm>
   requires std::same_as<typename detail::router_traits<Router>::real_type,
-                        typename Experts::value_type> &&
+                        compute_t<typename Experts::value_type>> &&
            std::same_as<typename Experts::exec_type, Exec> &&
            std::same_as<typename detail::router_exec<Router, Exec>::type, Exec> &&
            MoEDispatcherPolicy<Dispatcher, Exec, Comm, typename Experts::value_type> &&
@@ -161,6 +165,9 @@ class MoELayer {
  public:
   using T = typename Experts::value_type;
   using Space = typename Exec::memory_space;
+  /// The router's computation type (T, or FP32 for bf16 layers).
+  using RouterReal = typename detail::router_traits<Router>::real_type;
+  static constexpr bool kWideRouter = !std::same_as<RouterReal, T>;
   using Config = MoELayerConfig;
   using DispatcherType = typename Dispatcher::template dispatcher<Exec, Comm, T>;
 
@@ -196,6 +203,11 @@ class MoELayer {
                                .init_std = cfg_.init_std},
                  cfg_.seed) {
     router_.weight_param().init(cfg_.seed, InitDist::normal, cfg_.init_std);
+    if constexpr (kWideRouter) {  // the parameter: the same name, shape and initial values
+      auto const& w = router_.weight_param();
+      router_weight_ = Param<T>(w.name, w.cls, w.global_rows, w.global_cols, w.blocks);
+      router_weight_.init(cfg_.seed, InitDist::normal, cfg_.init_std);
+    }
     if (cfg_.moe_shared_expert_gate && cfg_.moe_shared_expert_intermediate_size <= 0)
       throw invalid_config("moe_shared_expert_gate needs moe_shared_expert_intermediate_size > 0");
     if (cfg_.moe_shared_expert_gate) {
@@ -232,15 +244,23 @@ class MoELayer {
                     "MoELayer::forward: output of {} for input of {} (contiguous views)", y.size(),
                     x.size());
     std::int64_t const tokens = x.size() / cfg_.hidden_size;
-    router_.forward(x, tokens,
-                    RouterGroups<Comm>{.tp_cp = &groups_->tp_cp(), .tp_dp_cp = &groups_->tp_dp_cp()},
-                    ctx, routed_);
+    RouterGroups<Comm> const rg{.tp_cp = &groups_->tp_cp(), .tp_dp_cp = &groups_->tp_dp_cp()};
+    if constexpr (kWideRouter) {
+      ops::convert<Exec, T, RouterReal>(exec_, View<T const, Space>(router_weight_.value),
+                                        router_.weight_param().value.view());
+      resize(router_x_, x.size());
+      ops::convert<Exec, T, RouterReal>(exec_, x, router_x_.view());
+      router_.forward(View<RouterReal const, Space>(router_x_.view()), tokens, rg, ctx, routed_);
+    } else {
+      router_.forward(x, tokens, rg, ctx, routed_);
+    }
     aux_loss_ = routed_.z_loss;
     for (auto const& a : routed_.aux_losses) aux_loss_ += a.value;
     aux_loss_scale_ = ctx.aux_loss_scale;
-    auto const& meta = dispatcher_.plan(routed_.routing);
+    auto const& routing = dispatcher_routing();
+    auto const& meta = dispatcher_.plan(routing);
     if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
-    auto in = dispatcher_.dispatch(x, routed_.routing.probs.view());
+    auto in = dispatcher_.dispatch(x, routing.probs.view());
     // Probabilities are applied in combine: the experts compute f_e(x).
     auto const expert_out = experts_.forward(in.expert_input.view(),
                                              std::span<std::int64_t const>(in.tokens_per_local_expert));
@@ -274,12 +294,29 @@ class MoELayer {
     auto const cg = dispatcher_.combine_backward(dy);
     auto const eg = experts_.backward(cg.d_expert_output.view());
     auto dg = dispatcher_.dispatch_backward(eg.input.view(), cg.d_expert_probs.view());
-    auto const dr = router_.backward(std::span<T const>(dg.d_probs), aux_loss_scale_);
     MOEFOLD_EXPECTS(dx.size() == static_cast<std::int64_t>(dg.d_hidden.size()),
                     "MoELayer::backward: dx of {} for {} gradient values", dx.size(),
                     dg.d_hidden.size());
     copy<T>(exec_, dg.d_hidden.view(), dx.reshaped(1, dx.size()));
-    ops::add_into<Exec, T>(exec_, View<T const, Space>(dr), dx);
+    if constexpr (kWideRouter) {
+      // FP32 probability gradients into the router; its FP32 weight gradient joins the main
+      // gradient of the bf16 parameter; its input gradient is rounded once.
+      resize(router_dp_, static_cast<std::int64_t>(dg.d_probs.size()));
+      ops::convert<Exec, T, RouterReal>(exec_, View<T const, Space>(dg.d_probs),
+                                        router_dp_.view());
+      auto const dr = router_.backward(View<RouterReal const, Space>(router_dp_.view()),
+                                       aux_loss_scale_);
+      auto& rw = router_.weight_param();
+      ops::add_into<Exec, grad_t<T>>(exec_, View<grad_t<T> const, Space>(rw.grad),
+                                     View<grad_t<T>, Space>(router_weight_.grad));
+      ops::fill(exec_, View<RouterReal, Space>(rw.grad), RouterReal(0));
+      resize(router_dx_, dx.size());
+      ops::convert<Exec, RouterReal, T>(exec_, View<RouterReal const, Space>(dr), router_dx_.view());
+      ops::add_into<Exec, T>(exec_, View<T const, Space>(router_dx_.view()), dx);
+    } else {
+      auto const dr = router_.backward(std::span<T const>(dg.d_probs), aux_loss_scale_);
+      ops::add_into<Exec, T>(exec_, View<T const, Space>(dr), dx);
+    }
     if (shared_) {
       View<T const, Space> d_shared = dy;
       if (gate_weight_) {
@@ -300,7 +337,11 @@ class MoELayer {
 
   /// Router weight, then the experts' weights, then the shared expert's.
   ParamList<T> parameters() {
-    ParamList<T> out{&router_.weight_param()};
+    ParamList<T> out;
+    if constexpr (kWideRouter)
+      out.push_back(&router_weight_);
+    else
+      out.push_back(&router_.weight_param());
     append(out, experts_.parameters());
     if (shared_) append(out, shared_->parameters());
     if (gate_weight_) out.push_back(&*gate_weight_);
@@ -371,8 +412,28 @@ class MoELayer {
   auto saved() { return std::tie(shared_out_, gate_, x_, aux_loss_scale_); }
 
   /// A reusable buffer of n elements (reallocated only when the size changes).
-  void resize(Buffer<T, Space>& b, std::int64_t n) {
-    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<T>(n);
+  template <class U>
+  void resize(Buffer<U, Space>& b, std::int64_t n) {
+    if (static_cast<std::int64_t>(b.size()) != n) b = exec_.template allocate<U>(n);
+  }
+
+  /// The router's routing in the layer's type: itself, or (FP32 router of a bf16 layer) a copy
+  /// with the probabilities rounded to bf16.
+  Routing<T, Space> const& dispatcher_routing() {
+    if constexpr (kWideRouter) {
+      auto const& r = routed_.routing;
+      routing_.num_tokens = r.num_tokens;
+      routing_.num_experts = r.num_experts;
+      resize(routing_.map, static_cast<std::int64_t>(r.map.size()));
+      copy<Route>(exec_, r.map.view(), routing_.map.view());
+      resize(routing_.probs, static_cast<std::int64_t>(r.probs.size()));
+      ops::convert<Exec, RouterReal, T>(exec_, r.probs.view(), routing_.probs.view());
+      resize(routing_.non_finite, static_cast<std::int64_t>(r.non_finite.size()));
+      copy<std::int64_t>(exec_, r.non_finite.view(), routing_.non_finite.view());
+      return routing_;
+    } else {
+      return routed_.routing;
+    }
   }
 
   /// Checks the folding-dependent rules before any member is built.
@@ -399,7 +460,13 @@ class MoELayer {
   std::optional<DenseMlp<Exec, T, Comm>> shared_;
   std::optional<Param<T>> gate_weight_;          // shared-expert gate g [1, H]
   std::vector<T> shared_out_;                    // saved for backward
-  RouterOutput<T, Space> routed_;                // the router's output, reused across steps
+  RouterOutput<RouterReal, Space> routed_;       // the router's output, reused across steps
+  // bf16 layers (kWideRouter): the router weight parameter, the routing handed to the
+  // dispatcher, and the router's FP32 inputs and gradients.
+  Param<T> router_weight_;
+  Routing<T, Space> routing_;
+  Buffer<RouterReal, Space> router_x_, router_dp_;
+  Buffer<T, Space> router_dx_;
   Buffer<T, Space> gate_, x_;                    // saved for backward
   Buffer<T, Space> d_shared_, dz_;               // backward's temporaries
   double aux_loss_ = 0;
@@ -408,10 +475,11 @@ class MoELayer {
 };
 
 /// The default MoE block for a decoder layer's MLP slot on instance `Exec`: softmax top-k
-/// router, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts (BLAS on the CPU).
+/// router (in FP32 for bf16 layers), dropless all-to-all dispatcher, SwiGLU grouped-GEMM
+/// experts (BLAS on the CPU).
 template <ExecutionInstance Exec, class T, Communicator Comm>
 using DefaultMoELayer =
-    MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, T>, AllToAllDispatcher<Dropless>,
+    MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, compute_t<T>>, AllToAllDispatcher<Dropless>,
              GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>;
 
 namespace cpu {

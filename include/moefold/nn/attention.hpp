@@ -26,11 +26,13 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/core/buffer.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
@@ -66,6 +68,7 @@ template <ExecutionInstance Exec, class T, Communicator Comm>
 class Attention {
  public:
   using Space = typename Exec::memory_space;
+  using C = compute_t<T>;  ///< the accumulation type of dK and dV
 
   /// Throws `invalid_config` when heads or groups are not divisible by TP, heads not by groups,
   /// or the head dimension is odd.
@@ -147,16 +150,24 @@ class Attention {
     // Per (sequence, head): P = softmax(mask(q·kᵀ/√d)), o = P·v, strided GEMMs over [s, b].
     auto const probs = detail::reuse(exec_, probs_, batch * nq * sc * s);
     auto const ctx = detail::reuse(exec_, ctx_, tc * nq * d);
-    T const scale = static_cast<T>(1.0 / std::sqrt(double(d)));
+    auto const scale = static_cast<compute_t<T>>(1.0 / std::sqrt(double(d)));
     std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t h = 0; h < nq; ++h) {
         std::int64_t const g = h / q_per_group();
         View<T, Space> const p(probs.data() + (b * nq + h) * sc * s, sc, s);
-        gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
-                head(k_, b * ng + g, s, ldk), T{0}, p);
-        ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
-        gemm<T>(exec_, Trans::no, Trans::no, T{1}, p, head(v_, b * ng + g, s, ldk), T{0},
+        if constexpr (std::is_same_v<T, C>) {  // scores and probabilities in place
+          gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
+                  head(k_, b * ng + g, s, ldk), 0, p);
+          ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
+        } else {  // bf16: FP32 scores (as a fused kernel), bf16 probabilities
+          auto const scores = detail::reuse(exec_, scores_, sc * s).reshaped(sc, s);
+          gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
+                  head(k_, b * ng + g, s, ldk), 0, scores);
+          ops::causal_softmax(exec_, View<C const, Space>(scores), p, q_pos_.view(),
+                              k_pos_.view());
+        }
+        gemm<T>(exec_, Trans::no, Trans::no, 1, p, head(v_, b * ng + g, s, ldk), 0,
                 head(ctx_, b * nq + h, sc, ldq));
       }
     batch_ = batch;
@@ -176,10 +187,10 @@ class Attention {
     detail::reuse(exec_, dq_, static_cast<std::int64_t>(q_.size()));
     auto const dk = detail::reuse(exec_, dk_, static_cast<std::int64_t>(k_.size()));
     auto const dv = detail::reuse(exec_, dv_, static_cast<std::int64_t>(v_.size()));
-    ops::fill(exec_, dk, T{0});
-    ops::fill(exec_, dv, T{0});
+    ops::fill(exec_, dk, C{0});
+    ops::fill(exec_, dv, C{0});
     View<T, Space> const dp = detail::reuse(exec_, dp_, sc * s).reshaped(sc, s);
-    T const scale = static_cast<T>(1.0 / std::sqrt(double(d)));
+    auto const scale = static_cast<C>(1.0 / std::sqrt(double(d)));
     std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t h = 0; h < nq; ++h) {
@@ -187,19 +198,25 @@ class Attention {
         View<T const, Space> const p(probs_.data() + (b * nq + h) * sc * s, sc, s);
         auto const dout = head(dctx_, b * nq + h, sc, ldq);
         // dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √d
-        gemm<T>(exec_, Trans::yes, Trans::no, T{1}, p, dout, T{1}, head(dv_, b * ng + g, s, ldk));
-        gemm<T>(exec_, Trans::no, Trans::yes, T{1}, dout, head(v_, b * ng + g, s, ldk), T{0}, dp);
-        ops::softmax_backward(exec_, p, dp, scale);
+        gemm<T>(exec_, Trans::yes, Trans::no, 1, p, dout, 1, head(dv_, b * ng + g, s, ldk));
+        if constexpr (std::is_same_v<T, C>) {
+          gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dp);
+          ops::softmax_backward(exec_, p, dp, scale);
+        } else {  // bf16: dP in FP32, dS rounded once
+          auto const dpf = detail::reuse(exec_, scores_, sc * s).reshaped(sc, s);
+          gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dpf);
+          ops::softmax_backward(exec_, p, View<C const, Space>(dpf), dp, scale);
+        }
         // dQ = dS·K;  dK += dSᵀ·Q
-        gemm<T>(exec_, Trans::no, Trans::no, T{1}, dp, head(k_, b * ng + g, s, ldk), T{0},
+        gemm<T>(exec_, Trans::no, Trans::no, 1, dp, head(k_, b * ng + g, s, ldk), 0,
                 head(dq_, b * nq + h, sc, ldq));
-        gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dp, head(q_, b * nq + h, sc, ldq), T{1},
+        gemm<T>(exec_, Trans::yes, Trans::no, 1, dp, head(q_, b * nq + h, sc, ldq), 1,
                 head(dk_, b * ng + g, s, ldk));
       }
     auto const dkl = detail::reuse(exec_, dk_local_, tc * ng * d);
     auto const dvl = detail::reuse(exec_, dv_local_, tc * ng * d);
-    cp_reduce_scatter<T>(*cp_, dk, dkl);
-    cp_reduce_scatter<T>(*cp_, dv, dvl);
+    cp_reduce_scatter<T>(*cp_, stored(dk, dk_t_), dkl);
+    cp_reduce_scatter<T>(*cp_, stored(dv, dv_t_), dvl);
 
     auto const dqkv = detail::reuse(exec_, dqkv_, tc * width());
     ops::rotate_heads(exec_, dq_, ops::HeadLayout::packed(nq, d), dqkv, q_layout(), tc, nq, batch,
@@ -209,7 +226,7 @@ class Attention {
     ops::rotate_heads(exec_, dvl, ops::HeadLayout::packed(ng, d), dqkv, kv_layout(1), tc, ng, batch,
                       rope_.cos(), rope_.sin(), 0.0);
     if (cfg_.add_qkv_bias)
-      ops::bias_gradient(exec_, View<T const, Space>(dqkv), View<T, Space>(qkv_bias_.grad));
+      ops::bias_gradient(exec_, View<T const, Space>(dqkv), View<grad_t<T>, Space>(qkv_bias_.grad));
     qkv_.backward(dqkv, dx);
   }
   Buffer<T, Space> backward(View<T const, Space> dy) {
@@ -267,9 +284,20 @@ class Attention {
   std::int64_t width() const noexcept {
     return local_groups() * (q_per_group() + 2) * cfg_.head_dim;
   }
-  View<T, Space> head(Buffer<T, Space>& buf, std::int64_t i, std::int64_t rows,
+  template <class U>
+  View<U, Space> head(Buffer<U, Space>& buf, std::int64_t i, std::int64_t rows,
                       std::int64_t ld) const noexcept {
-    return View<T, Space>(buf.data() + i * cfg_.head_dim, rows, cfg_.head_dim, ld);
+    return View<U, Space>(buf.data() + i * cfg_.head_dim, rows, cfg_.head_dim, ld);
+  }
+  /// The FP32 accumulation of dK or dV in the storage type (the view itself when they agree).
+  View<T, Space> stored(View<C, Space> acc, Buffer<T, Space>& out) {
+    if constexpr (std::is_same_v<T, C>) {
+      return acc;
+    } else {
+      auto const v = detail::reuse(exec_, out, acc.size());
+      ops::convert<Exec, C, T>(exec_, acc, v);
+      return v;
+    }
   }
   /// Queries, keys (which = 0) or values (which = 1) in a local qkv row.
   ops::HeadLayout q_layout() const noexcept {
@@ -294,9 +322,13 @@ class Attention {
   Buffer<std::int64_t, Space> q_pos_, k_pos_;
   // Saved for backward: rotated queries, gathered keys and values, probabilities.
   Buffer<T, Space> q_, k_, v_, probs_;
-  // Per-step temporaries, reused across calls.
-  Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dk_, dv_, dp_, dk_local_,
-      dv_local_, dqkv_;
+  // Per-step temporaries, reused across calls; dK and dV accumulate over the heads of a group
+  // in the compute type (FP32 for bf16) and are rounded once (dk_t_, dv_t_) before the CP
+  // reduce-scatter.
+  Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dp_, dk_local_, dv_local_,
+      dqkv_, dk_t_, dv_t_;
+  Buffer<C, Space> dk_, dv_;
+  Buffer<C, Space> scores_;  ///< bf16 only: one head's FP32 scores (forward) or dP (backward)
   MicrobatchStash stash_;
 };
 

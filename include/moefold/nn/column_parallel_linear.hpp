@@ -82,8 +82,8 @@ class ColumnParallelLinear {
                     y.size(), rows_, local_out());
     detail::reuse(exec_, x_full_, rows_ * cfg_.in);
     tp_->all_gather(std::span<T const>(x), std::span<T>(x_full_));
-    gemm<T>(exec_, Trans::no, Trans::yes, T{1}, x_full_.view(rows_, cfg_.in),
-            weight_.value.view(local_out(), cfg_.in), T{0},
+    gemm<T>(exec_, Trans::no, Trans::yes, 1, x_full_.view(rows_, cfg_.in),
+            weight_.value.view(local_out(), cfg_.in), 0,
             detail::flat(y).reshaped(rows_, local_out()));
   }
   Buffer<T, Space> forward(View<T const, Space> x) {
@@ -102,10 +102,10 @@ class ColumnParallelLinear {
                     "ColumnParallelLinear {}: input gradient of {} elements, expected {}×{}",
                     cfg_.name, dx.size(), rows_ / tp_->size(), cfg_.in);
     auto const dyv = dy.reshaped(rows_, local_out());
-    gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dyv, x_full_.view(rows_, cfg_.in), T{1},
+    gemm<T>(exec_, Trans::yes, Trans::no, 1, dyv, x_full_.view(rows_, cfg_.in), 1,
             weight_.grad.view(local_out(), cfg_.in));
     auto const dx_full = detail::reuse(exec_, dx_full_, rows_ * cfg_.in);
-    gemm<T>(exec_, Trans::no, Trans::no, T{1}, dyv, weight_.value.view(local_out(), cfg_.in), T{0},
+    gemm<T>(exec_, Trans::no, Trans::no, 1, dyv, weight_.value.view(local_out(), cfg_.in), 0,
             dx_full.reshaped(rows_, cfg_.in));
     tp_->reduce_scatter(std::span<T const>(View<T const, Space>(dx_full)),
                         std::span<T>(detail::flat(dx)));

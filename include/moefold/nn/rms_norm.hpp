@@ -94,7 +94,7 @@ class RmsNorm {
   RMSNormConfig cfg_;
   Param<T, Space> weight_;
   Buffer<T, Space> x_;
-  Buffer<T, Space> rstd_;
+  Buffer<compute_t<T>, Space> rstd_;
   MicrobatchStash stash_;
 };
 

@@ -66,8 +66,8 @@ class RowParallelLinear {
                     y.size(), rows_ / tp_->size(), cfg_.out);
     copy(exec_, detail::flat(x), detail::reuse(exec_, x_, x.size()));
     auto const partial = detail::reuse(exec_, partial_, rows_ * cfg_.out);
-    gemm<T>(exec_, Trans::no, Trans::yes, T{1}, x_.view(rows_, local_in()),
-            weight_.value.view(cfg_.out, local_in()), T{0}, partial.reshaped(rows_, cfg_.out));
+    gemm<T>(exec_, Trans::no, Trans::yes, 1, x_.view(rows_, local_in()),
+            weight_.value.view(cfg_.out, local_in()), 0, partial.reshaped(rows_, cfg_.out));
     tp_->reduce_scatter(std::span<T const>(View<T const, Space>(partial)),
                         std::span<T>(detail::flat(y)));
   }
@@ -89,9 +89,9 @@ class RowParallelLinear {
     auto const dy_full = detail::reuse(exec_, dy_full_, rows_ * cfg_.out);
     tp_->all_gather(std::span<T const>(detail::flat(dy)), std::span<T>(dy_full));
     auto const dyv = View<T const, Space>(dy_full).reshaped(rows_, cfg_.out);
-    gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dyv, x_.view(rows_, local_in()), T{1},
+    gemm<T>(exec_, Trans::yes, Trans::no, 1, dyv, x_.view(rows_, local_in()), 1,
             weight_.grad.view(cfg_.out, local_in()));
-    gemm<T>(exec_, Trans::no, Trans::no, T{1}, dyv, weight_.value.view(cfg_.out, local_in()), T{0},
+    gemm<T>(exec_, Trans::no, Trans::no, 1, dyv, weight_.value.view(cfg_.out, local_in()), 0,
             detail::flat(dx).reshaped(rows_, local_in()));
   }
   Buffer<T, Space> backward(View<T const, Space> dy) {

@@ -5,7 +5,8 @@
 /// output row holds [gate (f values); up (f values)]) and `GeLU` (exact, erf-based, as torch's
 /// default `F.gelu`). A policy has `kGates` (the G of fc1's `[G·f, H]` weight) and element
 /// functions over column j of one row; `activation_forward` / `activation_backward` launch them
-/// over `[rows, G·f]` pre-activations.
+/// over `[rows, G·f]` pre-activations. bf16 elements are computed in FP32 (`compute_t`) and
+/// rounded once on store.
 
 #include <cmath>
 #include <concepts>
@@ -16,6 +17,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/elementwise.hpp"
@@ -31,19 +33,21 @@ struct SwiGLU {
   /// out[j] = silu(h[j]) · h[f + j] (h: one row of 2f pre-activations).
   template <class T>
   MOEFOLD_HD static void forward(T const* h, std::int64_t f, std::int64_t j, T* out) {
-    T const g = h[j];
-    T const s = ops::sigmoid(g);
-    out[j] = g * s * h[f + j];
+    using C = compute_t<T>;
+    C const g = widen(h[j]);
+    C const s = ops::sigmoid(g);
+    out[j] = narrow<T>(g * s * widen(h[f + j]));
   }
   /// dh[j], dh[f + j] from d_out[j] and the saved pre-activations.
   template <class T>
   MOEFOLD_HD static void backward(T const* h, T const* d_out, std::int64_t f, std::int64_t j,
                                   T* dh) {
-    T const g = h[j];
-    T const s = ops::sigmoid(g);
-    T const silu = g * s;
-    dh[j] = d_out[j] * h[f + j] * s * (T(1) + g * (T(1) - s));
-    dh[f + j] = d_out[j] * silu;
+    using C = compute_t<T>;
+    C const g = widen(h[j]);
+    C const s = ops::sigmoid(g);
+    C const silu = g * s;
+    dh[j] = narrow<T>(widen(d_out[j]) * widen(h[f + j]) * s * (C(1) + g * (C(1) - s)));
+    dh[f + j] = narrow<T>(widen(d_out[j]) * silu);
   }
 };
 
@@ -55,7 +59,9 @@ struct GeLU {
   template <class T>
   MOEFOLD_HD static void forward(T const* h, std::int64_t, std::int64_t j, T* out) {
     using std::erf;
-    out[j] = h[j] * T(0.5) * (T(1) + erf(h[j] / std::numbers::sqrt2_v<T>));
+    using C = compute_t<T>;
+    C const x = widen(h[j]);
+    out[j] = narrow<T>(x * C(0.5) * (C(1) + erf(x / std::numbers::sqrt2_v<C>)));
   }
   template <class T>
   MOEFOLD_HD static void backward(T const* h, T const* d_out, std::int64_t, std::int64_t j,
@@ -63,11 +69,12 @@ struct GeLU {
     using std::erf;
     using std::exp;
     using std::sqrt;
-    T const inv_sqrt_2pi = T(1) / sqrt(T(2) * std::numbers::pi_v<T>);
-    T const x = h[j];
-    T const cdf = T(0.5) * (T(1) + erf(x / std::numbers::sqrt2_v<T>));
-    T const pdf = inv_sqrt_2pi * exp(T(-0.5) * x * x);
-    dh[j] = d_out[j] * (cdf + x * pdf);
+    using C = compute_t<T>;
+    C const inv_sqrt_2pi = C(1) / sqrt(C(2) * std::numbers::pi_v<C>);
+    C const x = widen(h[j]);
+    C const cdf = C(0.5) * (C(1) + erf(x / std::numbers::sqrt2_v<C>));
+    C const pdf = inv_sqrt_2pi * exp(C(-0.5) * x * x);
+    dh[j] = narrow<T>(widen(d_out[j]) * (cdf + x * pdf));
   }
 };
 

@@ -12,6 +12,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -25,19 +26,21 @@ struct AddRowBias {
   T const* b;
   T* y;
   std::int64_t cols;
-  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] += b[i % cols]; }
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    y[i] = narrow<T>(widen(y[i]) + widen(b[i % cols]));
+  }
 };
 
 /// Index c: db[c] += Σ_r dy[r·cols + c] over r in [0, rows), in order, in double.
-template <class T>
+template <class T, class G = T>
 struct BiasGradient {
   T const* dy;
-  T* db;
+  G* db;  ///< grad_t<T>: FP32 for bf16 activations
   std::int64_t rows, cols;
   MOEFOLD_HD void operator()(std::int64_t c) const {
     double s = 0;
-    for (std::int64_t r = 0; r < rows; ++r) s += static_cast<double>(dy[r * cols + c]);
-    db[c] += static_cast<T>(s);
+    for (std::int64_t r = 0; r < rows; ++r) s += static_cast<double>(widen(dy[r * cols + c]));
+    db[c] += static_cast<G>(s);
   }
 };
 
@@ -54,12 +57,12 @@ void add_row_bias(Exec const& exec, View<T const, typename Exec::memory_space> b
 /// db [cols] += the column sums of dy [rows, cols] (contiguous).
 template <class Exec, class T>
 void bias_gradient(Exec const& exec, View<T const, typename Exec::memory_space> dy,
-                   View<T, typename Exec::memory_space> db) {
+                   View<grad_t<T>, typename Exec::memory_space> db) {
   MOEFOLD_EXPECTS(db.contiguous() && dy.contiguous() && db.size() > 0 && dy.size() % db.size() == 0,
                   "ops::bias_gradient: {} elements are not whole rows of a bias of {}", dy.size(),
                   db.size());
   for_each(exec, db.size(),
-           BiasGradient<T>{dy.data(), db.data(), dy.size() / db.size(), db.size()});
+           BiasGradient<T, grad_t<T>>{dy.data(), db.data(), dy.size() / db.size(), db.size()});
 }
 
 }  // namespace ops

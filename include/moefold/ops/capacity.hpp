@@ -14,6 +14,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -58,7 +59,7 @@ struct RankByProbs {
   MOEFOLD_HD bool better(std::int64_t a, std::int64_t b, std::int64_t e) const {
     bool const ra = map[a * experts + e] != none, rb = map[b * experts + e] != none;
     if (ra != rb) return ra;
-    return probs[a * experts + e] > probs[b * experts + e];
+    return widen(probs[a * experts + e]) > widen(probs[b * experts + e]);
   }
   MOEFOLD_HD void operator()(std::int64_t e) const {
     std::int64_t* order = scratch + e * 2 * tokens;

@@ -12,6 +12,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -35,23 +36,33 @@ struct Fill {
 template <class T>
 struct Scale {
   T* y;
-  T a;
-  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] *= a; }
+  compute_t<T> a;
+  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] = narrow<T>(widen(y[i]) * a); }
 };
 /// y[i] += a · x[i].
 template <class T>
 struct Axpy {
   T const* x;
   T* y;
-  T a;
-  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] += a * x[i]; }
+  compute_t<T> a;
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    y[i] = narrow<T>(widen(y[i]) + a * widen(x[i]));
+  }
 };
 /// y[i] += x[i].
 template <class T>
 struct AddInto {
   T const* x;
   T* y;
-  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] += x[i]; }
+  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] = narrow<T>(widen(y[i]) + widen(x[i])); }
+};
+
+/// y[i] = x[i] converted (float → bf16 rounds to nearest even; bf16 → float is exact).
+template <class Src, class Dst>
+struct Convert {
+  Src const* x;
+  Dst* y;
+  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] = narrow<Dst>(widen(x[i])); }
 };
 
 namespace detail {
@@ -71,13 +82,14 @@ void fill(Exec const& exec, View<T, typename Exec::memory_space> y, std::type_id
 }
 /// y[i] *= a.
 template <class Exec, class T>
-void scale(Exec const& exec, std::type_identity_t<T> a, View<T, typename Exec::memory_space> y) {
+void scale(Exec const& exec, std::type_identity_t<compute_t<T>> a,
+           View<T, typename Exec::memory_space> y) {
   MOEFOLD_EXPECTS(y.contiguous(), "ops::scale: a strided view");
   for_each(exec, y.size(), Scale<T>{y.data(), a});
 }
 /// y[i] += a · x[i].
 template <class Exec, class T>
-void axpy(Exec const& exec, std::type_identity_t<T> a,
+void axpy(Exec const& exec, std::type_identity_t<compute_t<T>> a,
           std::type_identity_t<View<T const, typename Exec::memory_space>> x,
           View<T, typename Exec::memory_space> y) {
   detail::same_size(x, y, "axpy");
@@ -89,6 +101,15 @@ void add_into(Exec const& exec, std::type_identity_t<View<T const, typename Exec
               View<T, typename Exec::memory_space> y) {
   detail::same_size(x, y, "add_into");
   for_each(exec, y.size(), AddInto<T>{x.data(), y.data()});
+}
+
+/// y[i] = x[i] converted to y's type (the optimizer's FP32 main parameters written back to a
+/// bf16 model, a bf16 model widened to its main parameters).
+template <class Exec, class Src, class Dst>
+void convert(Exec const& exec, std::type_identity_t<View<Src const, typename Exec::memory_space>> x,
+             View<Dst, typename Exec::memory_space> y) {
+  detail::same_size(x, y, "convert");
+  for_each(exec, y.size(), Convert<Src, Dst>{x.data(), y.data()});
 }
 
 }  // namespace ops

@@ -14,9 +14,11 @@
 ///   ops::embedding_scatter_add(exec, order, offsets, counts, dy, dw);
 
 #include <cstdint>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/view_args.hpp"
@@ -47,20 +49,20 @@ struct LocalIds {
 };
 
 /// Row v of dw.
-template <class T>
+template <class T, class G = T>
 struct EmbeddingScatterAdd {
   std::int64_t const* order;
   std::int64_t const* offsets;
   std::int64_t const* counts;
   T const* dy;
-  T* dw;
+  G* dw;  ///< grad_t<T>: FP32 for bf16 activations
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t v) const {
-    T* MOEFOLD_RESTRICT g = dw + v * h;
+    G* MOEFOLD_RESTRICT g = dw + v * h;
     std::int64_t const end = offsets[v] + counts[v];
     for (std::int64_t j = offsets[v]; j < end; ++j) {
       T const* MOEFOLD_RESTRICT src = dy + order[j] * h;
-      for (std::int64_t i = 0; i < h; ++i) g[i] += src[i];
+      for (std::int64_t i = 0; i < h; ++i) g[i] += widen(src[i]);
     }
   }
 };
@@ -92,7 +94,8 @@ void embedding_scatter_add(Exec const& exec,
                            View<std::int64_t const, typename Exec::memory_space> order,
                            View<std::int64_t const, typename Exec::memory_space> offsets,
                            View<std::int64_t const, typename Exec::memory_space> counts,
-                           InView<Exec, T> dy, OutView<Exec, T> dw) {
+                           View<T const, typename Exec::memory_space> dy,
+                           std::type_identity_t<OutView<Exec, grad_t<T>>> dw) {
   MOEFOLD_EXPECTS(
       dy.contiguous() && dw.contiguous() && dy.cols() == dw.cols() && offsets.size() == dw.rows() &&
           counts.size() == dw.rows() && order.size() <= dy.rows(),
@@ -100,7 +103,7 @@ void embedding_scatter_add(Exec const& exec,
       "ordered tokens",
       dy.rows(), dy.cols(), dw.rows(), dw.cols(), offsets.size(), counts.size(), order.size());
   for_each_row(exec, dw.rows(),
-               EmbeddingScatterAdd<T>{order.data(), offsets.data(), counts.data(), dy.data(),
+               EmbeddingScatterAdd<T, grad_t<T>>{order.data(), offsets.data(), counts.data(), dy.data(),
                                       dw.data(), dw.cols()});
 }
 

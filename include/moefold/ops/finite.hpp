@@ -8,6 +8,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -25,7 +26,7 @@ struct RowFirstNonFinite {
     using std::isfinite;
     bad[r] = -1;
     for (std::int64_t c = 0; c < cols; ++c)
-      if (!isfinite(static_cast<double>(x[r * cols + c]))) {
+      if (!isfinite(static_cast<double>(widen(x[r * cols + c])))) {
         bad[r] = c;
         return;
       }

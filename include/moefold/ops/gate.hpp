@@ -9,9 +9,11 @@
 /// where the gated output is y += s · gate (s: the gated rows).
 
 #include <cstdint>
+#include <type_traits>
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/elementwise.hpp"
@@ -29,9 +31,9 @@ struct RowGate {
   T* gate;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t t) const {
-    T z{};
-    for (std::int64_t j = 0; j < h; ++j) z += x[t * h + j] * g[j];
-    gate[t] = sigmoid(z);
+    compute_t<T> z{};
+    for (std::int64_t j = 0; j < h; ++j) z += widen(x[t * h + j]) * widen(g[j]);
+    gate[t] = narrow<T>(sigmoid(z));
   }
 };
 
@@ -47,23 +49,25 @@ struct RowGateBackward {
   T* dx;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t t) const {
-    T const gt = gate[t];
-    T acc = scale_row_backward(dy + t * h, s + t * h, gt, d_s + t * h, h);
-    acc *= gt * (T(1) - gt);
-    for (std::int64_t j = 0; j < h; ++j) dx[t * h + j] += acc * g[j];
-    dz[t] = acc;
+    using C = compute_t<T>;
+    C const gt = widen(gate[t]);
+    C acc = scale_row_backward(dy + t * h, s + t * h, gate[t], d_s + t * h, h);
+    acc *= gt * (C(1) - gt);
+    for (std::int64_t j = 0; j < h; ++j)
+      dx[t * h + j] = narrow<T>(widen(dx[t * h + j]) + acc * widen(g[j]));
+    dz[t] = narrow<T>(acc);
   }
 };
 
 /// dg[j] += Σ_t dz[t] · x[t, j], t ascending.
-template <class T>
+template <class T, class G = T>
 struct RowGateWeightGrad {
   T const* dz;
   T const* x;
-  T* dg;
+  G* dg;  ///< grad_t<T>
   std::int64_t tokens, h;
   MOEFOLD_HD void operator()(std::int64_t j) const {
-    for (std::int64_t t = 0; t < tokens; ++t) dg[j] += dz[t] * x[t * h + j];
+    for (std::int64_t t = 0; t < tokens; ++t) dg[j] += widen(dz[t]) * widen(x[t * h + j]);
   }
 };
 
@@ -101,11 +105,12 @@ void row_gate_backward(Exec const& exec, View<T const, typename Exec::memory_spa
 template <class Exec, class T>
 void row_gate_weight_grad(Exec const& exec, View<T const, typename Exec::memory_space> dz,
                           View<T const, typename Exec::memory_space> x,
-                          View<T, typename Exec::memory_space> dg) {
+                          std::type_identity_t<View<grad_t<T>, typename Exec::memory_space>> dg) {
   MOEFOLD_EXPECTS(x.size() == dz.size() * dg.size(),
                   "ops::row_gate_weight_grad: x of {} for {} tokens × {}", x.size(), dz.size(),
                   dg.size());
-  for_each(exec, dg.size(), RowGateWeightGrad<T>{dz.data(), x.data(), dg.data(), dz.size(), dg.size()});
+  for_each(exec, dg.size(),
+           RowGateWeightGrad<T, grad_t<T>>{dz.data(), x.data(), dg.data(), dz.size(), dg.size()});
 }
 
 }  // namespace ops

@@ -21,6 +21,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -103,8 +104,8 @@ struct ScaledGatherRows {
   MOEFOLD_HD void operator()(std::int64_t i) const {
     T const* s = in + src[i] * h;
     T* o = out + i * h;
-    T const wi = w[i];
-    for (std::int64_t c = 0; c < h; ++c) o[c] = wi * s[c];
+    compute_t<T> const wi = widen(w[i]);
+    for (std::int64_t c = 0; c < h; ++c) o[c] = narrow<T>(wi * widen(s[c]));
   }
 };
 
@@ -131,11 +132,11 @@ struct GatherSumRows {
       std::int64_t const i = rows_of[k];
       T const* __restrict s = rows + i * h;
       if (nb + (k - b) < ne) detail::prefetch_row(rows + rows_of[nb + (k - b)] * h, h);
-      T const wi = w ? w[i] : T(1);
+      compute_t<T> const wi = w ? widen(w[i]) : compute_t<T>(1);
       if (k == b)
-        for (std::int64_t c = 0; c < h; ++c) o[c] = wi * s[c];
+        for (std::int64_t c = 0; c < h; ++c) o[c] = narrow<T>(wi * widen(s[c]));
       else
-        for (std::int64_t c = 0; c < h; ++c) o[c] += wi * s[c];
+        for (std::int64_t c = 0; c < h; ++c) o[c] = narrow<T>(widen(o[c]) + wi * widen(s[c]));
     }
   }
 };
@@ -151,9 +152,9 @@ struct RowDots {
   MOEFOLD_HD void operator()(std::int64_t i) const {
     T const* x = a + target[i] * h;
     T const* y = b + i * h;
-    T s = 0;
-    for (std::int64_t c = 0; c < h; ++c) s += x[c] * y[c];
-    out[i] = s;
+    compute_t<T> s = 0;
+    for (std::int64_t c = 0; c < h; ++c) s += widen(x[c]) * widen(y[c]);
+    out[i] = narrow<T>(s);
   }
 };
 
@@ -197,7 +198,7 @@ struct Scatter {
     std::int64_t const j = idx[i];
     if (j < 0) return;
     if (add)
-      out[j] += in[i];
+      out[j] = narrow<T>(widen(out[j]) + widen(in[i]));
     else
       out[j] = in[i];
   }

@@ -3,6 +3,9 @@
 /// RMSNorm's bodies (nn/rms_norm.hpp): per token row r of `[rows, h]`,
 ///
 ///   forward          rstd[r] = 1 / sqrt(mean(x²) + eps) (sum in double);  y = x · rstd · w
+///
+/// Elements of type T (float, double, bf16) are computed in `compute_t<T>` (FP32 for bf16) and
+/// rounded once on store; rstd is kept in compute_t<T>, the weight gradient in grad_t<T>.
 ///   backward (input) dx = rstd · (g⊙w − x·rstd · mean(g⊙w⊙x̂)),  x̂ = x · rstd
 ///   backward (weight) dw[j] += Σ_r g[r, j] · x̂[r, j], rows in order, owned by column j
 ///
@@ -14,6 +17,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/view_args.hpp"
@@ -25,9 +29,10 @@ namespace ops {
 /// Row r: rstd[r] and y[r, ·].
 template <class T>
 struct RmsNormForward {
+  using C = compute_t<T>;
   T const* x;
   T const* w;
-  T* rstd;
+  C* rstd;
   T* y;
   std::int64_t h;
   double eps;
@@ -36,18 +41,19 @@ struct RmsNormForward {
     T const* xr = x + r * h;
     T* yr = y + r * h;
     double ss = 0;
-    for (std::int64_t i = 0; i < h; ++i) ss += double(xr[i]) * double(xr[i]);
-    T const rs = static_cast<T>(1.0 / sqrt(ss / double(h) + eps));
+    for (std::int64_t i = 0; i < h; ++i) ss += double(widen(xr[i])) * double(widen(xr[i]));
+    C const rs = static_cast<C>(1.0 / sqrt(ss / double(h) + eps));
     rstd[r] = rs;
-    for (std::int64_t i = 0; i < h; ++i) yr[i] = xr[i] * rs * w[i];
+    for (std::int64_t i = 0; i < h; ++i) yr[i] = narrow<T>(widen(xr[i]) * rs * widen(w[i]));
   }
 };
 
 /// Row r: dx[r, ·].
 template <class T>
 struct RmsNormBackwardInput {
+  using C = compute_t<T>;
   T const* x;
-  T const* rstd;
+  C const* rstd;
   T const* w;
   T const* dy;
   T* dx;
@@ -56,30 +62,32 @@ struct RmsNormBackwardInput {
     T const* xr = x + r * h;
     T const* gr = dy + r * h;
     T* dr = dx + r * h;
-    T const rs = rstd[r];
+    C const rs = rstd[r];
     double dot = 0;
     for (std::int64_t i = 0; i < h; ++i) {
-      T const xh = xr[i] * rs;
-      dot += double(gr[i] * w[i]) * double(xh);
+      C const xh = widen(xr[i]) * rs;
+      dot += double(widen(gr[i]) * widen(w[i])) * double(xh);
     }
-    T const m = static_cast<T>(dot / double(h));
-    for (std::int64_t i = 0; i < h; ++i) dr[i] = rs * (gr[i] * w[i] - xr[i] * rs * m);
+    C const m = static_cast<C>(dot / double(h));
+    for (std::int64_t i = 0; i < h; ++i)
+      dr[i] = narrow<T>(rs * (widen(gr[i]) * widen(w[i]) - widen(xr[i]) * rs * m));
   }
 };
 
 /// Column j: dw[j] += Σ_r dy[r, j] · x[r, j] · rstd[r], r ascending.
 template <class T>
 struct RmsNormBackwardWeight {
+  using C = compute_t<T>;
   T const* x;
-  T const* rstd;
+  C const* rstd;
   T const* dy;
-  T* dw;
+  grad_t<T>* dw;
   std::int64_t rows, h;
   MOEFOLD_HD void operator()(std::int64_t j) const {
-    T acc = dw[j];
+    C acc = dw[j];
     for (std::int64_t r = 0; r < rows; ++r) {
-      T const xh = x[r * h + j] * rstd[r];
-      acc += dy[r * h + j] * xh;
+      C const xh = widen(x[r * h + j]) * rstd[r];
+      acc += widen(dy[r * h + j]) * xh;
     }
     dw[j] = acc;
   }
@@ -97,7 +105,7 @@ void check_rows(A const& a, B const& b, char const* op, char const* what) {
 /// y [rows, h] = RMSNorm(x [rows, h]) ⊙ w [h]; rstd [rows] for the backward.
 template <class Exec, class T>
 void rms_norm_forward(Exec const& exec, InView<Exec, T> x, InView<Exec, T> w, double eps,
-                      OutView<Exec, T> rstd, OutView<Exec, T> y) {
+                      OutView<Exec, compute_t<T>> rstd, OutView<Exec, T> y) {
   detail::check_rows(x, y, "rms_norm_forward", "y");
   MOEFOLD_EXPECTS(w.size() == x.cols() && rstd.size() == x.rows(),
                   "ops::rms_norm_forward: weight of {} for width {}, rstd of {} for {} rows",
@@ -108,8 +116,9 @@ void rms_norm_forward(Exec const& exec, InView<Exec, T> x, InView<Exec, T> w, do
 
 /// dx [rows, h] from dy and the saved x, rstd; dw [h] += this call's weight gradient.
 template <class Exec, class T>
-void rms_norm_backward(Exec const& exec, InView<Exec, T> x, InView<Exec, T> rstd, InView<Exec, T> w,
-                       InView<Exec, T> dy, OutView<Exec, T> dx, OutView<Exec, T> dw) {
+void rms_norm_backward(Exec const& exec, InView<Exec, T> x, InView<Exec, compute_t<T>> rstd,
+                       InView<Exec, T> w, InView<Exec, T> dy, OutView<Exec, T> dx,
+                       OutView<Exec, grad_t<T>> dw) {
   detail::check_rows(x, dy, "rms_norm_backward", "dy");
   detail::check_rows(x, dx, "rms_norm_backward", "dx");
   MOEFOLD_EXPECTS(w.size() == x.cols() && dw.size() == x.cols() && rstd.size() == x.rows(),

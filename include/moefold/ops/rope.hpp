@@ -19,6 +19,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/view_args.hpp"
@@ -82,9 +83,9 @@ struct RotateHeads {
     std::int64_t const k0 = (r / batch) * half;
     for (std::int64_t i = 0; i < half; ++i) {
       double const c = cos_table[k0 + i], s = sign * sin_table[k0 + i];
-      double const a = double(x[i]), b = double(x[i + half]);
-      y[i] = static_cast<T>(a * c - b * s);
-      y[i + half] = static_cast<T>(b * c + a * s);
+      double const a = double(widen(x[i])), b = double(widen(x[i + half]));
+      y[i] = narrow<T>(a * c - b * s);
+      y[i + half] = narrow<T>(b * c + a * s);
     }
   }
 };

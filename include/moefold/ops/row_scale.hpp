@@ -11,6 +11,7 @@
 
 #include "moefold/core/error.hpp"
 #include "moefold/core/hd.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/instance.hpp"
 
@@ -25,18 +26,21 @@ struct ScaleRows {
   T const* p;
   T* out;
   std::int64_t f;
-  MOEFOLD_HD void operator()(std::int64_t i) const { out[i] = a[i] * p[i / f]; }
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    out[i] = narrow<T>(widen(a[i]) * widen(p[i / f]));
+  }
 };
 
 /// One row of the backward of out = a · p (p a scalar): da[j] = ds[j] · p; returns
 /// Σ_j ds[j] · a[j], j ascending.
 template <class T>
-MOEFOLD_HD inline T scale_row_backward(T const* ds, T const* a, T p, T* da, std::int64_t f) {
-  T acc{};
+MOEFOLD_HD inline compute_t<T> scale_row_backward(T const* ds, T const* a, T p, T* da,
+                                                  std::int64_t f) {
+  compute_t<T> acc{};
   for (std::int64_t j = 0; j < f; ++j) {
-    T const d = ds[j];
-    acc += d * a[j];
-    da[j] = d * p;
+    compute_t<T> const d = widen(ds[j]);
+    acc += d * widen(a[j]);
+    da[j] = narrow<T>(d * widen(p));
   }
   return acc;
 }
@@ -51,7 +55,7 @@ struct ScaleRowsBackward {
   T* dp;
   std::int64_t f;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    dp[i] = scale_row_backward(ds + i * f, a + i * f, p[i], da + i * f, f);
+    dp[i] = narrow<T>(scale_row_backward(ds + i * f, a + i * f, p[i], da + i * f, f));
   }
 };
 
@@ -62,7 +66,9 @@ struct AddScaledRows {
   T const* g;
   T* y;
   std::int64_t f;
-  MOEFOLD_HD void operator()(std::int64_t i) const { y[i] += s[i] * g[i / f]; }
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    y[i] = narrow<T>(widen(y[i]) + widen(s[i]) * widen(g[i / f]));
+  }
 };
 
 namespace detail {

@@ -38,6 +38,7 @@
 #include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
+#include "moefold/core/bf16.hpp"
 #include "moefold/core/error.hpp"
 #include "moefold/pipeline/detail/virtual_pipeline.hpp"
 #include "moefold/pipeline/pipeline_action.hpp"
@@ -47,13 +48,31 @@
 namespace moefold {
 inline namespace v0 {
 
-/// The layers one PP rank holds, as the executor sees them. `value_type` is `float` or `double`.
+namespace detail {
+template <class M>
+struct pipeline_loss {
+  using type = typename M::value_type;
+};
+template <class M>
+  requires requires { typename M::loss_type; }
+struct pipeline_loss<M> {
+  using type = typename M::loss_type;
+};
+}  // namespace detail
+/// The type of a stage model's loss: its `loss_type` (FP32 for a bf16 model, whose losses are
+/// computed in FP32), else its `value_type`.
+template <class M>
+using pipeline_loss_t = typename detail::pipeline_loss<M>::type;
+
+/// The layers one PP rank holds, as the executor sees them. `value_type` is `float`, `double`
+/// or `bf16` (activations); a model may name a wider `loss_type` (float or double) for its loss.
 /// Every activation passed between virtual stages has `activation_size()` elements (per
 /// microbatch; the same at every stage boundary). For chunk `c` of this rank (virtual stage
 /// `c·PP + rank`):
 ///   - `forward(mb, c, input, output)` computes microbatch `mb`. On the first virtual stage
 ///     `input` is empty (the stage reads microbatch `mb`'s data itself); on the last virtual
-///     stage `output` has one element, which receives the microbatch's loss. Elsewhere both
+///     stage `output` is a span of one `pipeline_loss_t<M>`, which receives the microbatch's
+///     loss. Elsewhere both
 ///     have `activation_size()` elements. The model keeps whatever its backward needs.
 ///   - `backward(mb, c, output_grad, input_grad)` accumulates the parameter gradients of
 ///     microbatch `mb` and writes the gradient of its input. On the last virtual stage
@@ -64,11 +83,14 @@ inline namespace v0 {
 template <class M>
 concept PipelineStageModel = requires(M& m, int mb, int chunk,
                                       std::span<typename M::value_type const> in,
-                                      std::span<typename M::value_type> out) {
+                                      std::span<typename M::value_type> out,
+                                      std::span<pipeline_loss_t<M>> loss) {
   requires std::same_as<typename M::value_type, float> ||
-      std::same_as<typename M::value_type, double>;
+      std::same_as<typename M::value_type, double> || std::same_as<typename M::value_type, bf16>;
+  requires std::same_as<pipeline_loss_t<M>, float> || std::same_as<pipeline_loss_t<M>, double>;
   { m.activation_size() } -> std::convertible_to<std::size_t>;
   m.forward(mb, chunk, in, out);
+  m.forward(mb, chunk, in, loss);
   m.backward(mb, chunk, in, out);
 };
 
@@ -184,9 +206,10 @@ class StageBuffers {
 /// its neighbours' receives after the communicator's timeout, naming the peer they wait for.
 /// Tied weights are not reduced here: call `all_reduce_tied` after the step.
 template <PipelineSchedule S, Communicator Comm, PipelineStageModel Model>
-PipelineStepResult<typename Model::value_type> run_pipeline(
+PipelineStepResult<pipeline_loss_t<Model>> run_pipeline(
     S const& schedule, Comm& pp, Model& model, PipelineExecutorOptions const& options = {}) {
   using T = typename Model::value_type;
+  using L = pipeline_loss_t<Model>;
   schedule.validate();
   MOEFOLD_EXPECTS(pp.valid(), "run_pipeline needs a valid pp communicator");
   if (pp.size() != schedule.num_stages())
@@ -200,7 +223,7 @@ PipelineStepResult<typename Model::value_type> run_pipeline(
   detail::VirtualPipeline const vp{schedule.num_stages(), schedule.num_chunks()};
   std::vector<PipelineAction> const actions = schedule.actions(stage);
   detail::StageBuffers<T> buf;
-  PipelineStepResult<T> result;
+  PipelineStepResult<L> result;
   result.stages = schedule.num_stages();
   bool const clocked = options.logical_clock;
   std::int64_t clock = 0;
@@ -211,8 +234,8 @@ PipelineStepResult<typename Model::value_type> run_pipeline(
       std::vector<T> const input =
           first ? std::vector<T>{} : buf.take(buf.inputs, a, stage, "has no received input");
       if (last) {
-        T loss[1] = {T(0)};
-        model.forward(a.microbatch, a.chunk, std::span<T const>(input), std::span<T>(loss));
+        L loss[1] = {L(0)};
+        model.forward(a.microbatch, a.chunk, std::span<T const>(input), std::span<L>(loss));
         result.loss += loss[0];
       } else {
         model.forward(a.microbatch, a.chunk, std::span<T const>(input),

@@ -6,7 +6,9 @@
 /// a global tensor of one row) get no weight decay, as in Megatron. The update of each element
 /// is the body `ops::AdamWUpdate` (ops/adamw.hpp); the moments are buffers of the instance's
 /// memory space in `adam_moment_t<T>`: FP32 for FP32 (and BF16) parameters, as Megatron's Adam;
-/// double only for a double model (the finite-difference tier).
+/// double only for a double model (the finite-difference tier). For a bf16 model the optimizer
+/// also keeps FP32 main parameters (Megatron's `--bf16`): the update steps them with the FP32
+/// main gradients and writes them back rounded to bf16.
 
 #include <cmath>
 #include <concepts>
@@ -18,6 +20,7 @@
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
 #include "moefold/ops/adamw.hpp"
+#include "moefold/ops/elementwise.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -52,15 +55,20 @@ class AdamW {
  public:
   using memory_space = typename Exec::memory_space;
   using Moments = Buffer<adam_moment_t<T>, memory_space>;
+  /// FP32 main parameters (only for a bf16 model).
+  using MainParams = Buffer<compute_t<T>, memory_space>;
 
-  /// Optimizer state for `params` (zero moments) on `exec`. The list must stay the same.
+  /// Optimizer state for `params` (zero moments; main parameters copied from the values) on
+  /// `exec`. The list must stay the same.
   AdamW(Exec exec, ParamList<T> params, AdamWConfig config = {})
       : exec_(std::move(exec)), params_(std::move(params)), cfg_(config) {
     for (auto* p : params_) {
       auto const n = static_cast<std::int64_t>(p->size());
       exp_avg_.push_back(exec_.template allocate<adam_moment_t<T>>(n));
       exp_avg_sq_.push_back(exec_.template allocate<adam_moment_t<T>>(n));
+      if constexpr (has_main_params_v<T>) main_.push_back(exec_.template allocate<compute_t<T>>(n));
     }
+    reload_main_params();
   }
   AdamW(ParamList<T> params, AdamWConfig config = {})
     requires std::default_initializable<Exec>
@@ -71,10 +79,25 @@ class AdamW {
     ++steps_;
     for (std::size_t k = 0; k < params_.size(); ++k) {
       Param<T>& p = *params_[k];
-      ops::adamw_update(exec_, adamw_step(cfg_, lr, steps_, p.global_rows > 1),
-                        View<T, memory_space>(p.value), View<T const, memory_space>(p.grad),
-                        exp_avg_[k].view(), exp_avg_sq_[k].view());
+      auto const s = adamw_step(cfg_, lr, steps_, p.global_rows > 1);
+      if constexpr (has_main_params_v<T>) {
+        ops::adamw_update(exec_, s, main_[k].view(), View<grad_t<T> const, memory_space>(p.grad),
+                          exp_avg_[k].view(), exp_avg_sq_[k].view());
+        ops::convert<Exec, compute_t<T>, T>(exec_, main_[k].view(), View<T, memory_space>(p.value));
+      } else {
+        ops::adamw_update(exec_, s, View<T, memory_space>(p.value),
+                          View<T const, memory_space>(p.grad), exp_avg_[k].view(),
+                          exp_avg_sq_[k].view());
+      }
     }
+  }
+  /// Sets the main parameters from the (bf16) values, e.g. after loading weights without
+  /// optimizer state; nothing for a model without main parameters.
+  void reload_main_params() {
+    if constexpr (has_main_params_v<T>)
+      for (std::size_t k = 0; k < params_.size(); ++k)
+        ops::convert<Exec, T, compute_t<T>>(exec_, View<T const, memory_space>(params_[k]->value),
+                                            main_[k].view());
   }
 
   Exec const& exec() const noexcept { return exec_; }
@@ -84,12 +107,21 @@ class AdamW {
   /// First and second moments of parameter k (same layout as its value), for checkpoints.
   Moments& exp_avg(std::size_t k) { return exp_avg_.at(k); }
   Moments& exp_avg_sq(std::size_t k) { return exp_avg_sq_.at(k); }
-  /// Bytes of optimizer state (both moments of every parameter).
+  /// The FP32 main parameters of parameter k (bf16 models only), for checkpoints.
+  MainParams& main_param(std::size_t k)
+    requires has_main_params_v<T>
+  {
+    return main_.at(k);
+  }
+  /// Bytes of optimizer state (both moments of every parameter, and the FP32 main parameters
+  /// of a bf16 model), counted from the buffers.
   std::int64_t state_bytes() const {
     std::int64_t n = 0;
     for (std::size_t k = 0; k < exp_avg_.size(); ++k)
       n += static_cast<std::int64_t>((exp_avg_[k].size() + exp_avg_sq_[k].size()) *
                                      sizeof(typename Moments::value_type));
+    for (auto const& m : main_)
+      n += static_cast<std::int64_t>(m.size() * sizeof(typename MainParams::value_type));
     return n;
   }
 
@@ -99,6 +131,7 @@ class AdamW {
   AdamWConfig cfg_;
   std::int64_t steps_ = 0;
   std::vector<Moments> exp_avg_, exp_avg_sq_;
+  std::vector<MainParams> main_;  // empty unless has_main_params_v<T>
 };
 
 namespace cpu {

@@ -56,6 +56,7 @@
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/core/buffer.hpp"
 #include "moefold/core/error.hpp"
+#include "moefold/core/precision.hpp"
 #include "moefold/core/view.hpp"
 #include "moefold/exec/cpu.hpp"
 #include "moefold/exec/instance.hpp"
@@ -121,6 +122,8 @@ template <ExecutionInstance Exec, class T, Communicator Comm, class Mlp = DenseM
 class DecoderStage {
  public:
   using value_type = T;
+  /// The losses' type: FP32 for a bf16 model (the cross-entropy runs in FP32).
+  using loss_type = compute_t<T>;
   using memory_space = typename Exec::memory_space;
   // The nn types the stage is made of (the one place that spells them).
   using Layer = DecoderLayer<Exec, T, Comm, Mlp>;
@@ -224,8 +227,10 @@ class DecoderStage {
 
   /// Forward of microbatch `mb` through chunk `chunk` (see `PipelineStageModel`). On the last
   /// virtual stage `out[0]` receives the microbatch's scaled loss (mean over this rank's tokens,
-  /// divided by M).
-  void forward(int mb, int chunk, std::span<T const> in, std::span<T> out) {
+  /// divided by M), in `loss_type` (the executor passes a span of it there).
+  template <class U>
+    requires(std::same_as<U, T> || std::same_as<U, loss_type>)
+  void forward(int mb, int chunk, std::span<T const> in, std::span<U> out) {
     if (!is_first(chunk) && training_ && recomputes()) {
       auto& saved = stash_[{mb, chunk}];
       saved = take_activation(static_cast<std::int64_t>(in.size()));
@@ -236,12 +241,14 @@ class DecoderStage {
       if constexpr (requires { mlp.aux_loss(); }) aux_loss_ += mlp.aux_loss();
     });
     if (after_forward_) after_forward_(mb, chunk);
-    View<T const, memory_space> const yv(y);
-    View<T, memory_space> const ov(out);
-    if (is_last(chunk))
-      copy(exec_, yv.cols(0, 1), ov.cols(0, 1));
-    else
-      copy(exec_, yv, ov);
+    if (is_last(chunk)) {
+      MOEFOLD_EXPECTS(!out.empty(), "DecoderStage: the last virtual stage's output holds no loss");
+      out[0] = narrow<U>(last_loss_);  // host memory of the pipeline schedule
+    } else if constexpr (std::same_as<U, T>) {
+      copy(exec_, View<T const, memory_space>(y), View<T, memory_space>(out));
+    } else {
+      throw error(errc::invalid_argument, "DecoderStage: a loss span for a stage that is not last");
+    }
     if (training_ && !recomputes()) for_each_stashing(chunk, [mb](auto& l) { l.stash(mb); });
   }
 
@@ -269,13 +276,14 @@ class DecoderStage {
     View<T const, memory_space> grad(out_grad);  // the gradient flowing down the chunk
     if (is_last(chunk)) {
       // out_grad holds the scalar loss's gradient (host memory of the pipeline schedule).
-      T const scale = cfg_.calculate_per_token_loss
-                          ? out_grad[0]
-                          : out_grad[0] / static_cast<T>(loss_tokens() * microbatches_);
+      loss_type const g = widen(out_grad[0]);
+      loss_type const scale = cfg_.calculate_per_token_loss
+                                  ? g
+                                  : g / static_cast<loss_type>(loss_tokens() * microbatches_);
       if (static_cast<std::int64_t>(dloss_.size()) != loss_tokens())
-        dloss_ = exec_.template allocate<T>(loss_tokens());
+        dloss_ = exec_.template allocate<loss_type>(loss_tokens());
       ops::fill(exec_, dloss_.view(), scale);
-      auto const dlogits = cross_entropy_->backward(std::span<T const>(dloss_.view()));
+      auto const dlogits = cross_entropy_->backward(std::span<loss_type const>(dloss_.view()));
       auto const dz = output_->backward(std::span<T const>(dlogits));
       dy = final_norm_->backward(std::span<T const>(dz));
       grad = View<T const, memory_space>(dy);
@@ -358,7 +366,7 @@ class DecoderStage {
     throw error(errc::invalid_argument,
                 fmt::format("non-finite {} ({}) at element {} of {}, microbatch {}, on world "
                             "rank {}",
-                            what, static_cast<double>(value[0]), i,
+                            what, static_cast<double>(widen(value[0])), i,
                             layer < 0 ? std::string("output_layer")
                                       : fmt::format("decoder.layers.{}", layer),
                             mb, groups_->world().rank()));
@@ -426,7 +434,7 @@ class DecoderStage {
   }
 
   /// The chunk's forward from `in` (ignored on the first virtual stage); on the last virtual
-  /// stage returns {scaled loss}.
+  /// stage keeps the scaled loss in `last_loss_` and returns nothing.
   Tensor run_chunk(int mb, int chunk, std::span<T const> in, ForwardMode mode) {
     auto& ch = chunks_[static_cast<std::size_t>(chunk)];
     Tensor x;
@@ -465,13 +473,15 @@ class DecoderStage {
     check_finite(View<T const, memory_space>(logits), "logits", -1, mb);
     auto const losses = cross_entropy_->forward(std::span<T const>(logits),
                                                 std::span<std::int64_t const>(tokens(mb).labels));
-    ops::sum_in_double(exec_, View<T const, memory_space>(losses), loss_sum_.view());
+    ops::sum_in_double(exec_, View<loss_type const, memory_space>(losses), loss_sum_.view());
     Buffer<double> host_sum(1);
     copy(exec_, View<double const, memory_space>(loss_sum_.view()), host_sum.view());
     exec_.fence();
     double const sum = host_sum[0];
-    if (cfg_.calculate_per_token_loss) return {static_cast<T>(sum)};
-    return {static_cast<T>(sum / static_cast<double>(loss_tokens()) / microbatches_)};
+    last_loss_ = cfg_.calculate_per_token_loss
+                     ? static_cast<loss_type>(sum)
+                     : static_cast<loss_type>(sum / static_cast<double>(loss_tokens()) / microbatches_);
+    return {};
   }
 
   Exec exec_;
@@ -486,7 +496,8 @@ class DecoderStage {
   std::unique_ptr<CrossEntropy> cross_entropy_;
 
   // Reused across microbatches and steps.
-  Buffer<T, memory_space> dloss_;                                    ///< the losses' gradient
+  Buffer<loss_type, memory_space> dloss_;                            ///< the losses' gradient
+  loss_type last_loss_ = 0;  ///< the last stage's scaled loss of the last forward
   Buffer<double, memory_space> loss_sum_ = exec_.template allocate<double>(1);
   Buffer<std::int64_t, memory_space> first_bad_ = exec_.template allocate<std::int64_t>(1);
   std::vector<Buffer<T, memory_space>> spare_;  ///< stash buffers to reuse

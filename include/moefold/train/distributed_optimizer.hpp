@@ -22,6 +22,9 @@
 /// * **Step.** AdamW (`ops::AdamWUpdate`) on the shard only — the moments exist for the shard's
 ///   elements only (no padding) — then each bucket's updated shards are all-gathered over the
 ///   shard group into every replica's parameters.
+/// * **BF16** (Megatron's `--bf16`): gradients are FP32 main gradients (`grad_t<T>`), scaled,
+///   reduce-scattered and clipped in FP32; the optimizer keeps FP32 main parameters for its
+///   shard (sharded like the moments), steps them and all-gathers the values rounded to bf16.
 ///
 ///   DistributedOptimizer opt(exec, params, groups, {.weight_decay = 0.1});
 ///   finalize_model_grads(stage, groups, opt);   // reduce-scatter instead of all-reduce
@@ -88,6 +91,9 @@ class DistributedOptimizer {
  public:
   using memory_space = typename Exec::memory_space;
   using Moments = Buffer<adam_moment_t<T>, memory_space>;
+  using G = grad_t<T>;  ///< gradients: FP32 main gradients for a bf16 model
+  /// FP32 main parameters of a bf16 model, sharded like the moments.
+  using MainParams = Buffer<compute_t<T>, memory_space>;
 
   /// The part of parameter `param` in this rank's shard of a bucket.
   struct Segment {
@@ -107,8 +113,9 @@ class DistributedOptimizer {
     std::int64_t shard_size = 0;
     std::int64_t shard_start = 0;
     std::vector<Segment> segments;
-    Buffer<T, memory_space> grad;  ///< the reduced gradient of this rank's shard
+    Buffer<G, memory_space> grad;  ///< the reduced gradient of this rank's shard
     Moments exp_avg, exp_avg_sq;
+    MainParams main;  ///< this rank's FP32 main parameters (bf16 models; empty otherwise)
   };
 
   /// Shards the state of `params` (which must list the same parameters in the same order on
@@ -127,35 +134,35 @@ class DistributedOptimizer {
 
   /// Reduce-scatters every bucket (see the file comment), each gradient first multiplied by
   /// `pre_scale`. Collective over the shard groups, `tp` and, with N > 1, `inter_partial_edp`.
-  void reduce_gradients(T pre_scale) {
-    if (pre_scale != T(1))
-      for (auto* p : params_) ops::scale(exec_, pre_scale, View<T, memory_space>(p->grad));
-    detail::reduce_bucket(exec_, params_, ParamClass::tp_replicated, [&](std::span<T> b) {
+  void reduce_gradients(G pre_scale) {
+    if (pre_scale != G(1))
+      for (auto* p : params_) ops::scale(exec_, pre_scale, View<G, memory_space>(p->grad));
+    detail::reduce_bucket(exec_, params_, ParamClass::tp_replicated, [&](std::span<G> b) {
       groups_->tp().all_reduce(b, ReduceOp::sum);
     });
     for (auto& b : buckets_) {
-      auto full = exec_.template allocate<T>(b.size);
-      ops::fill(exec_, full.view(), T{});
+      auto full = exec_.template allocate<G>(b.size);
+      ops::fill(exec_, full.view(), G{});
       for (std::size_t i = 0; i < b.params.size(); ++i) {
         auto const& g = params_[b.params[i]]->grad;
         auto const n = static_cast<std::int64_t>(g.size());
-        copy(exec_, View<T const, memory_space>(g), full.view().cols(b.starts[i], n));
+        copy(exec_, View<G const, memory_space>(g), full.view().cols(b.starts[i], n));
       }
       exec_.fence();
-      shard_group(b.expert).reduce_scatter(std::span<T const>(full.view()),
-                                           std::span<T>(b.grad.view()), ReduceOp::sum);
+      shard_group(b.expert).reduce_scatter(std::span<G const>(full.view()),
+                                           std::span<G>(b.grad.view()), ReduceOp::sum);
       if (instances_ > 1)
         groups_->get(Group::inter_partial_edp)
-            .all_reduce(std::span<T>(b.grad.view()), ReduceOp::sum);
+            .all_reduce(std::span<G>(b.grad.view()), ReduceOp::sum);
     }
   }
   /// `reduce_gradients` with Megatron's default pre-scale 1/(DP·CP).
   void reduce_gradients() {
     auto const& f = groups_->mapping();
-    reduce_gradients(T(1) / static_cast<T>(f.dp() * f.cp()));
+    reduce_gradients(G(1) / static_cast<G>(f.dp() * f.cp()));
   }
   /// Multiplies the reduced shards by `a` (the per-token-loss division).
-  void scale_gradients(T a) {
+  void scale_gradients(G a) {
     for (auto& b : buckets_) ops::scale(exec_, a, b.grad.view());
   }
 
@@ -205,9 +212,16 @@ class DistributedOptimizer {
       for (auto const& s : b.segments) {
         Param<T>& p = *params_[s.param];
         auto value = View<T, memory_space>(p.value).cols(s.param_offset, s.size);
-        ops::adamw_update(exec_, adamw_step(cfg_, lr, steps_, p.global_rows > 1), value,
-                          shard_grad(b, s), b.exp_avg.view().cols(s.state_offset, s.size),
-                          b.exp_avg_sq.view().cols(s.state_offset, s.size));
+        auto const st = adamw_step(cfg_, lr, steps_, p.global_rows > 1);
+        auto m = b.exp_avg.view().cols(s.state_offset, s.size);
+        auto v = b.exp_avg_sq.view().cols(s.state_offset, s.size);
+        if constexpr (has_main_params_v<T>) {  // step the FP32 main shard, round to the value
+          auto main = b.main.view().cols(s.state_offset, s.size);
+          ops::adamw_update(exec_, st, main, shard_grad(b, s), m, v);
+          ops::convert<Exec, compute_t<T>, T>(exec_, main, value);
+        } else {
+          ops::adamw_update(exec_, st, value, shard_grad(b, s), m, v);
+        }
         copy(exec_, View<T const, memory_space>(value), shard.view().cols(s.shard_offset, s.size));
       }
       auto full = exec_.template allocate<T>(b.size);
@@ -234,18 +248,32 @@ class DistributedOptimizer {
   bool saves(Segment const& s) const {
     return first_instance_ && (params_[s.param]->cls != ParamClass::tp_replicated || tp_first_);
   }
-  /// Bytes of optimizer state this rank holds (both moments of its shards).
+  /// Sets this rank's main-parameter shards from the (bf16) values, e.g. after loading weights
+  /// without optimizer state; nothing for a model without main parameters.
+  void reload_main_params() {
+    if constexpr (has_main_params_v<T>)
+      for (auto& b : buckets_)
+        for (auto const& s : b.segments)
+          ops::convert<Exec, T, compute_t<T>>(
+              exec_,
+              View<T const, memory_space>(params_[s.param]->value).cols(s.param_offset, s.size),
+              b.main.view().cols(s.state_offset, s.size));
+  }
+
+  /// Bytes of optimizer state this rank holds (both moments of its shards and, for a bf16
+  /// model, the FP32 main parameters of its shards), counted from the buffers.
   std::int64_t state_bytes() const {
     std::int64_t n = 0;
     for (auto const& b : buckets_)
       n += static_cast<std::int64_t>((b.exp_avg.size() + b.exp_avg_sq.size()) *
-                                     sizeof(typename Moments::value_type));
+                                         sizeof(typename Moments::value_type) +
+                                     b.main.size() * sizeof(typename MainParams::value_type));
     return n;
   }
   /// Bytes of the reduced gradient shards this rank holds (besides the parameters' gradients).
   std::int64_t shard_grad_bytes() const {
     std::int64_t n = 0;
-    for (auto const& b : buckets_) n += static_cast<std::int64_t>(b.grad.size() * sizeof(T));
+    for (auto const& b : buckets_) n += static_cast<std::int64_t>(b.grad.size() * sizeof(G));
     return n;
   }
 
@@ -255,8 +283,8 @@ class DistributedOptimizer {
     return groups_->get(expert ? Group::intra_partial_edp : Group::intra_partial_dp_cp);
   }
 
-  View<T const, memory_space> shard_grad(Bucket& b, Segment const& s) {
-    return View<T const, memory_space>(b.grad.view().cols(s.shard_offset, s.size));
+  View<G const, memory_space> shard_grad(Bucket& b, Segment const& s) {
+    return View<G const, memory_space>(b.grad.view().cols(s.shard_offset, s.size));
   }
 
   void build_buckets(bool expert, std::optional<std::int64_t> bucket_size) {
@@ -284,7 +312,8 @@ class DistributedOptimizer {
                                 .size = hi - lo});
         state += hi - lo;
       }
-      cur.grad = exec_.template allocate<T>(cur.shard_size);
+      cur.grad = exec_.template allocate<G>(cur.shard_size);
+      if constexpr (has_main_params_v<T>) cur.main = exec_.template allocate<compute_t<T>>(state);
       cur.exp_avg = exec_.template allocate<adam_moment_t<T>>(state);
       cur.exp_avg_sq = exec_.template allocate<adam_moment_t<T>>(state);
       ops::fill(exec_, cur.exp_avg.view(), adam_moment_t<T>{});
@@ -301,6 +330,7 @@ class DistributedOptimizer {
       if (bucket_size && cur.size >= *bucket_size) close();
     }
     close();
+    reload_main_params();
     exec_.fence();
   }
 

@@ -102,15 +102,19 @@ concept GradientReducer = requires(R& r, T a) {
   r.scale_gradients(a);
 };
 
-/// The all-reduce path: every rank's gradients reduced in place (`reduce_gradients`).
+/// The all-reduce path: every rank's gradients (`grad_t<T>`) reduced in place
+/// (`reduce_gradients`).
 template <ExecutionInstance Exec, class T, Communicator C>
 struct AllReducedGradients {
   Exec const& exec;
   ParamList<T> const& params;
   ProcessGroups<C>& groups;
-  void reduce_gradients(T pre_scale) { moefold::reduce_gradients(exec, params, groups, pre_scale); }
-  void scale_gradients(T a) {
-    for (auto* p : params) ops::scale(exec, a, View<T, typename Exec::memory_space>(p->grad));
+  void reduce_gradients(grad_t<T> pre_scale) {
+    moefold::reduce_gradients(exec, params, groups, pre_scale);
+  }
+  void scale_gradients(grad_t<T> a) {
+    for (auto* p : params)
+      ops::scale(exec, a, View<grad_t<T>, typename Exec::memory_space>(p->grad));
   }
 };
 
@@ -145,7 +149,7 @@ template <FinalizableStage Stage, Communicator C>
 std::int64_t finalize_model_grads(Stage& stage, ProcessGroups<C>& groups,
                                   FinalizeOptions const& opt = {}) {
   auto const params = stage.parameters();
-  using T = std::remove_cvref_t<decltype(*params.front()->grad.data())>;
+  using T = std::remove_cvref_t<decltype(*params.front()->value.data())>;
   using Exec = std::remove_cvref_t<decltype(stage.exec())>;
   AllReducedGradients<Exec, T, C> reducer{stage.exec(), params, groups};
   return finalize_model_grads(stage, groups, reducer, opt);

@@ -30,6 +30,9 @@
 namespace moefold {
 inline namespace v0 {
 
+// Gradients are `grad_t<T>` (FP32 main gradients for a bf16 model, Megatron's
+// --accumulate-allreduce-grads-in-fp32): they are scaled, reduced and clipped in that type.
+
 namespace detail {
 
 /// Concatenates the gradients of `params` of class `cls` into a flat bucket of the instance's
@@ -37,24 +40,25 @@ namespace detail {
 template <class Exec, class T, class Reduce>
 void reduce_bucket(Exec const& exec, ParamList<T> const& params, ParamClass cls, Reduce&& reduce) {
   using Space = typename Exec::memory_space;
+  using G = grad_t<T>;
   std::int64_t n = 0;
   for (auto* p : params)
     if (p->cls == cls) n += static_cast<std::int64_t>(p->grad.size());
-  auto bucket = exec.template allocate<T>(n);
+  auto bucket = exec.template allocate<G>(n);
   std::int64_t off = 0;
   for (auto* p : params)
     if (p->cls == cls) {
       auto const size = static_cast<std::int64_t>(p->grad.size());
-      copy(exec, View<T const, Space>(p->grad), bucket.view().cols(off, size));
+      copy(exec, View<G const, Space>(p->grad), bucket.view().cols(off, size));
       off += size;
     }
   exec.fence();
-  reduce(std::span<T>(bucket.view()));  // the communicator reads host memory here
+  reduce(std::span<G>(bucket.view()));  // the communicator reads host memory here
   off = 0;
   for (auto* p : params)
     if (p->cls == cls) {
       auto const size = static_cast<std::int64_t>(p->grad.size());
-      copy(exec, View<T const, Space>(bucket.view().cols(off, size)), View<T, Space>(p->grad));
+      copy(exec, View<G const, Space>(bucket.view().cols(off, size)), View<G, Space>(p->grad));
       off += size;
     }
 }
@@ -67,25 +71,27 @@ void reduce_bucket(Exec const& exec, ParamList<T> const& params, ParamClass cls,
 /// Collective over `dp_cp`, `tp` and `edp`: every rank must call it.
 template <ExecutionInstance Exec, class T, Communicator C>
 void reduce_gradients(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups,
-                      T pre_scale) {
-  if (pre_scale != T(1))
+                      grad_t<T> pre_scale) {
+  using G = grad_t<T>;
+  if (pre_scale != G(1))
     for (auto* p : params)
-      ops::scale(exec, pre_scale, View<T, typename Exec::memory_space>(p->grad));
+      ops::scale(exec, pre_scale, View<G, typename Exec::memory_space>(p->grad));
   detail::reduce_bucket(exec, params, ParamClass::dense,
-                        [&](std::span<T> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
-  detail::reduce_bucket(exec, params, ParamClass::tp_replicated, [&](std::span<T> b) {
+                        [&](std::span<G> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
+  detail::reduce_bucket(exec, params, ParamClass::tp_replicated, [&](std::span<G> b) {
     groups.dp_cp().all_reduce(b, ReduceOp::sum);
     groups.tp().all_reduce(b, ReduceOp::sum);
   });
   detail::reduce_bucket(exec, params, ParamClass::expert,
-                        [&](std::span<T> b) { groups.edp().all_reduce(b, ReduceOp::sum); });
+                        [&](std::span<G> b) { groups.edp().all_reduce(b, ReduceOp::sum); });
 }
 
 /// `reduce_gradients` with Megatron's default pre-scale 1/(DP·CP).
 template <ExecutionInstance Exec, class T, Communicator C>
 void reduce_gradients(Exec const& exec, ParamList<T> const& params, ProcessGroups<C>& groups) {
   FoldedMapping const& fold = groups.mapping();
-  reduce_gradients(exec, params, groups, T(1) / static_cast<T>(fold.dp() * fold.cp()));
+  reduce_gradients(exec, params, groups,
+                   grad_t<T>(1) / static_cast<grad_t<T>>(fold.dp() * fold.cp()));
 }
 
 /// The L2 norm of all gradients, counting every distinct parameter element once: dense shards
@@ -100,7 +106,7 @@ double global_grad_norm(Exec const& exec, ParamList<T> const& params, ProcessGro
   // the host in parameter order.
   auto sums = exec.template allocate<double>(static_cast<std::int64_t>(params.size()));
   for (std::size_t k = 0; k < params.size(); ++k)
-    ops::sum_of_squares(exec, View<T const, Space>(params[k]->grad),
+    ops::sum_of_squares(exec, View<grad_t<T> const, Space>(params[k]->grad),
                         sums.view().cols(static_cast<std::int64_t>(k), 1));
   Buffer<double> host(static_cast<std::int64_t>(params.size()));
   copy(exec, View<double const, Space>(sums.view()), host.view());
@@ -135,7 +141,7 @@ double clip_grad_norm(Exec const& exec, ParamList<T> const& params, ProcessGroup
   double const coeff = max_norm / (norm + 1e-6);
   if (coeff < 1.0)
     for (auto* p : params)
-      ops::scale_in_double(exec, coeff, View<T, typename Exec::memory_space>(p->grad));
+      ops::scale_in_double(exec, coeff, View<grad_t<T>, typename Exec::memory_space>(p->grad));
   return norm;
 }
 

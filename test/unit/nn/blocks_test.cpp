@@ -15,40 +15,6 @@ namespace {
 
 constexpr std::uint64_t kSeed = 1234;
 
-AttentionConfig attention_config() {
-  // GQA: 8 query heads in 4 groups, head dim 8 (Q width 64 ≠ H = 32), splits over TP = 4.
-  return {.name = "layers.0.self_attention",
-          .hidden = 32,
-          .heads = 8,
-          .kv_groups = 4,
-          .head_dim = 8,
-          .seed = kSeed,
-          .init_scale = 0.3};
-}
-
-DenseMlpConfig mlp_config() {
-  return {.name = "layers.0.mlp", .hidden = 32, .ffn = 64, .seed = kSeed, .init_scale = 0.3};
-}
-
-/// Column-parallel H→F followed by row-parallel F→H: both linear layers and their SP
-/// collectives, nothing else.
-struct LinearPair {
-  ColumnParallelLinear<Exec, float, Comm> column;
-  RowParallelLinear<Exec, float, Comm> row;
-  explicit LinearPair(Groups& g)
-      : column({.name = "fc1.weight", .in = 32, .out = 48, .seed = kSeed, .scale = 0.3}, g.tp()),
-        row({.name = "fc2.weight", .in = 48, .out = 32, .seed = kSeed, .scale = 0.3}, g.tp()) {}
-  std::vector<float> forward(std::span<float const> x) {
-    auto const h = column.forward(x);
-    return row.forward(std::span<float const>(h));
-  }
-  std::vector<float> backward(std::span<float const> dy) {
-    auto const dh = row.backward(dy);
-    return column.backward(std::span<float const>(dh));
-  }
-  ParamList<float> parameters() { return {&column.weight(), &row.weight()}; }
-};
-
 auto const local_forward = [](auto& block, std::span<float const> x, std::int64_t) {
   return block.forward(x);
 };
@@ -109,7 +75,7 @@ TEST_CASE("CP rank c holds chunks c and 2·CP−1−c, split contiguously over T
 TEST_CASE("column- and row-parallel linear layers with SP equal the single-rank layers",
           "[nn][linear]") {
   check_equivalence<float>(
-      {}, all_foldings(), [](Groups& g) { return LinearPair(g); }, local_forward);
+      {}, all_foldings(), [](Groups& g) { return LinearPair<float>(g, kSeed); }, local_forward);
 }
 
 TEST_CASE("RMSNorm equals the single-rank norm, its weight gradient summed over tp",

@@ -60,8 +60,8 @@ struct TinyModel {
     std::copy(local.begin(), local.end(), b.value.begin());
   }
 
-  /// ids, labels: CP-local [S/CP, B] → per-token losses of the CP-local tokens.
-  std::vector<T> forward(std::vector<std::int64_t> const& ids,
+  /// ids, labels: CP-local [S/CP, B] → per-token losses of the CP-local tokens (FP32 for bf16).
+  std::vector<compute_t<T>> forward(std::vector<std::int64_t> const& ids,
                          std::vector<std::int64_t> const& labels, std::int64_t b) {
     batch = b;
     auto const x = embedding.forward(std::span<std::int64_t const>(ids));
@@ -72,8 +72,8 @@ struct TinyModel {
   }
   /// Backward of (Σ losses) / n_total.
   void backward(std::size_t tokens, double n_total) {
-    std::vector<T> dloss(tokens, static_cast<T>(1.0 / n_total));
-    auto const dlogits = loss.backward(std::span<T const>(dloss));
+    std::vector<compute_t<T>> dloss(tokens, static_cast<compute_t<T>>(1.0 / n_total));
+    auto const dlogits = loss.backward(std::span<compute_t<T> const>(dloss));
     auto const dz = output.backward(std::span<T const>(dlogits));
     auto const dy = final_norm.backward(std::span<T const>(dz));
     auto const dx = layer.backward(std::span<T const>(dy));
@@ -141,6 +141,66 @@ TEST_CASE("a folded tiny model computes the single-rank loss and gradients",
                      "gradient of " + p->name);
     });
   }
+}
+
+TEST_CASE("a bf16 tiny model follows the float model; its FP32 loss is the same folded",
+          "[nn][model][bf16]") {
+  // bf16 parameters and activations, FP32 accumulation, FP32 cross-entropy and main gradients,
+  // against the float model with the same (bf16-rounded) parameters; then the folded bf16 model
+  // against the single-rank bf16 model.
+  auto const ids = token_ids("ids"), labels = token_ids("labels");
+  double const n_total = double(kSeq * kBatch);
+  auto mean = [&](auto const& losses) {
+    double s = 0;
+    for (auto l : losses) s += static_cast<double>(l) / n_total;
+    return s;
+  };
+  double ref_loss = 0;
+  std::map<std::string, std::vector<float>> ref_grads;
+  expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks& checks) {
+    Groups groups(mapping_of({}), world);
+    TinyModel<bf16> b(groups);
+    TinyModel<float> f(groups);
+    auto const pb = b.parameters();
+    auto const pf = f.parameters();
+    for (std::size_t k = 0; k < pb.size(); ++k)
+      for (std::int64_t i = 0; i < static_cast<std::int64_t>(pb[k]->size()); ++i)
+        pf[k]->value[i] = static_cast<float>(pb[k]->value[i]);
+    auto const lb = b.forward(ids, labels, kBatch);
+    auto const lf = f.forward(ids, labels, kBatch);
+    static_assert(std::is_same_v<std::decay_t<decltype(lb)>, std::vector<float>>,
+                  "a bf16 model's losses are FP32");
+    ref_loss = mean(lb);
+    checks.check(std::abs(ref_loss - mean(lf)) <= 1e-2 * mean(lf),
+                 fmt::format("bf16 loss {} vs float loss {}", ref_loss, mean(lf)));
+    b.backward(lb.size(), n_total);
+    f.backward(lf.size(), n_total);
+    for (std::size_t k = 0; k < pb.size(); ++k) {
+      auto const e = rel_error(pb[k]->grad, pf[k]->grad);
+      checks.check(e <= 3e-2, fmt::format("gradient of {}: relative error {:.3e} against float",
+                                          pb[k]->name, e));
+      ref_grads[pb[k]->name] = pb[k]->grad;
+    }
+  });
+  Folding const f{.tp = 2, .cp = 2, .dp = 2};
+  expect_clean<InprocHarness>(f.world(), [&](Comm& world, RankChecks& checks) {
+    Groups groups(mapping_of(f), world);
+    auto const shard = SequenceShard::of(groups, kSeq, kBatch / f.dp);
+    TinyModel<bf16> model(groups);
+    auto const losses =
+        model.forward(shard.extract_cp(std::span<std::int64_t const>(ids), 1),
+                      shard.extract_cp(std::span<std::int64_t const>(labels), 1), shard.batch);
+    std::vector<double> sum{mean(losses)};
+    groups.dp_cp().all_reduce(std::span<double>(sum));
+    checks.check(std::abs(sum[0] - ref_loss) <= 1e-2 * std::abs(ref_loss),
+                 fmt::format("folded bf16 loss {} != single-rank bf16 loss {}", sum[0], ref_loss));
+    model.backward(losses.size(), n_total);
+    auto const params = model.parameters();
+    reduce_gradients(params, groups);
+    for (auto* p : params)
+      expect_close(checks, p->grad, p->local_of(std::span<float const>(ref_grads.at(p->name))),
+                   "gradient of " + p->name, 3e-2);
+  });
 }
 
 TEST_CASE("the model's gradients equal central finite differences in fp64",

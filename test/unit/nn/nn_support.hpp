@@ -18,6 +18,11 @@
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/core/init.hpp"
 #include "moefold/core/param.hpp"
+#include "moefold/core/precision.hpp"
+#include "moefold/nn/attention.hpp"
+#include "moefold/nn/column_parallel_linear.hpp"
+#include "moefold/nn/dense_mlp.hpp"
+#include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
 
 namespace moefold::test {
@@ -49,6 +54,43 @@ inline FoldedMapping mapping_of(Folding f) {
                               .etp = f.etp ? std::optional<int>(f.etp) : std::nullopt});
 }
 
+/// Column-parallel H→F followed by row-parallel F→H: both linear layers and their SP
+/// collectives, nothing else.
+template <class T>
+struct LinearPair {
+  ColumnParallelLinear<Exec, T, Comm> column;
+  RowParallelLinear<Exec, T, Comm> row;
+  LinearPair(Groups& g, std::uint64_t seed)
+      : column({.name = "fc1.weight", .in = 32, .out = 48, .seed = seed, .scale = 0.3}, g.tp()),
+        row({.name = "fc2.weight", .in = 48, .out = 32, .seed = seed, .scale = 0.3}, g.tp()) {}
+  std::vector<T> forward(std::span<T const> x) {
+    auto const h = column.forward(x);
+    return row.forward(std::span<T const>(h));
+  }
+  std::vector<T> backward(std::span<T const> dy) {
+    auto const dh = row.backward(dy);
+    return column.backward(std::span<T const>(dh));
+  }
+  ParamList<T> parameters() { return {&column.weight(), &row.weight()}; }
+};
+
+/// The attention of the block tests. GQA: 8 query heads in 4 groups, head dim 8 (Q width
+/// 64 ≠ H = 32), splits over TP = 4.
+inline AttentionConfig attention_config(std::uint64_t seed = 1234) {
+  return {.name = "layers.0.self_attention",
+          .hidden = 32,
+          .heads = 8,
+          .kv_groups = 4,
+          .head_dim = 8,
+          .seed = seed,
+          .init_scale = 0.3};
+}
+
+/// The dense SwiGLU MLP of the block tests.
+inline DenseMlpConfig mlp_config(std::uint64_t seed = 1234) {
+  return {.name = "layers.0.mlp", .hidden = 32, .ffn = 64, .seed = seed, .init_scale = 0.3};
+}
+
 /// A deterministic tensor: uniform in [-scale, scale), a function of (name, index).
 template <class T>
 std::vector<T> random_tensor(std::size_t n, std::string_view name, double scale = 1.0) {
@@ -63,9 +105,9 @@ template <class A, class B>
 double rel_error(A const& a, B const& b) {
   double num = 0, den = 0;
   for (std::size_t i = 0; i < a.size(); ++i) {
-    double const d = double(a[i]) - double(b[i]);
+    double const d = double(widen(a[i])) - double(widen(b[i]));
     num += d * d;
-    den += double(b[i]) * double(b[i]);
+    den += double(widen(b[i])) * double(widen(b[i]));
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
@@ -89,11 +131,11 @@ template <class T>
 void reduce_gradients(ParamList<T> const& params, Groups& groups) {
   for (auto* p : params) {
     if (p->cls == ParamClass::expert) {
-      groups.edp().all_reduce(std::span<T>(p->grad));
+      groups.edp().all_reduce(std::span<grad_t<T>>(p->grad));
       continue;
     }
-    groups.dp_cp().all_reduce(std::span<T>(p->grad));
-    if (p->cls == ParamClass::tp_replicated) groups.tp().all_reduce(std::span<T>(p->grad));
+    groups.dp_cp().all_reduce(std::span<grad_t<T>>(p->grad));
+    if (p->cls == ParamClass::tp_replicated) groups.tp().all_reduce(std::span<grad_t<T>>(p->grad));
   }
 }
 
@@ -101,7 +143,7 @@ void reduce_gradients(ParamList<T> const& params, Groups& groups) {
 template <class T>
 struct Reference {
   std::vector<T> y, dx;
-  std::map<std::string, std::vector<T>> grads;  // global tensors
+  std::map<std::string, std::vector<grad_t<T>>> grads;  // global tensors
 };
 
 /// Shapes of a block test: global batch [S, B, width_in] → [S, B, width_out].
@@ -147,7 +189,7 @@ void check_equivalence(BlockShape shape, std::vector<Folding> const& foldings, M
       auto const params = block.parameters();
       reduce_gradients(params, groups);
       for (auto* p : params)
-        expect_close(checks, p->grad, p->local_of(std::span<T const>(ref.grads.at(p->name))),
+        expect_close(checks, p->grad, p->local_of(std::span<grad_t<T> const>(ref.grads.at(p->name))),
                      "gradient of " + p->name, tol);
     });
   }
