@@ -139,3 +139,30 @@ TEMPLATE_LIST_TEST_CASE("exchange_view rejects counts that do not match the buff
                  "the error: " + msg);
   });
 }
+
+TEMPLATE_LIST_TEST_CASE(
+    "a started all_to_all_v advances while its rank waits in another group, "
+    "so a peer in the blocking form is not held up",
+    "[comm][nonblocking]", Backends) {
+  for (int n : {2, 3, 8}) {
+    expect_clean<TestType>(n, [](auto& comm, RankChecks& checks) {
+      // Rank 0 starts the exchange, then all-reduces with rank 1, which is still in the
+      // blocking exchange: rank 1 can leave it only once rank 0 has taken its part.
+      auto pair = comm.split(comm.rank() < 2 ? 0 : 1, comm.rank());
+      ExchangePattern const x(comm.size(), comm.rank());
+      std::vector<double> recv(x.recv_size());
+      std::vector<double> one{1.0};
+      if (comm.rank() == 0) {
+        auto handle =
+            comm.start_all_to_all_v(x.send_span(), x.sc(), std::span<double>(recv), x.rc());
+        pair.all_reduce(std::span<double>(one));
+        handle.wait();
+      } else {
+        comm.all_to_all_v(x.send_span(), x.sc(), std::span<double>(recv), x.rc());
+        pair.all_reduce(std::span<double>(one));
+      }
+      checks.equal(one[0], static_cast<double>(pair.size()), "the pair's all_reduce");
+      x.check_recv(recv, checks, "all_to_all_v");
+    });
+  }
+}

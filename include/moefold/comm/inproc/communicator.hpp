@@ -4,6 +4,7 @@
 /// Copies between ranks are real; reductions run in rank order, so results are bitwise
 /// reproducible run to run; a failing or missing rank makes every other rank fail fast.
 
+#include <fmt/format.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -14,7 +15,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/comm/detail/reduce.hpp"
@@ -186,18 +186,31 @@ class Communicator : public CollectiveApi<Communicator> {
   template <class Work>
   void complete(std::uint64_t e, std::string_view op, Work&& work) {
     group_->await_all(rank_, e, op, *name_);
+    leave(e, op, run_and_release(e, std::forward<Work>(work)));
+  }
+  /// Runs this rank's part of collective `e` and releases the peers, also when it fails;
+  /// returns its error.
+  template <class Work>
+  std::exception_ptr run_and_release(std::uint64_t e, Work&& work) {
+    std::exception_ptr failed;
     try {
       work();
     } catch (...) {
-      // Report this rank's own error rather than the abort it caused.
-      group_->release_all(e);
+      failed = std::current_exception();
+    }
+    group_->release_all(e);
+    return failed;
+  }
+  /// Waits until every peer has released this rank, then throws `failed` (this rank's own
+  /// error rather than the abort it caused) or the abort.
+  void leave(std::uint64_t e, std::string_view op, std::exception_ptr const& failed) {
+    if (failed) {
       try {
         group_->await_released(rank_, e, op, *name_);
       } catch (error const&) {
       }
-      throw;
+      std::rethrow_exception(failed);
     }
-    group_->release_all(e);
     group_->await_released(rank_, e, op, *name_);
     group_->throw_if_aborted(rank_, op, *name_);
   }
@@ -338,7 +351,23 @@ class Communicator::Started {
 
  private:
   friend class Communicator;
-  struct State {
+  struct State final : detail::Pending {
+    State(Communicator c, std::string_view o, void* r, DType t, std::vector<std::size_t> sc,
+          std::vector<std::size_t> rc)
+        : comm(std::move(c)),
+          op(o),
+          recv(r),
+          dtype(t),
+          send_counts(std::move(sc)),
+          recv_counts(std::move(rc)),
+          uncaught(std::uncaught_exceptions()) {}
+    /// Pulls this rank's blocks as soon as the rendezvous is complete (`wait()` or any wait
+    /// of this rank in another collective).
+    void progress() override {
+      if (pulled || !comm.group_->all_arrived(epoch)) return;
+      pulled = true;
+      failed = comm.run_and_release(epoch, [&] { comm.pull_blocks(recv, recv_counts, dtype, op); });
+    }
     Communicator comm;
     std::string_view op;
     std::uint64_t epoch = 0;
@@ -346,13 +375,20 @@ class Communicator::Started {
     DType dtype = DType::u8;
     std::vector<std::size_t> send_counts, recv_counts;  // the posted slot points at send_counts
     int uncaught = 0;
+    bool pulled = false;
+    std::exception_ptr failed;  // of the pull
   };
   explicit Started(std::unique_ptr<State> s) : s_(std::move(s)) {}
   void finish() {
     std::unique_ptr<State> const s = std::move(s_);
     Communicator& c = s->comm;
+    c.group_->world().remove_pending(c.world_rank(), s.get());
     c.group_->set_started(c.rank_, {});
-    c.complete(s->epoch, s->op, [&] { c.pull_blocks(s->recv, s->recv_counts, s->dtype, s->op); });
+    if (!s->pulled) {
+      c.group_->await_all(c.rank_, s->epoch, s->op, *c.name_);
+      s->progress();
+    }
+    c.leave(s->epoch, s->op, s->failed);
   }
   std::unique_ptr<State> s_;
 };
@@ -360,16 +396,12 @@ class Communicator::Started {
 inline Communicator::Started Communicator::raw_start_all_to_all_v(
     void const* send, std::vector<std::size_t> send_counts, void* recv,
     std::vector<std::size_t> recv_counts, DType t) {
-  auto s = std::make_unique<Started::State>(Started::State{.comm = *this,
-                                                           .op = "all_to_all_v",
-                                                           .recv = recv,
-                                                           .dtype = t,
-                                                           .send_counts = std::move(send_counts),
-                                                           .recv_counts = std::move(recv_counts),
-                                                           .uncaught = std::uncaught_exceptions()});
+  auto s = std::make_unique<Started::State>(*this, "all_to_all_v", recv, t, std::move(send_counts),
+                                            std::move(recv_counts));
   s->epoch =
       arrive({.op = "all_to_all_v", .dtype = t, .send = send, .counts = s->send_counts.data()});
   group_->set_started(rank_, "all_to_all_v");
+  group_->world().add_pending(world_rank(), s.get());
   return Started(std::move(s));
 }
 

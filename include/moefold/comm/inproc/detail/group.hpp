@@ -125,6 +125,9 @@ class GroupState {
          {});
   }
 
+  /// True once every member has arrived at epoch `e`.
+  bool all_arrived(std::uint64_t e) const { return arrived_.load() >= e * members_.size(); }
+
   /// The slot `rank` posted for the collective in progress (valid from the end of `await_all`
   /// until this rank's `release_all`).
   Slot const& slot(int rank) const noexcept { return at(rank).slot; }

@@ -46,6 +46,16 @@ struct alignas(64) Waiter {
   std::atomic<bool> sleeping{false};
 };
 
+/// A started collective of a rank, which the rank advances whenever it waits (in any group):
+/// once its rendezvous is complete, `progress` does the rank's part, so a peer blocked in the
+/// same collective is not held up until the rank calls `wait()`.
+struct Pending {
+  virtual void progress() = 0;
+
+ protected:
+  ~Pending() = default;
+};
+
 /// How a wait ended.
 enum class WaitEnd { done, aborted, timed_out, gave_up };
 
@@ -100,7 +110,16 @@ class World {
     w.cv.notify_one();
   }
 
-  /// Waits on `world_rank`'s thread until `done()` holds or `deadline` passes. With
+  /// Registers (or removes) a started collective of `world_rank` (on its own thread).
+  void add_pending(int world_rank, Pending* p) {
+    pending_[static_cast<std::size_t>(world_rank)].push_back(p);
+  }
+  void remove_pending(int world_rank, Pending* p) {
+    std::erase(pending_[static_cast<std::size_t>(world_rank)], p);
+  }
+
+  /// Waits on `world_rank`'s thread until `done()` holds or `deadline` passes, advancing the
+  /// rank's started collectives meanwhile. With
   /// `stop_on_abort` an abort ends the wait; `give_up()` (checked before each sleep, not under
   /// any lock of the world) ends it when the awaited event can no longer come.
   template <class Done, class GiveUp>
@@ -108,6 +127,7 @@ class World {
                 GiveUp&& give_up) {
     // Spin briefly, then yield: a peer on another core is often a few microseconds away.
     constexpr int kSpins = 64, kYields = 16;
+    progress(world_rank);
     for (int i = 0; i < kSpins; ++i) {
       if (done()) return WaitEnd::done;
       pause();
@@ -118,6 +138,7 @@ class World {
     }
     Waiter& w = *waiters_[static_cast<std::size_t>(world_rank)];
     while (true) {
+      progress(world_rank);
       if (done()) return WaitEnd::done;
       if (stop_on_abort && aborted()) return WaitEnd::aborted;
       if (give_up()) return WaitEnd::gave_up;
@@ -138,6 +159,10 @@ class World {
     __builtin_ia32_pause();
 #endif
   }
+  void progress(int world_rank) {
+    auto& mine = pending_[static_cast<std::size_t>(world_rank)];
+    for (std::size_t i = 0; i < mine.size(); ++i) mine[i]->progress();
+  }
   void wake_everyone() {
     for (auto& w : waiters_) {
       std::lock_guard lk(w->mutex);
@@ -155,6 +180,8 @@ class World {
   std::vector<char> finished_;  // per world rank: returned from its rank function
   std::vector<std::weak_ptr<GroupState>> groups_;
   std::vector<std::unique_ptr<Waiter>> waiters_;  // per world rank
+  std::vector<std::vector<Pending*>> pending_ =   // per world rank, its own thread only
+      std::vector<std::vector<Pending*>>(static_cast<std::size_t>(size_));
 };
 
 }  // namespace detail
