@@ -4,9 +4,10 @@
 /// returned from their rank function, and one `Waiter` per rank thread, where the rank sleeps
 /// when it has to wait (group.hpp holds the groups through which rank threads meet).
 ///
-/// A wait spins briefly, yields a few times, then sleeps on the rank's own condition variable
-/// with a deadline; whoever completes what a rank waits for wakes that rank alone (no wake-up
-/// storm with many rank threads on few cores). An abort or a rank's return wakes every rank.
+/// A wait spins briefly (128 pauses, a few microseconds), then sleeps on the rank's own condition
+/// variable with a deadline; whoever completes what a rank waits for wakes that rank alone (no
+/// wake-up storm with many rank threads on few cores). An abort or a rank's return wakes every
+/// rank.
 
 #include <atomic>
 #include <chrono>
@@ -16,7 +17,6 @@
 #include <mutex>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -125,16 +125,14 @@ class World {
   template <class Done, class GiveUp>
   WaitEnd block(int world_rank, Done&& done, Clock::time_point deadline, bool stop_on_abort,
                 GiveUp&& give_up) {
-    // Spin briefly, then yield: a peer on another core is often a few microseconds away.
-    constexpr int kSpins = 64, kYields = 16;
+    // Spin briefly (a peer on another core is often a few microseconds away), then sleep. No
+    // yields: with more rank threads than cores, a yield hands the core to another process for
+    // a whole time slice, while a sleeper is woken (and scheduled) as soon as it is notified.
+    constexpr int kSpins = 128;
     progress(world_rank);
     for (int i = 0; i < kSpins; ++i) {
       if (done()) return WaitEnd::done;
       pause();
-    }
-    for (int i = 0; i < kYields; ++i) {
-      if (done()) return WaitEnd::done;
-      std::this_thread::yield();
     }
     Waiter& w = *waiters_[static_cast<std::size_t>(world_rank)];
     while (true) {
