@@ -9,11 +9,13 @@
 #include <fmt/format.h>
 
 #include "comm/backends.hpp"
+#include "comm/exchange_pattern.hpp"
 #include "support/error_of.hpp"
 #include "moefold/comm/communicator.hpp"
 
 using namespace moefold;
 using moefold::test::expect_clean;
+using moefold::test::ExchangePattern;
 using moefold::test::RankChecks;
 
 namespace {
@@ -172,37 +174,16 @@ TEMPLATE_LIST_TEST_CASE("all_to_all_v delivers each peer's slice, with uneven an
                         "[comm]", Backends) {
   for (int n : kSizes) {
     expect_clean<TestType>(n, [](auto& comm, RankChecks& checks) {
-      int const p = comm.size();
-      int const me = comm.rank();
-      // Rank q sends (q + 2·d) mod 3 elements to rank d; element k encodes (q, d, k).
-      auto count = [](int q, int d) { return static_cast<std::int64_t>((q + 2 * d) % 3); };
-      std::vector<std::int64_t> send_counts(static_cast<std::size_t>(p)), recv_counts(static_cast<std::size_t>(p));
-      std::vector<double> send;
-      for (int d = 0; d < p; ++d) {
-        send_counts[static_cast<std::size_t>(d)] = count(me, d);
-        recv_counts[static_cast<std::size_t>(d)] = count(d, me);
-        for (std::int64_t k = 0; k < count(me, d); ++k) send.push_back(me * 10000.0 + d * 100.0 + static_cast<double>(k));
-      }
-      std::vector<double> recv(static_cast<std::size_t>(std::accumulate(recv_counts.begin(), recv_counts.end(), std::int64_t{0})));
+      ExchangePattern const x(comm.size(), comm.rank());
+      std::vector<double> recv(x.recv_size());
       comm.reset_traffic();
-      comm.all_to_all_v(std::span<double const>(send), std::span<std::int64_t const>(send_counts),
-                        std::span<double>(recv), std::span<std::int64_t const>(recv_counts));
-      std::size_t i = 0;
-      for (int q = 0; q < p; ++q)
-        for (std::int64_t k = 0; k < count(q, me); ++k, ++i)
-          checks.equal(recv[i], q * 10000.0 + me * 100.0 + static_cast<double>(k),
-                       fmt::format("all_to_all_v from rank {} [{}]", q, k));
+      comm.all_to_all_v(x.send_span(), x.sc(), std::span<double>(recv), x.rc());
+      x.check_recv(recv, checks, "all_to_all_v");
       // Traffic: what leaves for and arrives from other ranks.
-      std::uint64_t sent = 0, received = 0;
-      for (int d = 0; d < p; ++d)
-        if (d != me) {
-          sent += static_cast<std::uint64_t>(count(me, d)) * sizeof(double);
-          received += static_cast<std::uint64_t>(count(d, me)) * sizeof(double);
-        }
       auto const& t = comm.traffic()[CollectiveKind::all_to_all];
       checks.equal(t.calls, std::uint64_t{1}, "all_to_all calls");
-      checks.equal(t.bytes_sent, sent, "all_to_all bytes sent");
-      checks.equal(t.bytes_received, received, "all_to_all bytes received");
+      checks.equal(t.bytes_sent, x.bytes_sent(), "all_to_all bytes sent");
+      checks.equal(t.bytes_received, x.bytes_received(), "all_to_all bytes received");
     });
   }
 }

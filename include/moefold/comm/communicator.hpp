@@ -64,10 +64,25 @@ struct P2POp {
   std::size_t bytes() const noexcept { return count * size_of(dtype); }
 };
 
+/// True for a backend whose ranks can read their peers' buffers in place (the in-process
+/// world): its `exchange_view` copies nothing. Such a backend declares
+/// `static constexpr bool peer_reads = true` and `raw_exchange_view`.
+template <class Backend>
+inline constexpr bool has_peer_reads_v = requires {
+  requires Backend::peer_reads;
+};
+
+/// The handle `start_all_to_all_v` returns on a backend without non-blocking collectives: the
+/// exchange ran at the start, `wait()` has nothing left to do.
+struct [[nodiscard]] CompletedCollective {
+  void wait() noexcept {}
+};
+
 /// The typed collectives of a communicator, written once for every backend (CRTP). `Backend`
 /// provides `rank()`, `size()`, `raw_barrier()`, `raw_all_reduce`, `raw_broadcast`,
 /// `raw_all_gather_v`, `raw_reduce_scatter_v`, `raw_all_to_all_v`, `raw_exchange`,
-/// `raw_split` and `traffic_counters()`.
+/// `raw_split` and `traffic_counters()`; optionally `raw_start_all_to_all_v` (a non-blocking
+/// all-to-all returning a handle with `wait()`) and peer reads (`has_peer_reads_v`).
 template <class Backend>
 class CollectiveApi {
  public:
@@ -173,6 +188,77 @@ class CollectiveApi {
                                   (sum(rc) - rc[my()]) * e);
   }
 
+  /// Starts `all_to_all_v` (same arguments, checks and messages) and returns its handle at once;
+  /// `handle.wait()` completes it, and errors (a failed or missing peer, a timeout, mismatched
+  /// counts) come out of `wait()`. Between the two the rank may compute, and call collectives
+  /// on *other* groups, but must not touch `send` or `recv` nor start another collective on
+  /// this group. A handle dropped without `wait()` fails clearly (inproc: the world aborts
+  /// naming the rank; MPI: the job aborts) — except while an exception unwinds the stack.
+  /// Backends without a non-blocking form (`raw_start_all_to_all_v`) run the exchange here and
+  /// return a handle whose `wait()` does nothing. Traffic is counted at the start.
+  /// Collective over the group: every rank must call it (or the blocking form).
+  template <CommScalar T>
+  [[nodiscard]] auto start_all_to_all_v(std::span<T const> send,
+                                        std::span<std::int64_t const> send_counts,
+                                        std::span<T> recv,
+                                        std::span<std::int64_t const> recv_counts) {
+    if constexpr (requires { &Backend::raw_start_all_to_all_v; }) {
+      require_valid("all_to_all_v");
+      auto sc = checked_counts(send_counts, "all_to_all_v", "send_counts");
+      auto rc = checked_counts(recv_counts, "all_to_all_v", "recv_counts");
+      expect_size(sum(sc), send.size(), "all_to_all_v", "the sum of send_counts (send size)");
+      expect_size(sum(rc), recv.size(), "all_to_all_v", "the sum of recv_counts (recv size)");
+      std::size_t const e = sizeof(T);
+      auto const sent = (sum(sc) - sc[my()]) * e, received = (sum(rc) - rc[my()]) * e;
+      auto handle = self().raw_start_all_to_all_v(send.data(), std::move(sc), recv.data(),
+                                                  std::move(rc), dtype_of<T>());
+      self().traffic_counters().add(CollectiveKind::all_to_all, sent, received);
+      return handle;
+    } else {
+      all_to_all_v<T>(send, send_counts, recv, recv_counts);
+      return CompletedCollective{};
+    }
+  }
+
+  /// Zero-copy receive side of a personalized exchange (the arguments of `all_to_all_v`
+  /// without the receive buffer): calls `fn(blocks)` once, where `blocks[q]` is a
+  /// `std::span<T const>` of the `recv_counts[q]` elements rank q sends to this rank. On a
+  /// backend with peer reads (`has_peer_reads<Backend>`: the in-process world) the spans point
+  /// into the peers' own send buffers, which stay alive and unchanged until every rank's `fn`
+  /// has returned — `fn` may read them but not keep them. Other backends run `all_to_all_v`
+  /// into a buffer of this call and pass spans into it. Errors as `all_to_all_v`; an exception
+  /// of `fn` leaves through this call after the peers are done with this rank's buffer.
+  /// Collective over the group: every rank must call it.
+  template <CommScalar T, class Fn>
+  void exchange_view(std::span<T const> send, std::span<std::int64_t const> send_counts,
+                     std::span<std::int64_t const> recv_counts, Fn&& fn) {
+    require_valid("exchange_view");
+    auto const sc = checked_counts(send_counts, "exchange_view", "send_counts");
+    auto const rc = checked_counts(recv_counts, "exchange_view", "recv_counts");
+    expect_size(sum(sc), send.size(), "exchange_view", "the sum of send_counts (send size)");
+    std::vector<std::span<T const>> blocks(rc.size());
+    if constexpr (has_peer_reads_v<Backend>) {
+      self().raw_exchange_view(send.data(), sc, rc, dtype_of<T>(),
+                               [&](std::span<void const* const> starts) {
+                                 for (std::size_t q = 0; q < rc.size(); ++q)
+                                   blocks[q] = {static_cast<T const*>(starts[q]), rc[q]};
+                                 fn(std::span<std::span<T const> const>(blocks));
+                               });
+      std::size_t const e = sizeof(T);
+      self().traffic_counters().add(CollectiveKind::all_to_all, (sum(sc) - sc[my()]) * e,
+                                    (sum(rc) - rc[my()]) * e);
+    } else {
+      std::vector<T> recv(sum(rc));
+      all_to_all_v<T>(send, send_counts, std::span<T>(recv), recv_counts);
+      std::size_t offset = 0;
+      for (std::size_t q = 0; q < rc.size(); ++q) {
+        blocks[q] = {recv.data() + offset, rc[q]};
+        offset += rc[q];
+      }
+      fn(std::span<std::span<T const> const>(blocks));
+    }
+  }
+
   /// Sends `data` to `peer` (matched by a `recv` with this rank and tag on the peer).
   template <CommScalar T>
   void send(std::span<T const> data, int peer, int tag = 0) {
@@ -231,8 +317,8 @@ class CollectiveApi {
       throw error(errc::invalid_argument, fmt::format("{} on a null communicator", call));
   }
   void check_peer(int peer, std::string_view what) const {
-    MOEFOLD_EXPECTS(peer >= 0 && peer < size(), "{} {} is outside the group of size {}", what,
-                    peer, size());
+    MOEFOLD_EXPECTS(peer >= 0 && peer < size(), "{} {} is outside the group of size {}", what, peer,
+                    size());
   }
   std::vector<std::size_t> checked_counts(std::span<std::int64_t const> counts,
                                           std::string_view call, std::string_view what) const {
@@ -256,29 +342,30 @@ class CollectiveApi {
   }
 };
 
-/// A communicator: a group of ranks with the typed collectives of `CollectiveApi`.
+/// A communicator: a group of ranks with the typed collectives of `CollectiveApi`, including
+/// the non-blocking `start_all_to_all_v(…).wait()` and `exchange_view`.
 template <class C>
-concept Communicator =
-    std::copy_constructible<C> &&
+concept Communicator = std::copy_constructible<C> &&
     requires(C& c, C const& cc, std::span<float> f, std::span<float const> cf,
              std::span<std::int64_t const> counts, std::span<P2POp const> ops) {
-      { cc.rank() } -> std::same_as<int>;
-      { cc.size() } -> std::same_as<int>;
-      { cc.valid() } -> std::same_as<bool>;
-      c.barrier();
-      c.all_reduce(f, ReduceOp::sum);
-      c.broadcast(f, 0);
-      c.all_gather(cf, f);
-      c.all_gather_v(cf, f, counts);
-      c.reduce_scatter(cf, f, ReduceOp::sum);
-      c.reduce_scatter_v(cf, f, counts, ReduceOp::sum);
-      c.all_to_all_v(cf, counts, f, counts);
-      c.send(cf, 0, 0);
-      c.recv(f, 0, 0);
-      c.exchange(ops);
-      { c.split(0, 0) } -> std::same_as<C>;
-      { cc.traffic() } -> std::same_as<Traffic const&>;
-    };
+  { cc.rank() } -> std::same_as<int>;
+  { cc.size() } -> std::same_as<int>;
+  { cc.valid() } -> std::same_as<bool>;
+  c.barrier();
+  c.all_reduce(f, ReduceOp::sum);
+  c.broadcast(f, 0);
+  c.all_gather(cf, f);
+  c.all_gather_v(cf, f, counts);
+  c.reduce_scatter(cf, f, ReduceOp::sum);
+  c.reduce_scatter_v(cf, f, counts, ReduceOp::sum);
+  c.all_to_all_v(cf, counts, f, counts);
+  c.start_all_to_all_v(cf, counts, f, counts).wait();
+  c.send(cf, 0, 0);
+  c.recv(f, 0, 0);
+  c.exchange(ops);
+  { c.split(0, 0) } -> std::same_as<C>;
+  { cc.traffic() } -> std::same_as<Traffic const&>;
+};
 
 }  // namespace v0
 }  // namespace moefold

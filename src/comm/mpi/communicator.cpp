@@ -6,8 +6,10 @@
 #include <array>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -187,6 +189,7 @@ struct Communicator::Impl {
   milliseconds timeout = kDefaultTimeout;
   Traffic traffic;
   std::string broken;  // why the communicator is unusable; empty while it is usable
+  std::string_view started;  // a started collective not waited for yet (its name)
   // The collective in progress (or the last one): its sequence number on this communicator and
   // its code in kCollectives.
   Position position{0, -1};
@@ -260,6 +263,11 @@ struct Communicator::Impl {
   // Starts collective `call`: it is usable, and the side channels tell peers that we are here.
   void begin(std::string_view call) {
     expect_usable(call);
+    if (!started.empty())
+      throw error(errc::invalid_argument,
+                  fmt::format("mpi {} on {} while the {} this rank (world rank {}) started on the "
+                              "communicator is not waited for: call wait() on its handle first",
+                              call, group(), started, world_ranks[static_cast<std::size_t>(rank)]));
     position = {position[0] + 1, collective_code(call)};
     current = this;
   }
@@ -665,6 +673,71 @@ void Communicator::raw_all_to_all_v(void const* send, std::span<std::size_t cons
                         r.displs.data(), type, m.comm, &request),
          call, "MPI_Ialltoallv");
   m.complete(request, call);
+}
+
+struct Communicator::Started::State {
+  std::shared_ptr<Impl> impl;
+  MPI_Request request = MPI_REQUEST_NULL;
+  IntLayout send, recv;  // MPI reads the counts and displacements until completion
+  int uncaught = 0;
+
+  void complete() {
+    Impl& m = *impl;
+    m.started = {};
+    m.complete(request, "all_to_all_v");
+  }
+};
+
+Communicator::Started::Started(std::unique_ptr<State> state) : s_(std::move(state)) {}
+Communicator::Started::Started(Started&&) noexcept = default;
+
+void Communicator::Started::wait() {
+  if (!s_)
+    throw error(errc::invalid_argument,
+                "mpi: wait() on the handle of a started collective that was already waited for "
+                "(or moved from)");
+  std::unique_ptr<State> const s = std::move(s_);
+  s->complete();
+}
+
+Communicator::Started::~Started() {
+  if (!s_) return;
+  if (std::uncaught_exceptions() > s_->uncaught) {
+    try {
+      s_->complete();
+    } catch (...) {
+    }
+    return;
+  }
+  Impl const& m = *s_->impl;
+  std::string const msg = fmt::format(
+      "mpi: world rank {} dropped the handle of a started all_to_all_v on {} without wait(); "
+      "aborting the job",
+      m.world_ranks[static_cast<std::size_t>(m.rank)], m.group());
+  std::fprintf(stderr, "%s\n", msg.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+Communicator::Started Communicator::raw_start_all_to_all_v(void const* send,
+                                                           std::vector<std::size_t> send_counts,
+                                                           void* recv,
+                                                           std::vector<std::size_t> recv_counts,
+                                                           DType dtype) {
+  Impl& m = *impl_;
+  constexpr std::string_view call = "all_to_all_v";
+  m.begin(call);
+  auto s = std::make_unique<Started::State>();
+  s->impl = impl_;
+  s->send = int_layout(send_counts, call, "send_counts");
+  s->recv = int_layout(recv_counts, call, "recv_counts");
+  s->uncaught = std::uncaught_exceptions();
+  MPI_Datatype const type = mpi_type(dtype);
+  m.post(MPI_Ialltoallv(send, s->send.counts.data(), s->send.displs.data(), type, recv,
+                        s->recv.counts.data(), s->recv.displs.data(), type, m.comm, &s->request),
+         call, "MPI_Ialltoallv");
+  m.started = call;
+  return Started(std::move(s));
 }
 
 void Communicator::raw_exchange(std::span<P2POp const> ops) {

@@ -4,19 +4,21 @@
 /// Copies between ranks are real; reductions run in rank order, so results are bitwise
 /// reproducible run to run; a failing or missing rank makes every other rank fail fast.
 
+#include <fmt/format.h>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <numeric>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-#include <fmt/format.h>
 
 #include "moefold/comm/communicator.hpp"
 #include "moefold/comm/detail/reduce.hpp"
-#include "moefold/comm/inproc/detail/world.hpp"
+#include "moefold/comm/inproc/detail/group.hpp"
 
 namespace moefold {
 inline namespace v0 {
@@ -56,7 +58,9 @@ class Communicator : public CollectiveApi<Communicator> {
   // ---- the type-erased interface of CollectiveApi -------------------------------------------
   Traffic& traffic_counters() const noexcept { return *traffic_; }
 
-  void raw_barrier() { meet({.op = "barrier"}, [] {}); }
+  void raw_barrier() {
+    meet({.op = "barrier"}, [] {});
+  }
 
   void raw_all_reduce(void* data, std::size_t n, DType t, ReduceOp op) {
     std::vector<std::byte> result(n * size_of(t));
@@ -90,7 +94,10 @@ class Communicator : public CollectiveApi<Communicator> {
 
   void raw_reduce_scatter_v(void const* send, void* recv, std::span<std::size_t const> counts,
                             DType t, ReduceOp op) {
-    meet({.op = "reduce_scatter_v", .dtype = t, .root = static_cast<int>(op), .send = send,
+    meet({.op = "reduce_scatter_v",
+          .dtype = t,
+          .root = static_cast<int>(op),
+          .send = send,
           .counts = counts.data()},
          [&] {
            check_same_counts("reduce_scatter_v", counts);
@@ -102,25 +109,27 @@ class Communicator : public CollectiveApi<Communicator> {
 
   void raw_all_to_all_v(void const* send, std::span<std::size_t const> send_counts, void* recv,
                         std::span<std::size_t const> recv_counts, DType t) {
-    meet({.op = "all_to_all_v", .dtype = t, .send = send, .counts = send_counts.data()}, [&] {
+    meet({.op = "all_to_all_v", .dtype = t, .send = send, .counts = send_counts.data()},
+         [&] { pull_blocks(recv, recv_counts, t, "all_to_all_v"); });
+  }
+
+  class Started;
+  /// The non-blocking all_to_all_v (`CollectiveApi::start_all_to_all_v`): arrives and returns.
+  Started raw_start_all_to_all_v(void const* send, std::vector<std::size_t> send_counts, void* recv,
+                                 std::vector<std::size_t> recv_counts, DType t);
+
+  /// Zero-copy peer reads (`CollectiveApi::exchange_view`): `fn(starts)` gets, for every peer q,
+  /// the start of the block q sends to this rank, inside q's own send buffer.
+  static constexpr bool peer_reads = true;
+  template <class Fn>
+  void raw_exchange_view(void const* send, std::span<std::size_t const> send_counts,
+                         std::span<std::size_t const> recv_counts, DType t, Fn&& fn) {
+    meet({.op = "exchange_view", .dtype = t, .send = send, .counts = send_counts.data()}, [&] {
       check_same_signature();
-      auto* out = static_cast<std::byte*>(recv);
-      for (int q = 0; q < size(); ++q) {
-        detail::Slot const& peer = group_->slot(q);
-        std::size_t const sent_to_me = peer.counts[idx(rank_)];
-        if (sent_to_me != recv_counts[idx(q)]) {
-          fail(errc::invalid_argument,
-               fmt::format("inproc: all_to_all_v on {}: world rank {} sends {} elements to world "
-                           "rank {}, which expects {} from it",
-                           group_->describe(*name_), group_->world_rank(q), sent_to_me,
-                           world_rank(), recv_counts[idx(q)]));
-        }
-        std::size_t const offset =
-            std::accumulate(peer.counts, peer.counts + rank_, std::size_t{0}) * size_of(t);
-        std::size_t const bytes = sent_to_me * size_of(t);
-        if (bytes != 0) std::memcpy(out, static_cast<std::byte const*>(peer.send) + offset, bytes);
-        out += bytes;
-      }
+      std::vector<void const*> starts(idx(size()));
+      for (int q = 0; q < size(); ++q)
+        starts[idx(q)] = peer_block(q, recv_counts, t, "exchange_view");
+      fn(std::span<void const* const>(starts));
     });
   }
 
@@ -135,29 +144,23 @@ class Communicator : public CollectiveApi<Communicator> {
   }
 
   Communicator raw_split(int color, int key) {
-    require_valid("split");
     Communicator out;
-    group_->arrive(rank_, {.op = "split", .label = *name_, .root = color, .key = key});
-    {
+    std::uint64_t const e = arrive({.op = "split", .root = color, .key = key});
+    complete(e, "split", [&] {
       check_same_signature();
       // My new group: the ranks with my colour, ordered by (key, old rank).
       std::vector<int> mine;
       for (int q = 0; q < size(); ++q)
         if (color != kUndefinedColor && group_->slot(q).root == color) mine.push_back(q);
+      if (mine.empty()) return;
       std::stable_sort(mine.begin(), mine.end(),
                        [&](int a, int b) { return group_->slot(a).key < group_->slot(b).key; });
-      if (!mine.empty() && mine.front() == rank_) {
-        std::vector<int> world_ranks;
-        for (int q : mine) world_ranks.push_back(group_->world_rank(q));
-        group_->publish_group(rank_, group_->make_subgroup(std::move(world_ranks)));
-      }
-      group_->depart(rank_, "split", *name_);  // the leaders have published
-      if (!mine.empty()) {
-        auto const pos = std::find(mine.begin(), mine.end(), rank_) - mine.begin();
-        out = Communicator(group_->slot(mine.front()).new_group, static_cast<int>(pos));
-      }
-    }
-    group_->depart(rank_, "split", *name_);  // everyone has taken its group
+      std::vector<int> world_ranks;
+      for (int q : mine) world_ranks.push_back(group_->world_rank(q));
+      auto const pos = std::find(mine.begin(), mine.end(), rank_) - mine.begin();
+      out = Communicator(group_->subgroup(e, mine.front(), std::move(world_ranks)),
+                         static_cast<int>(pos));
+    });
     return out;
   }
 
@@ -165,29 +168,88 @@ class Communicator : public CollectiveApi<Communicator> {
   static std::size_t idx(int r) noexcept { return static_cast<std::size_t>(r); }
 
   void require_valid(std::string_view what) const {
-    if (!group_) throw error(errc::invalid_argument, fmt::format("{} on a null communicator", what));
+    if (!group_)
+      throw error(errc::invalid_argument, fmt::format("{} on a null communicator", what));
+  }
+  std::string describe() const { return group_->describe(*name_); }
+
+  /// Posts `slot` and arrives at this rank's next collective on the group (does not wait).
+  std::uint64_t arrive(detail::Slot slot) {
+    require_valid(slot.op);
+    slot.label = *name_;
+    return group_->arrive(rank_, slot);
   }
 
-  /// Runs one collective: post `slot`, wait for all, run `work` (reading peers' slots), wait
-  /// for all again — also when `work` fails, so no buffer is freed while a peer reads it.
+  /// Completes collective `e`: waits until every rank has arrived, runs `work` (reading the
+  /// peers' slots and buffers), releases the peers, and waits until every peer has released
+  /// this rank — also when `work` fails, so no buffer is freed while a peer reads it.
   template <class Work>
-  void meet(detail::Slot slot, Work&& work) {
-    require_valid(slot.op);
-    std::string_view const op = slot.op;
-    slot.label = *name_;
-    group_->arrive(rank_, slot);
+  void complete(std::uint64_t e, std::string_view op, Work&& work) {
+    group_->await_all(rank_, e, op, *name_);
+    leave(e, op, run_and_release(e, std::forward<Work>(work)));
+  }
+  /// Runs this rank's part of collective `e` and releases the peers, also when it fails;
+  /// returns its error.
+  template <class Work>
+  std::exception_ptr run_and_release(std::uint64_t e, Work&& work) {
+    std::exception_ptr failed;
     try {
       work();
     } catch (...) {
-      // This rank's buffers must outlive the peers' reads: depart before leaving, then report
-      // this rank's own error rather than the abort it caused.
+      failed = std::current_exception();
+    }
+    group_->release_all(e);
+    return failed;
+  }
+  /// Waits until every peer has released this rank, then throws `failed` (this rank's own
+  /// error rather than the abort it caused) or the abort.
+  void leave(std::uint64_t e, std::string_view op, std::exception_ptr const& failed) {
+    if (failed) {
       try {
-        group_->depart(rank_, op, *name_);
+        group_->await_released(rank_, e, op, *name_);
       } catch (error const&) {
       }
-      throw;
+      std::rethrow_exception(failed);
     }
-    group_->depart(rank_, op, *name_);
+    group_->await_released(rank_, e, op, *name_);
+    group_->throw_if_aborted(rank_, op, *name_);
+  }
+
+  /// Runs one collective at once: arrive, then `complete`.
+  template <class Work>
+  void meet(detail::Slot slot, Work&& work) {
+    std::string_view const op = slot.op;
+    complete(arrive(slot), op, std::forward<Work>(work));
+  }
+
+  /// Where peer `q`'s block for this rank starts in q's send buffer; fails the world when q
+  /// sends another count than this rank expects from it.
+  void const* peer_block(int q, std::span<std::size_t const> recv_counts, DType t,
+                         std::string_view op) {
+    detail::Slot const& peer = group_->slot(q);
+    std::size_t const sent_to_me = peer.counts[idx(rank_)];
+    if (sent_to_me != recv_counts[idx(q)])
+      fail(errc::invalid_argument,
+           fmt::format("inproc: {} on {}: world rank {} sends {} elements to world rank {}, which "
+                       "expects {} from it",
+                       op, describe(), group_->world_rank(q), sent_to_me, world_rank(),
+                       recv_counts[idx(q)]));
+    std::size_t const offset =
+        std::accumulate(peer.counts, peer.counts + rank_, std::size_t{0}) * size_of(t);
+    return static_cast<std::byte const*>(peer.send) + offset;
+  }
+
+  /// Copies every peer's block for this rank into `recv`, in rank order.
+  void pull_blocks(void* recv, std::span<std::size_t const> recv_counts, DType t,
+                   std::string_view op) {
+    check_same_signature();
+    auto* out = static_cast<std::byte*>(recv);
+    for (int q = 0; q < size(); ++q) {
+      void const* from = peer_block(q, recv_counts, t, op);
+      std::size_t const bytes = recv_counts[idx(q)] * size_of(t);
+      if (bytes != 0) std::memcpy(out, from, bytes);
+      out += bytes;
+    }
   }
 
   /// The posted send buffers in rank order.
@@ -250,6 +312,98 @@ class Communicator : public CollectiveApi<Communicator> {
   std::shared_ptr<Traffic> traffic_ = std::make_shared<Traffic>();
   std::shared_ptr<std::string> name_ = std::make_shared<std::string>();
 };
+
+/// The handle of a started all_to_all_v (`CollectiveApi::start_all_to_all_v`): `wait()`
+/// completes it. Peers may read this rank's send buffer from the start on, and its receive
+/// buffer is written in `wait()`: neither may be touched until `wait()` returns, and the
+/// rank may start no other collective on the same group before. A handle dropped without
+/// `wait()` fails the world ("… dropped the handle … without wait()"); while an exception
+/// unwinds the stack it completes the collective quietly instead.
+class Communicator::Started {
+ public:
+  Started(Started&&) noexcept = default;
+  Started& operator=(Started&&) = delete;
+  Started(Started const&) = delete;
+  Started& operator=(Started const&) = delete;
+  ~Started() {
+    if (!s_) return;
+    if (std::uncaught_exceptions() <= s_->uncaught) {
+      Communicator& c = s_->comm;
+      c.group_->world().abort(
+          c.world_rank(), fmt::format("inproc: world rank {} dropped the handle of a started {} "
+                                      "on {} without wait()",
+                                      c.world_rank(), s_->op, c.describe()));
+    }
+    try {
+      finish();
+    } catch (...) {
+    }
+  }
+  /// Completes the collective; errors (a failed peer, a timeout, mismatched counts) come out
+  /// here, with the messages of the blocking form. Call it once.
+  void wait() {
+    if (!s_)
+      throw error(errc::invalid_argument,
+                  "inproc: wait() on the handle of a started collective that was already waited "
+                  "for (or moved from)");
+    finish();
+  }
+
+ private:
+  friend class Communicator;
+  struct State final : detail::Pending {
+    State(Communicator c, std::string_view o, void* r, DType t, std::vector<std::size_t> sc,
+          std::vector<std::size_t> rc)
+        : comm(std::move(c)),
+          op(o),
+          recv(r),
+          dtype(t),
+          send_counts(std::move(sc)),
+          recv_counts(std::move(rc)),
+          uncaught(std::uncaught_exceptions()) {}
+    /// Pulls this rank's blocks as soon as the rendezvous is complete (`wait()` or any wait
+    /// of this rank in another collective).
+    void progress() override {
+      if (pulled || !comm.group_->all_arrived(epoch)) return;
+      pulled = true;
+      failed = comm.run_and_release(epoch, [&] { comm.pull_blocks(recv, recv_counts, dtype, op); });
+    }
+    Communicator comm;
+    std::string_view op;
+    std::uint64_t epoch = 0;
+    void* recv = nullptr;
+    DType dtype = DType::u8;
+    std::vector<std::size_t> send_counts, recv_counts;  // the posted slot points at send_counts
+    int uncaught = 0;
+    bool pulled = false;
+    std::exception_ptr failed;  // of the pull
+  };
+  explicit Started(std::unique_ptr<State> s) : s_(std::move(s)) {}
+  void finish() {
+    std::unique_ptr<State> const s = std::move(s_);
+    Communicator& c = s->comm;
+    c.group_->world().remove_pending(c.world_rank(), s.get());
+    c.group_->set_started(c.rank_, {});
+    if (!s->pulled) {
+      c.group_->await_all(c.rank_, s->epoch, s->op, *c.name_);
+      s->progress();
+    }
+    c.leave(s->epoch, s->op, s->failed);
+  }
+  std::unique_ptr<State> s_;
+};
+
+inline Communicator::Started Communicator::raw_start_all_to_all_v(
+    void const* send, std::vector<std::size_t> send_counts, void* recv,
+    std::vector<std::size_t> recv_counts, DType t) {
+  auto s = std::make_unique<Started::State>(*this, "all_to_all_v", recv, t, std::move(send_counts),
+                                            std::move(recv_counts));
+  s->epoch =
+      arrive({.op = "all_to_all_v", .dtype = t, .send = send, .counts = s->send_counts.data()});
+  group_->set_started(rank_, "all_to_all_v");
+  group_->world().add_pending(world_rank(), s.get());
+  return Started(std::move(s));
+}
 
 static_assert(::moefold::Communicator<Communicator>);
 

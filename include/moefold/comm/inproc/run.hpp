@@ -27,7 +27,8 @@ namespace inproc {
 /// error on the caller's thread. A rank that waits longer than `options.timeout` (default 10
 /// minutes) in a collective fails the world with an error naming the ranks that arrived and
 /// those that did not; a rank that waits for a peer which has already returned from `fn` fails
-/// the world at once, naming that peer.
+/// the world at once, naming that peer. A world that failed without an exception (a rank
+/// dropped the handle of a started collective without `wait()`) makes `run` throw the reason.
 template <class Fn>
 void run(int world_size, Fn&& fn, Options options = {}) {
   MOEFOLD_EXPECTS(world_size >= 1, "inproc::run needs at least one rank (got {})", world_size);
@@ -72,6 +73,9 @@ void run(int world_size, Fn&& fn, Options options = {}) {
   for (int r = 0; r < world_size; ++r) threads.emplace_back(body, r);
   for (auto& t : threads) t.join();
   if (first_error) std::rethrow_exception(first_error);
+  // The world can fail without an exception on any rank, e.g. when a rank drops the handle of
+  // a started collective without waiting for it.
+  if (world->aborted()) throw error(errc::aborted, world->reason());
 }
 
 }  // namespace inproc

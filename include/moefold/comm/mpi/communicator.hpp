@@ -115,6 +115,12 @@ class Communicator : public CollectiveApi<Communicator> {
   /// Collective over the group: every rank must call it.
   void raw_all_to_all_v(void const* send, std::span<std::size_t const> send_counts, void* recv,
                         std::span<std::size_t const> recv_counts, DType dtype);
+  class Started;
+  /// Posts `MPI_Ialltoallv` and returns its handle (`CollectiveApi::start_all_to_all_v`);
+  /// `Started::wait()` completes it against the deadline, with the errors of the blocking form.
+  /// Collective over the group: every rank must call it (or the blocking form).
+  Started raw_start_all_to_all_v(void const* send, std::vector<std::size_t> send_counts,
+                                 void* recv, std::vector<std::size_t> recv_counts, DType dtype);
   /// Posts every send and receive of `ops`, then waits for all of them against the deadline.
   /// Not collective: only the peers named in `ops` take part.
   void raw_exchange(std::span<P2POp const> ops);
@@ -136,6 +142,28 @@ class Communicator : public CollectiveApi<Communicator> {
   struct Impl;  // the MPI state (src/comm/mpi/communicator.cpp)
   explicit Communicator(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;
+};
+
+/// The handle of a started all_to_all_v: `wait()` completes it (once). Until then the rank must
+/// not touch the send and receive buffers nor start another collective on the communicator.
+/// A handle dropped without `wait()` aborts the job with a message naming the rank and the
+/// collective on stderr — except while an exception unwinds the stack, when it completes the
+/// collective quietly (or gives up at the timeout).
+class [[nodiscard]] Communicator::Started {
+ public:
+  Started(Started&&) noexcept;
+  Started& operator=(Started&&) = delete;
+  Started(Started const&) = delete;
+  Started& operator=(Started const&) = delete;
+  ~Started();
+  /// Completes the collective against the deadline; throws as the blocking form does.
+  void wait();
+
+ private:
+  friend class Communicator;
+  struct State;  // src/comm/mpi/communicator.cpp
+  explicit Started(std::unique_ptr<State> state);
+  std::unique_ptr<State> s_;
 };
 
 }  // namespace mpi
