@@ -57,7 +57,7 @@ Outcome run_catching(int n, Fn fn, std::chrono::milliseconds timeout = 10s) {
 
 }  // namespace
 
-TEST_CASE("a rank that throws aborts the world; run rethrows its error") {
+TEST_CASE("a rank that throws aborts the world, run rethrows its error") {
   auto const o = run_catching(6, [](inproc::Communicator& c) {
     c.barrier();
     if (c.rank() == 2) throw std::runtime_error("boom on purpose");

@@ -720,7 +720,7 @@ TEST_CASE(
 // --bf16 (Megatron's mixed precision: bf16 parameters and activations, FP32 accumulation, loss,
 // main gradients, main parameters and moments). The demo model's 50 steps on the folding below
 // are checked by hand (docs/precision.md); here the small model, 10 steps.
-TEST_CASE("--bf16 trains within 2% of the FP32 run's losses (distributed optimizer, EDP 2)",
+TEST_CASE("moefold-train --bf16 trains within 2% of the FP32 run's losses (distributed optimizer, EDP 2)",
           "[train][bf16]") {
   auto const dir = scratch("bf16");
   std::string const folding =
@@ -736,7 +736,7 @@ TEST_CASE("--bf16 trains within 2% of the FP32 run's losses (distributed optimiz
   fs::remove_all(dir);
 }
 
-TEST_CASE("--bf16 losses of one rank and of two 8-rank foldings agree within 1e-2 for 10 steps",
+TEST_CASE("moefold-train --bf16: one rank and two 8-rank foldings agree within 1e-2 for 10 steps",
           "[train][bf16][folding]") {
   auto const dir = scratch("bf16_foldings");
   auto const serial = train("--bf16 --world-size 1 --train-iters 10", dir, "serial");
@@ -750,7 +750,7 @@ TEST_CASE("--bf16 losses of one rank and of two 8-rank foldings agree within 1e-
 }
 
 TEST_CASE("a --bf16 checkpoint resumes bit-identically in bf16 and in FP32 from its FP32 main "
-          "parameters; an FP32 checkpoint resumes in bf16",
+          "parameters, an FP32 checkpoint resumes in bf16",
           "[train][bf16][checkpoint]") {
   auto const dir = scratch("bf16_resume");
   auto const ckpt = (dir / "bf16_ckpt").string(), ckpt32 = (dir / "fp32_ckpt").string();

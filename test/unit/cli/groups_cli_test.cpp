@@ -138,7 +138,7 @@ TEST_CASE("sizes are bounded before any work, with the memory the request would 
   CHECK_FALSE(std::filesystem::exists("never-written.svg"));
 }
 
-TEST_CASE("an empty --svg is rejected; an unwritable one is named with the reason") {
+TEST_CASE("an empty --svg is rejected, an unwritable one is named with the reason") {
   moefold::test::check_usage_error(run_command(cli("groups --world-size 8 --svg ''")),
                                    "--svg needs a file name (got '')");
   auto const r = run_command(cli("groups --world-size 8 --svg /nonexistent-dir/folding.svg"));

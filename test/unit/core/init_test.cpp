@@ -28,7 +28,7 @@ TEST_CASE("a block of a global tensor equals the same block of the whole tensor"
   CHECK(std::equal(rows_3_to_5.begin(), rows_3_to_5.end(), whole.begin() + 3 * cols));
 }
 
-TEST_CASE("different names and seeds give different values; the same ones the same") {
+TEST_CASE("different names and seeds give different values, the same ones the same") {
   CHECK(init_value(1, "a", 0, InitDist::uniform, 1) == init_value(1, "a", 0, InitDist::uniform, 1));
   CHECK(init_value(1, "a", 0, InitDist::uniform, 1) != init_value(2, "a", 0, InitDist::uniform, 1));
   CHECK(init_value(1, "a", 0, InitDist::uniform, 1) != init_value(1, "b", 0, InitDist::uniform, 1));

@@ -49,7 +49,7 @@ TEMPLATE_TEST_CASE("gemm equals the triple loop for every transpose combination"
     }
 }
 
-TEST_CASE("gemm with an empty inner dimension scales C by beta; empty m or n does nothing") {
+TEST_CASE("gemm with an empty inner dimension scales C by beta, empty m or n does nothing") {
   std::vector<double> c{1, 2, 3, 4};
   gemm<double>(Trans::no, Trans::no, 2, 2, 0, 1.0, nullptr, 0, nullptr, 2, 3.0, c.data(), 2);
   CHECK(c == std::vector<double>{3, 6, 9, 12});

@@ -57,7 +57,7 @@ TEST_CASE("a mesh with an offset lays out ranks from the offset on") {
   CHECK(mesh.groups({Axis::tp}).index_containing(10) == 1);
 }
 
-TEST_CASE("the empty axis set gives singleton groups; all axes give one group") {
+TEST_CASE("the empty axis set gives singleton groups, all axes give one group") {
   CHECK(kMesh.groups({}).count() == 16);
   CHECK(kMesh.groups({}).group(7).ranks() == std::vector<int>{7});
   CHECK(kMesh.groups({Axis::tp, Axis::cp, Axis::dp, Axis::pp}).count() == 1);

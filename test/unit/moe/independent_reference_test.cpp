@@ -440,7 +440,7 @@ Regimes sweep(Keep keep, bool ties, std::uint64_t seed) {
 // ------------------------------------------------------------------------------------------------
 
 TEST_CASE(
-    "ETP shard r of a SwiGLU expert's fc1 is [W_gate rows r·F/ETP…; W_up rows r·F/ETP…], "
+    "ETP shard r of a SwiGLU expert's fc1 is [W_gate rows r·F/ETP…, W_up rows r·F/ETP…], "
     "fc2 its columns r·F/ETP…",
     "[reference][experts]") {
   GroupedGemmExperts<test::Exec, SwiGLU, BlasGroupedGemm, double> whole(experts_config(1, 0), 7);
@@ -514,7 +514,7 @@ TEST_CASE("the hand-written reference's gradients agree with finite differences 
 }
 
 TEMPLATE_TEST_CASE(
-    "experts equal the hand-written reference (SwiGLU: silu(first half of fc1) · second half; "
+    "experts equal the hand-written reference (SwiGLU: silu(first half of fc1) · second half, "
     "GeLU: erf form) in output and every gradient, for ETP 1 and summed over 2 ETP shards",
     "[reference][experts]", SwiGLU, GeLU) {
   SECTION("double") {

@@ -143,7 +143,7 @@ TEST_CASE("a folded tiny model computes the single-rank loss and gradients",
   }
 }
 
-TEST_CASE("a bf16 tiny model follows the float model; its FP32 loss is the same folded",
+TEST_CASE("a bf16 tiny model follows the float model, its FP32 loss is the same folded",
           "[nn][model][bf16]") {
   // bf16 parameters and activations, FP32 accumulation, FP32 cross-entropy and main gradients,
   // against the float model with the same (bf16-rounded) parameters; then the folded bf16 model

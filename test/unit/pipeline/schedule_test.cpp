@@ -193,7 +193,7 @@ TEST_CASE("interleaved reproduces the spec's worked example, PP=4, N=2, M=8, ran
   for (int r = 0; r < 4; ++r) CHECK(s.warmup(r) == 2 * (4 - r - 1) + 4);
 }
 
-TEST_CASE("interleaved schedule table follows the group size; the last group takes the rest") {
+TEST_CASE("interleaved schedule table follows the group size, the last group takes the rest") {
   Interleaved const s{
       .stages = 2, .virtual_stages = 2, .microbatches = 5, .microbatch_group_size = 3};
   std::string text;

@@ -112,7 +112,7 @@ TEST_CASE("parameters per stage are the layers DecoderStage builds (demo model, 
   CHECK(stages[1].optimizer == 3418624);
 }
 
-TEST_CASE("QKV bias and the vocabulary's padding count; a tied output layer only across stages") {
+TEST_CASE("QKV bias and the vocabulary's padding count, a tied output layer only across stages") {
   ModelSpec m = demo();
   ParallelConfig const c{.tp = 2, .pp = 2, .ep = 2, .etp = 1};
   double const base = stage_params(m, c, 0).non_expert;

@@ -14,7 +14,7 @@
 
 using namespace moefold;
 
-TEST_CASE("AdamW makes the bias-corrected, decoupled-decay update; 1-D parameters get no decay") {
+TEST_CASE("AdamW makes the bias-corrected, decoupled-decay update, 1-D parameters get no decay") {
   Param<double> w = Param<double>::whole("w", ParamClass::dense, 2, 1);
   Param<double> b = Param<double>::whole("b", ParamClass::tp_replicated, 1, 2);
   w.value = {1.0, -2.0};
