@@ -2,6 +2,7 @@
 // of 1, 2 or 4 ranks, each rank's Routing built from the input bytes: arbitrary shapes, map
 // entries and probabilities, and every drop policy. Invalid input must throw moefold::error.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -40,6 +41,7 @@ moefold::Routing<float> routing_from(FuzzedDataProvider& in, int experts) {
     r.probs.push_back(route == 0 ? 0.0f : in.ConsumeFloatingPoint<float>());
   }
   if (in.ConsumeBool()) {  // make the shape consistent most of the time
+    r.num_tokens = std::clamp<std::int64_t>(r.num_tokens, 0, 16);  // also a lying shape's
     r.map.resize(static_cast<std::size_t>(r.num_tokens * experts), moefold::Route::none);
     r.probs.resize(r.map.size(), 0.0f);
     r.num_experts = experts;
