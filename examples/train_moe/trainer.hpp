@@ -399,11 +399,8 @@ class Trainer {
   /// The dense GEMM rate of a rank (FLOP/s), measured on every rank's instance at once (ranks
   /// in one process share its cores): the mean over ranks.
   double measured_gemm_peak() {
-    auto barrier = [this] {
-      std::vector<int> token{0};
-      groups_.world().all_reduce(std::span<int>(token));
-    };
-    std::vector<double> v{gemm_peak_flops(stage_.exec(), 256, 20, barrier)};
+    std::vector<double> v{
+        gemm_peak_flops(stage_.exec(), 256, 20, [this] { groups_.world().barrier(); })};
     groups_.world().all_reduce(std::span<double>(v));
     return v[0] / groups_.world().size();
   }
