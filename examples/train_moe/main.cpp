@@ -17,6 +17,7 @@
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/config.hpp"
 #include "moefold/core/error.hpp"
+#include "fp64_router.hpp"
 #include "options.hpp"
 #include "preflight.hpp"
 #include "report.hpp"
@@ -58,10 +59,13 @@ int fail(std::string what, int status) {
 }
 
 /// This rank's run in the precision --bf16 picks (bf16 parameters and activations with FP32
-/// main gradients, main parameters and moments; float otherwise).
+/// main gradients, main parameters and moments; float otherwise) with the router of
+/// --moe-router-dtype (FP32 — bf16 logits under --bf16 by default — or FP64).
 template <class Comm>
 void run_trainer(TrainOptions const& o, Comm& world, Report* report) {
-  if (o.bf16) {
+  if (o.router_dtype == "fp64") {
+    run_with_fp64_router<Comm>(o, world, report);
+  } else if (o.bf16) {
     Trainer<Comm, bf16> trainer(o, world, report);
     trainer.run();
   } else {

@@ -26,13 +26,14 @@ namespace moefold::train_demo {
 /// runs the demo on the order-scrambling test instance instead).
 using Exec = MOEFOLD_TEST_EXEC;
 
-/// The MLP slot of every decoder layer: Megatron's MoE block (top-k router in FP32 — the
-/// layers' type, or FP32 under --bf16, as --moe-router-dtype fp32 — whose score function the
-/// command line picks, dropless all-to-all dispatcher, SwiGLU grouped-GEMM experts,
-/// optional shared expert), timed for the summary's phases.
-template <class T, Communicator Comm>
+/// The MLP slot of every decoder layer: Megatron's MoE block (top-k router computing in `R`:
+/// FP32 — with bf16 logits under --bf16 unless --moe-router-dtype fp32 — or FP64 with
+/// --moe-router-dtype fp64; its score function the command line picks), dropless all-to-all
+/// dispatcher, SwiGLU grouped-GEMM experts, optional shared expert), timed for the summary's
+/// phases.
+template <class T, Communicator Comm, class R = compute_t<T>>
 using MlpBlock = TimedBlock<
-    MoELayer<Exec, TopKRouter<Exec, ConfiguredScore, compute_t<T>>,
+    MoELayer<Exec, TopKRouter<Exec, ConfiguredScore, R>,
              TimedDispatcher<AllToAllDispatcher<Dropless>>,
              GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>>;
 
@@ -51,15 +52,17 @@ typename MlpBlock<T, Comm>::Config mlp_config(TrainOptions const& o) {
 /// One line for the banner.
 inline std::string mlp_description(TrainOptions const& o) {
   return fmt::format(
-      "MoE {} experts top-{} ({} router, {}{}{}), expert FFN {}{}, dropless all-to-all",
-      o.num_experts, o.topk, o.score_function, fmt::join(o.load_balancing, " + "),
+      "MoE {} experts top-{} ({} router{}, {}{}{}), expert FFN {}{}, dropless all-to-all",
+      o.num_experts, o.topk, o.score_function,
+      !o.router_dtype.empty() ? " in " + o.router_dtype : o.bf16 ? " with bf16 logits" : "",
+      fmt::join(o.load_balancing, " + "),
       o.z_loss_coeff ? ", z-loss" : "", o.expert_bias ? ", expert bias" : "", o.moe_ffn,
       o.shared_expert_ffn > 0 ? fmt::format(", shared expert {}", o.shared_expert_ffn)
                               : std::string());
 }
 
-template <class T, Communicator Comm>
-using Model = DecoderStage<Exec, T, Comm, MlpBlock<T, Comm>>;
+template <class T, Communicator Comm, class R = compute_t<T>>
+using Model = DecoderStage<Exec, T, Comm, MlpBlock<T, Comm, R>>;
 
 inline DecoderModelConfig model_config(TrainOptions const& o) {
   return {.vocab = o.padded_vocab(),

@@ -109,9 +109,8 @@ ParseResult parse_options(int argc, char** argv) {
                "BF16 parameters and activations; FP32 GEMM accumulation, loss, main gradients "
                "(reduced in FP32), main parameters and Adam moments");
   app.add_option("--moe-router-dtype", o.router_dtype,
-                 "Router logits and scores: fp32 (moefold-train's router computes in FP32 also "
-                 "under --bf16)")
-      ->capture_default_str();
+                 "Router logits and scores in fp32 or fp64 (default: the input dtype, i.e. bf16 "
+                 "logits under --bf16)");
   app.add_flag("--use-distributed-optimizer", o.use_distributed_optimizer,
                "Shard the optimizer state over dp_cp (dense) and edp (experts): reduce-scatter "
                "the gradients, update the shard, all-gather the parameters");
@@ -325,6 +324,8 @@ RouterConfig router_config(TrainOptions const& o) {
     throw invalid_config(fmt::format(
         "--moe-router-score-function must be softmax or sigmoid (got '{}')", o.score_function));
   r.moe_router_pre_softmax = o.pre_softmax;
+  if (o.router_dtype == "fp32") r.moe_router_dtype = RouterDtype::fp32;
+  if (o.router_dtype == "fp64") r.moe_router_dtype = RouterDtype::fp64;
   r.moe_router_load_balancing_type.clear();
   for (auto const& t : o.load_balancing) {
     constexpr LoadBalancingType kTypes[] = {
@@ -360,10 +361,8 @@ void validate(TrainOptions const& o) {
   if (o.backend == Backend::mpi && !MOEFOLD_HAS_MPI)
     throw invalid_config("--backend mpi: this build has no MPI (install libopenmpi-dev)");
   check_ranges(o);
-  need(o.router_dtype == "fp32",
-       fmt::format("--moe-router-dtype {}: moefold-train's router computes in fp32 (with or "
-                   "without --bf16); fp64 is not built into it",
-                   o.router_dtype));
+  need(o.router_dtype.empty() || o.router_dtype == "fp32" || o.router_dtype == "fp64",
+       fmt::format("--moe-router-dtype must be fp32 or fp64 (got '{}')", o.router_dtype));
   need(o.num_distributed_optimizer_instances == 1 || o.use_distributed_optimizer,
        fmt::format("--num-distributed-optimizer-instances {} needs --use-distributed-optimizer",
                    o.num_distributed_optimizer_instances));

@@ -50,7 +50,9 @@ struct TrainOptions {
   bool calculate_per_token_loss = false;                   ///< --calculate-per-token-loss
   // Precision (Megatron's flags).
   bool bf16 = false;  ///< --bf16: bf16 parameters and activations, FP32 main grads and params
-  std::string router_dtype = "fp32";  ///< --moe-router-dtype: fp32 (the router of moefold-train)
+  /// --moe-router-dtype: fp32 or fp64; empty: the input dtype (Megatron's default: FP32 logits
+  /// in an FP32 run, bf16 logits under --bf16).
+  std::string router_dtype;
   // Optimizer sharding (Megatron's flags).
   bool use_distributed_optimizer = false;        ///< --use-distributed-optimizer
   int num_distributed_optimizer_instances = 1;   ///< --num-distributed-optimizer-instances

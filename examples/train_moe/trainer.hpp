@@ -61,8 +61,9 @@ CheckpointInfo checkpoint_metadata(TrainOptions const& o) {
 }
 
 /// `T`: the precision policy's element type — float, or bf16 with --bf16 (FP32 main gradients,
-/// main parameters and moments, FP32 router and loss; core/precision.hpp).
-template <Communicator Comm, class T = float>
+/// main parameters and moments, FP32 loss; core/precision.hpp). `R`: the router's computation
+/// type (double with --moe-router-dtype fp64).
+template <Communicator Comm, class T = float, class R = compute_t<T>>
 class Trainer {
  public:
 
@@ -256,7 +257,7 @@ class Trainer {
           return microbatch_tokens(corpus_, split, first, mb, shard_, o_.seed);
         },
         /*training=*/step > 0, step);
-    TimedStage<Model<T, Comm>> timed(stage_);
+    TimedStage<Model<T, Comm, R>> timed(stage_);
     Stopwatch w;
     auto const loss =
         o_.vpp > 1
@@ -444,7 +445,7 @@ class Trainer {
   TrainOptions const& o_;
   ProcessGroups<Comm> groups_;
   TextCorpus corpus_;
-  Model<T, Comm> stage_;
+  Model<T, Comm, R> stage_;
   ParamList<T> params_;
   std::optional<AdamW<Exec, T>> adam_;
   std::optional<DistributedOptimizer<Exec, T, Comm>> dist_;

@@ -369,7 +369,8 @@ TEST_CASE("invalid flag combinations exit with status 2 and one line", "[train][
         "--world-size 1 --moe-router-load-balancing-type sinkhorn",  // aux coefficient 0.01
         "--world-size 1 --moe-router-load-balancing-type aux_loss seq_aux_loss "
         "--moe-aux-loss-coeff 0.1 0.2 0.3",
-        "--world-size 1 --moe-z-loss-coeff -1", "--world-size 1 --moe-input-jitter-eps 1.5"}) {
+        "--world-size 1 --moe-z-loss-coeff -1", "--world-size 1 --moe-input-jitter-eps 1.5",
+        "--world-size 1 --moe-router-dtype bf16"}) {  // fp32 or fp64 (unset: the input dtype)
     INFO(args);
     auto const r = run_command(fmt::format("{} {} {}", MOEFOLD_TRAIN, kSmall, args));
     INFO("stderr: " << r.err);
@@ -720,7 +721,7 @@ TEST_CASE(
 // --bf16 (Megatron's mixed precision: bf16 parameters and activations, FP32 accumulation, loss,
 // main gradients, main parameters and moments). The demo model's 50 steps on the folding below
 // are checked by hand (docs/precision.md); here the small model, 10 steps.
-TEST_CASE("moefold-train --bf16 trains within 2% of the FP32 run's losses (distributed optimizer, EDP 2)",
+TEST_CASE("moefold-train --bf16 trains within 2% of the FP32 run's losses (distributed optimizer, EDP 2), with each --moe-router-dtype",
           "[train][bf16]") {
   auto const dir = scratch("bf16");
   std::string const folding =
@@ -730,9 +731,19 @@ TEST_CASE("moefold-train --bf16 trains within 2% of the FP32 run's losses (distr
   expect_same_losses(bf16, fp32, 2e-2);
   CHECK(bf16.back().loss < bf16.front().loss);
   // Really another precision: the losses are not the FP32 run's to the last digit.
-  int same = 0;
-  for (std::size_t i = 0; i < bf16.size(); ++i) same += bf16[i].loss_text == fp32[i].loss_text;
-  CHECK(same < static_cast<int>(bf16.size()));
+  auto const differs = [](auto const& a, auto const& b) {
+    int same = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) same += a[i].loss_text == b[i].loss_text;
+    return same < static_cast<int>(a.size());
+  };
+  CHECK(differs(bf16, fp32));
+  // --moe-router-dtype: the default under --bf16 stores bf16 router logits, fp32 keeps FP32
+  // ones (another run, within bf16 of FP32); fp64 computes the router in double (FP32 layers:
+  // within the FP32 run's rounding).
+  auto const bf16_fp32_router = train(folding + " --bf16 --moe-router-dtype fp32", dir, "b32");
+  expect_same_losses(bf16_fp32_router, fp32, 2e-2);
+  CHECK(differs(bf16_fp32_router, bf16));
+  expect_same_losses(train(folding + " --moe-router-dtype fp64", dir, "fp64"), fp32, 1e-3);
   fs::remove_all(dir);
 }
 

@@ -149,14 +149,18 @@ concept MoEExpertsPolicy =
       { e.parameters() } -> std::same_as<ParamList<typename E::value_type>>;
     } && std::constructible_from<E, typename E::exec_type, ExpertsConfig, std::uint64_t>;
 
-/// The router computes in `compute_t` of the experts' type: the same type for float and double
-/// layers; FP32 for bf16 layers (Megatron's `--moe-router-dtype fp32`): the layer then keeps the
-/// router weight as a bf16 parameter with an FP32 main gradient and hands the router widened
-/// copies of it and of the tokens; the probabilities reach the dispatcher rounded to bf16.
+/// The router computes in `compute_t` of the experts' type (the same type for float and double
+/// layers, FP32 for bf16 layers) or in double; `router.moe_router_dtype` (Megatron's
+/// `--moe-router-dtype`) names that type: unset means the input dtype (the router's type must
+/// then be `compute_t`; a bf16 layer's router rounds its logits to bf16), fp32 and fp64 need a
+/// router of float and double. A router of another type than the layer's keeps its weight as
+/// a parameter of the layer's type (FP32 main gradient under bf16) and gets widened copies of
+/// it and of the tokens; the probabilities reach the dispatcher rounded to the layer's type.
 template <ExecutionInstance Exec, MoERouterPolicy Router, class Dispatcher, MoEExpertsPolicy Experts,
           Communicator Comm>
-  requires std::same_as<typename detail::router_traits<Router>::real_type,
-                        compute_t<typename Experts::value_type>> &&
+  requires(std::same_as<typename detail::router_traits<Router>::real_type,
+                        compute_t<typename Experts::value_type>> ||
+           std::same_as<typename detail::router_traits<Router>::real_type, double>) &&
            std::same_as<typename Experts::exec_type, Exec> &&
            std::same_as<typename detail::router_exec<Router, Exec>::type, Exec> &&
            MoEDispatcherPolicy<Dispatcher, Exec, Comm, typename Experts::value_type> &&
@@ -165,7 +169,7 @@ class MoELayer {
  public:
   using T = typename Experts::value_type;
   using Space = typename Exec::memory_space;
-  /// The router's computation type (T, or FP32 for bf16 layers).
+  /// The router's computation type (`compute_t<T>` or double).
   using RouterReal = typename detail::router_traits<Router>::real_type;
   static constexpr bool kWideRouter = !std::same_as<RouterReal, T>;
   using Config = MoELayerConfig;
@@ -202,6 +206,7 @@ class MoELayer {
                                .name_prefix = cfg_.name + ".experts",
                                .init_std = cfg_.init_std},
                  cfg_.seed) {
+    check_router_dtype();
     router_.weight_param().init(cfg_.seed, InitDist::normal, cfg_.init_std);
     if constexpr (kWideRouter) {  // the parameter: the same name, shape and initial values
       auto const& w = router_.weight_param();
@@ -307,8 +312,16 @@ class MoELayer {
       auto const dr = router_.backward(View<RouterReal const, Space>(router_dp_.view()),
                                        aux_loss_scale_);
       auto& rw = router_.weight_param();
-      ops::add_into<Exec, grad_t<T>>(exec_, View<grad_t<T> const, Space>(rw.grad),
-                                     View<grad_t<T>, Space>(router_weight_.grad));
+      if constexpr (std::same_as<grad_t<RouterReal>, grad_t<T>>) {
+        ops::add_into<Exec, grad_t<T>>(exec_, View<grad_t<T> const, Space>(rw.grad),
+                                       View<grad_t<T>, Space>(router_weight_.grad));
+      } else {  // an FP64 router's gradient joins the layer's main gradient rounded once
+        resize(router_dw_, static_cast<std::int64_t>(rw.grad.size()));
+        ops::convert<Exec, grad_t<RouterReal>, grad_t<T>>(
+            exec_, View<grad_t<RouterReal> const, Space>(rw.grad), router_dw_.view());
+        ops::add_into<Exec, grad_t<T>>(exec_, View<grad_t<T> const, Space>(router_dw_.view()),
+                                       View<grad_t<T>, Space>(router_weight_.grad));
+      }
       ops::fill(exec_, View<RouterReal, Space>(rw.grad), RouterReal(0));
       resize(router_dx_, dx.size());
       ops::convert<Exec, RouterReal, T>(exec_, View<RouterReal const, Space>(dr), router_dx_.view());
@@ -436,6 +449,20 @@ class MoELayer {
     }
   }
 
+  /// `moe_router_dtype` against the router's type (fp32 and fp64 are checked by the router):
+  /// unset means the input dtype, i.e. a router of `compute_t<T>`, storing bf16 logits for a
+  /// bf16 layer.
+  void check_router_dtype() {
+    if (cfg_.router.moe_router_dtype) return;
+    if constexpr (!std::same_as<RouterReal, compute_t<T>>)
+      throw invalid_config(fmt::format(
+          "moe_router_dtype is unset (the input dtype, {}) but the router computes in {}: set "
+          "moe_router_dtype = fp64 for a router of double",
+          name(dtype_of<T>()), name(dtype_of<RouterReal>())));
+    else if constexpr (std::same_as<T, bf16>)
+      router_.round_logits_to_bf16(true);
+  }
+
   /// Checks the folding-dependent rules before any member is built.
   static Config const& checked(Config const& c, ProcessGroups<Comm>& g) {
     if (c.hidden_size < 1)
@@ -466,6 +493,7 @@ class MoELayer {
   Param<T> router_weight_;
   Routing<T, Space> routing_;
   Buffer<RouterReal, Space> router_x_, router_dp_;
+  Buffer<grad_t<T>, Space> router_dw_;          // an FP64 router's weight gradient, rounded
   Buffer<T, Space> router_dx_;
   Buffer<T, Space> gate_, x_;                    // saved for backward
   Buffer<T, Space> d_shared_, dz_;               // backward's temporaries

@@ -103,6 +103,17 @@ class TopKRouter {
           "moe_router_score_function = {} is not a variant of the router's score policy",
           name(cfg_.moe_router_score_function)));
     if (hidden_size < 1) throw invalid_config(fmt::format("hidden size {} < 1", hidden_size));
+    if (cfg_.moe_router_dtype) {
+      bool const match = *cfg_.moe_router_dtype == RouterDtype::fp32 ? std::is_same_v<Real, float>
+                                                                     : std::is_same_v<Real, double>;
+      if (!match)
+        throw invalid_config(fmt::format(
+            "moe_router_dtype = {0} needs a router computing in {1} (TopKRouter<Exec, Score, "
+            "{1}>); this router computes in {2}",
+            name(*cfg_.moe_router_dtype),
+            *cfg_.moe_router_dtype == RouterDtype::fp32 ? "float" : "double",
+            name(dtype_of<Real>())));
+    }
     rule_ = router_rule(cfg_);
     auto const e = static_cast<std::size_t>(cfg_.num_experts);
     // Replicated across TP under sequence parallelism: its gradient is also summed over tp.
@@ -120,6 +131,11 @@ class TopKRouter {
       : TopKRouter(Exec{}, std::move(cfg), hidden_size, std::move(weight_name), seed) {}
 
   Exec const& exec() const noexcept { return exec_; }
+  /// Stores the logits, and their gradients in backward, rounded to bf16 after each GEMM: the
+  /// router of a bf16 layer with `moe_router_dtype` unset (Megatron: logits in the input dtype;
+  /// score functions and losses then run in `Real` on the rounded logits). Off by default.
+  void round_logits_to_bf16(bool on) noexcept { bf16_logits_ = on; }
+  bool rounds_logits_to_bf16() const noexcept { return bf16_logits_; }
   RouterConfig const& config() const noexcept { return cfg_; }
   std::int64_t hidden_size() const noexcept { return hidden_; }
   /// The weight `[E, H]` (Megatron's layout).
@@ -221,13 +237,15 @@ class TopKRouter {
     if (has_z_)
       z_loss_backward<Real>(exec_, logits, *cfg_.moe_z_loss_coeff, tp_cp_size_,
                             aux_loss_scale * per_token_factor_, d_logits);
+    if (bf16_logits_) ops::round_through<bf16>(exec_, d_logits);
     // dW [E, H] += d_logitsᵀ [E, T] · x [T, H];  dx [T, H] = d_logits [T, E] · W [E, H].
     View<Real const, memory_space> const dl = d_logits;
-    gemm<Real>(exec_, Trans::yes, Trans::no, Real(1), dl, x_.view(t_count, h), Real(1),
-               weight_.grad.view(e, h));
+    gemm<Real>(exec_, Trans::yes, Trans::no, compute_t<Real>(1), dl, x_.view(t_count, h),
+               compute_t<Real>(1), weight_.grad.view(e, h));
     auto const dx2 = dx.reshaped(t_count, h);
     ops::fill(exec_, dx2, Real(0));
-    gemm<Real>(exec_, Trans::no, Trans::no, Real(1), dl, weight_.value.view(e, h), Real(0), dx2);
+    gemm<Real>(exec_, Trans::no, Trans::no, compute_t<Real>(1), dl, weight_.value.view(e, h),
+               compute_t<Real>(0), dx2);
     if (jittered_)  // x_ is x ⊙ noise: d x = d x_jittered ⊙ noise (same map)
       apply_input_jitter<Real>(exec_, jitter_key_, dx, jitter_tokens_.view(), h,
                                *cfg_.moe_input_jitter_eps, dx);
@@ -356,8 +374,9 @@ class TopKRouter {
     }
     auto const logits = sized(logits_, tokens * e).reshaped(tokens, e);
     ops::fill(exec_, logits, Real(0));
-    gemm<Real>(exec_, Trans::no, Trans::yes, Real(1), xs.reshaped(tokens, h),
-               weight_.value.view(e, h), Real(0), logits);
+    gemm<Real>(exec_, Trans::no, Trans::yes, compute_t<Real>(1), xs.reshaped(tokens, h),
+               weight_.value.view(e, h), compute_t<Real>(0), logits);
+    if (bf16_logits_) ops::round_through<bf16>(exec_, logits);
     reset(out, tokens, e);
     check_finite(tokens, e, out.routing);
     View<Real const, memory_space> select;  // Sinkhorn's selection values in training [T, E]
@@ -560,6 +579,7 @@ class TopKRouter {
   std::int64_t tokens_ = 0;
   int tp_cp_size_ = 1;
   bool has_aux_ = false, has_z_ = false, jittered_ = false;
+  bool bf16_logits_ = false;  // round_logits_to_bf16
   double per_token_factor_ = 1.0;
   JitterKey jitter_key_;
   Buffer<std::int64_t, memory_space> jitter_tokens_;

@@ -16,6 +16,9 @@ inline namespace v0 {
 
 /// `moe_router_score_function`.
 enum class ScoreFunction : std::uint8_t { softmax, sigmoid };
+/// `moe_router_dtype`: the type of the router's logits and score computation when it is not the
+/// input's (Megatron's choices; unset means the input dtype).
+enum class RouterDtype : std::uint8_t { fp32, fp64 };
 /// `moe_token_drop_policy`: which tokens an over-full expert keeps.
 enum class TokenDropPolicy : std::uint8_t { probs, position };
 /// `moe_router_load_balancing_type` (several may be enabled at once).
@@ -30,6 +33,9 @@ enum class LoadBalancingType : std::uint8_t {
 
 constexpr std::string_view name(ScoreFunction s) noexcept {
   return s == ScoreFunction::softmax ? "softmax" : "sigmoid";
+}
+constexpr std::string_view name(RouterDtype d) noexcept {
+  return d == RouterDtype::fp32 ? "fp32" : "fp64";
 }
 constexpr std::string_view name(LoadBalancingType t) noexcept {
   switch (t) {
@@ -57,6 +63,10 @@ struct RouterConfig {
   int moe_router_group_topk = 0;        ///< groups kept by group-limited top-k
   std::optional<double> moe_router_topk_scaling_factor =
       std::nullopt;  ///< multiplies the final probs
+  /// The router's logits and scores in FP32 or FP64; unset: in the input dtype (a bf16 layer's
+  /// router then stores its logits rounded to bf16, as a bf16 GEMM with FP32 accumulation
+  /// does). `TopKRouter<Exec, Score, Real>` computes in `Real`, which must be the named type.
+  std::optional<RouterDtype> moe_router_dtype = std::nullopt;
   /// Enabled load-balancing losses; each has the coefficient of the same index in
   /// `moe_aux_loss_coeff` (or the single coefficient given).
   std::vector<LoadBalancingType> moe_router_load_balancing_type = {LoadBalancingType::aux_loss};

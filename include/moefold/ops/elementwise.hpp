@@ -65,6 +65,16 @@ struct Convert {
   MOEFOLD_HD void operator()(std::int64_t i) const { y[i] = narrow<Dst>(widen(x[i])); }
 };
 
+/// y[i] rounded to `Narrow` and widened back: a wide computation storing what a `Narrow` one
+/// would (bf16 logits computed with FP32 accumulation).
+template <class Narrow, class T>
+struct RoundThrough {
+  T* y;
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    y[i] = static_cast<T>(widen(narrow<Narrow>(y[i])));
+  }
+};
+
 namespace detail {
 template <class T, class U, class S>
 void same_size(View<T, S> const& a, View<U, S> const& b, char const* op) {
@@ -110,6 +120,13 @@ void convert(Exec const& exec, std::type_identity_t<View<Src const, typename Exe
              View<Dst, typename Exec::memory_space> y) {
   detail::same_size(x, y, "convert");
   for_each(exec, y.size(), Convert<Src, Dst>{x.data(), y.data()});
+}
+
+/// y[i] = y[i] rounded to `Narrow` (e.g. bf16) and back to T.
+template <class Narrow, class Exec, class T>
+void round_through(Exec const& exec, View<T, typename Exec::memory_space> y) {
+  MOEFOLD_EXPECTS(y.contiguous(), "ops::round_through: a strided view");
+  for_each(exec, y.size(), RoundThrough<Narrow, T>{y.data()});
 }
 
 }  // namespace ops

@@ -11,6 +11,7 @@
 #include "moefold/moe/moe_layer.hpp"
 #include "moefold/nn/decoder_layer.hpp"
 #include "moefold/nn/rms_norm.hpp"
+#include "support/error_of.hpp"
 #include "unit/nn/nn_support.hpp"
 
 using namespace moefold;
@@ -156,10 +157,13 @@ TEST_CASE("a bf16 MoE layer (FP32 router, bf16 experts and shared expert) equals
           "within bf16",
           "[moe][moe_layer][bf16]") {
   // The router weight is a bf16 parameter whose FP32 main gradient receives the FP32 router's.
+  // (moe_router_dtype = fp32: with the input dtype, bf16 logits could flip a near tie of the
+  // top-k against the float layer; the test below checks that rounding.)
   MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 32, .moe_ffn_hidden_size = 16,
                      .moe_shared_expert_intermediate_size = 32, .seed = kSeed, .init_std = 0.3};
   moe.router.num_experts = 8;
   moe.router.moe_router_topk = 2;
+  moe.router.moe_router_dtype = RouterDtype::fp32;
   auto make = [&](Groups& g, auto tag) {
     return DefaultMoELayer<Exec, decltype(tag), Comm>(moe, g);
   };
@@ -167,4 +171,99 @@ TEST_CASE("a bf16 MoE layer (FP32 router, bf16 experts and shared expert) equals
   check_equivalence<bf16>(
       {}, {{.tp = 2, .cp = 2, .dp = 2, .ep = 4, .etp = 1}},
       [&](Groups& g) { return make(g, bf16{}); }, local_forward, kBf16Tol);
+}
+
+TEST_CASE("an FP64 router (moe_router_dtype fp64) in float and bf16 MoE layers equals the float "
+          "layer within bf16",
+          "[moe][moe_layer][bf16][router_dtype]") {
+  // The FP64 router's weight gradient joins the layer's main gradient (float) rounded once.
+  MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 32, .moe_ffn_hidden_size = 16,
+                     .seed = kSeed, .init_std = 0.3};
+  moe.router.num_experts = 8;
+  moe.router.moe_router_topk = 2;
+  moe.router.moe_router_dtype = RouterDtype::fp64;
+  auto make = [&](Groups& g, auto tag) {
+    using T = decltype(tag);
+    return MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, double>, AllToAllDispatcher<Dropless>,
+                    GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, T>, Comm>(moe, g);
+  };
+  check_against_float({}, make, local_forward);
+  // Against the float layer with its own FP32 router (an independent path for the gradient).
+  auto fp32_moe = moe;
+  fp32_moe.router.moe_router_dtype = std::nullopt;
+  auto make_mixed = [&](Groups& g, auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), float>)
+      return DefaultMoELayer<Exec, float, Comm>(fp32_moe, g);
+    else
+      return make(g, tag);
+  };
+  check_against_float({}, make_mixed, local_forward);
+}
+
+TEST_CASE("moe_router_dtype unset: a bf16 layer's router stores bf16 logits (a near tie flips "
+          "the top-k as in a bf16 GEMM), fp32 keeps FP32 logits",
+          "[moe][router][bf16][router_dtype]") {
+  // W = I and x = the logits: 1 + 2^-8 lies halfway between bf16's 1 and 1 + 2^-7 and rounds
+  // to 1 (ties to even), tying expert 0, which the lower id then wins.
+  RouterConfig cfg;
+  cfg.num_experts = 4;
+  cfg.moe_router_topk = 2;
+  std::vector<float> const x{1.0f, 1.00390625f, 0.5f, 3.0f};
+  auto route = [&](bool bf16_logits) {
+    TopKRouter<Exec, SoftmaxScore, float> router(cfg, 4);
+    for (std::int64_t i = 0; i < 4; ++i) router.weight()[i * 4 + i] = 1.0f;
+    router.round_logits_to_bf16(bf16_logits);
+    return router.forward(std::span<float const>(x), 1).routing;
+  };
+  auto const fp32 = route(false), rounded = route(true);
+  auto routed = [](Routing<float> const& r, std::size_t e) { return r.map[e] == Route::routed; };
+  CHECK(routed(fp32, 1));
+  CHECK_FALSE(routed(fp32, 0));
+  CHECK(routed(rounded, 0));
+  CHECK_FALSE(routed(rounded, 1));
+  // Softmax over the top-2 logits {1, 3} (both exact in bf16): 1 / (1 + e^2) and e^2 / (1 + e^2).
+  double const e2 = std::exp(2.0);
+  CHECK(rounded.probs[0] == Approx(1.0 / (1.0 + e2)).epsilon(1e-6));
+  CHECK(rounded.probs[3] == Approx(e2 / (1.0 + e2)).epsilon(1e-6));
+  CHECK(fp32.probs[1] == Approx(std::exp(1.00390625) / (std::exp(1.00390625) + std::exp(3.0)))
+                             .epsilon(1e-6));
+
+  // The layer turns the rounding on for bf16 with the dtype unset only.
+  MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 8, .moe_ffn_hidden_size = 8,
+                     .seed = kSeed};
+  moe.router.num_experts = 4;
+  expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks& checks) {
+    Groups groups(mapping_of({}), world);
+    DefaultMoELayer<Exec, bf16, Comm> input_dtype(moe, groups);
+    DefaultMoELayer<Exec, float, Comm> float_layer(moe, groups);
+    auto fp32_moe = moe;
+    fp32_moe.router.moe_router_dtype = RouterDtype::fp32;
+    DefaultMoELayer<Exec, bf16, Comm> fp32_layer(fp32_moe, groups);
+    checks.check(input_dtype.router().rounds_logits_to_bf16(), "bf16 layer, dtype unset: rounds");
+    checks.check(!float_layer.router().rounds_logits_to_bf16(), "float layer: no rounding");
+    checks.check(!fp32_layer.router().rounds_logits_to_bf16(), "bf16 layer, fp32: no rounding");
+  });
+}
+
+TEST_CASE("moe_router_dtype against the router's type gives a clear error",
+          "[moe][router][router_dtype][errors]") {
+  RouterConfig cfg;
+  cfg.num_experts = 4;
+  cfg.moe_router_dtype = RouterDtype::fp64;
+  CHECK_THAT(error_of([&] { TopKRouter<Exec, SoftmaxScore, float>(cfg, 8); }),
+             Catch::Matchers::Contains("moe_router_dtype = fp64 needs a router computing in double "
+                                       "(TopKRouter<Exec, Score, double>); this router computes "
+                                       "in float"));
+  MoELayerConfig moe{.name = "layers.0.mlp", .hidden_size = 8, .moe_ffn_hidden_size = 8};
+  moe.router.num_experts = 4;
+  expect_clean<InprocHarness>(1, [&](Comm& world, RankChecks& checks) {
+    Groups groups(mapping_of({}), world);
+    using WideLayer = MoELayer<Exec, TopKRouter<Exec, SoftmaxScore, double>,
+                               AllToAllDispatcher<Dropless>,
+                               GroupedGemmExperts<Exec, SwiGLU, BlasGroupedGemm, bf16>, Comm>;
+    auto const msg = error_of([&] { WideLayer(moe, groups); });
+    checks.check(msg.find("moe_router_dtype is unset (the input dtype, bf16) but the router "
+                          "computes in double") != std::string::npos,
+                 msg);
+  });
 }
