@@ -61,7 +61,6 @@
 // ops
 #include "moefold/ops/activations.hpp"
 #include "moefold/ops/adamw.hpp"
-#include "moefold/ops/attention.hpp"
 #include "moefold/ops/aux_loss.hpp"
 #include "moefold/ops/bias.hpp"
 #include "moefold/ops/capacity.hpp"
@@ -70,6 +69,7 @@
 #include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/embedding.hpp"
 #include "moefold/ops/finite.hpp"
+#include "moefold/ops/flash_attention.hpp"
 #include "moefold/ops/gate.hpp"
 #include "moefold/ops/gradients.hpp"
 #include "moefold/ops/jitter.hpp"

@@ -5,7 +5,8 @@
 ///
 ///   x [T, H] SP-local ──ColumnParallelLinear (AG tp)──▶ qkv [T·TP, (local groups)·(q/g + 2)·d]
 ///     → RoPE on q, k at the tokens' global positions
-///     → all-gather k, v over cp (context_parallel.hpp) → causal softmax(q·kᵀ/√d)·v per head
+///     → all-gather k, v over cp (context_parallel.hpp) → causal softmax(q·kᵀ/√d)·v per head,
+///       tiled with an online softmax: no S×S matrix (ops/flash_attention.hpp)
 ///     ──RowParallelLinear (RS tp)──▶ y [T, H] SP-local
 ///
 /// QKV weight `[G·(N/G + 2)·d, H]` in Megatron's layout: for each query group, its N/G query
@@ -39,9 +40,9 @@
 #include "moefold/nn/rotary.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
-#include "moefold/ops/attention.hpp"
 #include "moefold/ops/bias.hpp"
 #include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/flash_attention.hpp"
 #include "moefold/ops/rope.hpp"
 
 namespace moefold {
@@ -143,21 +144,13 @@ class Attention {
     cp_all_gather<T>(*cp_, kl, detail::reuse(exec_, k_, s * batch * ng * d));  // [s·batch, ng·d]
     cp_all_gather<T>(*cp_, vl, detail::reuse(exec_, v_, s * batch * ng * d));
 
-    // Per (sequence, head): P = softmax(mask(q·kᵀ/√d)), o = P·v, strided GEMMs over [s, b].
-    auto const probs = detail::reuse(exec_, probs_, batch * nq * sc * s);
+    // Per (sequence, head): o = softmax(mask(q·kᵀ/√d))·v, tiled with an online softmax; only
+    // the row logsumexp is kept for backward (ops/flash_attention.hpp).
     auto const ctx = detail::reuse(exec_, ctx_, tc * nq * d);
-    T const scale = static_cast<T>(1.0 / std::sqrt(double(d)));
-    std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
-    for (std::int64_t b = 0; b < batch; ++b)
-      for (std::int64_t h = 0; h < nq; ++h) {
-        std::int64_t const g = h / q_per_group();
-        View<T, Space> const p(probs.data() + (b * nq + h) * sc * s, sc, s);
-        gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
-                head(k_, b * ng + g, s, ldk), T{0}, p);
-        ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
-        gemm<T>(exec_, Trans::no, Trans::no, T{1}, p, head(v_, b * ng + g, s, ldk), T{0},
-                head(ctx_, b * nq + h, sc, ldq));
-      }
+    auto const lse = detail::reuse(exec_, lse_, batch * nq * sc);
+    ops::flash_attention_forward(exec_, flash_shape(batch), scale(), View<T const, Space>(q),
+                                 View<T const, Space>(k_), View<T const, Space>(v_),
+                                 q_pos_.view(), k_pos_.view(), ctx, lse);
     batch_ = batch;
     proj_.forward(ctx, y);
   }
@@ -169,32 +162,19 @@ class Attention {
   /// Collective over `tp` and `cp`.
   void backward(View<T const, Space> dy, View<T, Space> dx) {
     std::int64_t const d = cfg_.head_dim, nq = local_heads(), ng = local_groups();
-    std::int64_t const batch = batch_, sc = shard_.cp_seq(), s = shard_.seq, tc = sc * batch;
+    std::int64_t const batch = batch_, sc = shard_.cp_seq(), tc = sc * batch;
     auto const dctx = detail::reuse(exec_, dctx_, tc * nq * d);
     proj_.backward(dy, dctx);  // [tc, nq·d]
-    detail::reuse(exec_, dq_, static_cast<std::int64_t>(q_.size()));
+    auto const dq = detail::reuse(exec_, dq_, static_cast<std::int64_t>(q_.size()));
     auto const dk = detail::reuse(exec_, dk_, static_cast<std::int64_t>(k_.size()));
     auto const dv = detail::reuse(exec_, dv_, static_cast<std::int64_t>(v_.size()));
-    ops::fill(exec_, dk, T{0});
-    ops::fill(exec_, dv, T{0});
-    View<T, Space> const dp = detail::reuse(exec_, dp_, sc * s).reshaped(sc, s);
-    T const scale = static_cast<T>(1.0 / std::sqrt(double(d)));
-    std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
-    for (std::int64_t b = 0; b < batch; ++b)
-      for (std::int64_t h = 0; h < nq; ++h) {
-        std::int64_t const g = h / q_per_group();
-        View<T const, Space> const p(probs_.data() + (b * nq + h) * sc * s, sc, s);
-        auto const dout = head(dctx_, b * nq + h, sc, ldq);
-        // dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √d
-        gemm<T>(exec_, Trans::yes, Trans::no, T{1}, p, dout, T{1}, head(dv_, b * ng + g, s, ldk));
-        gemm<T>(exec_, Trans::no, Trans::yes, T{1}, dout, head(v_, b * ng + g, s, ldk), T{0}, dp);
-        ops::softmax_backward(exec_, p, dp, scale);
-        // dQ = dS·K;  dK += dSᵀ·Q
-        gemm<T>(exec_, Trans::no, Trans::no, T{1}, dp, head(k_, b * ng + g, s, ldk), T{0},
-                head(dq_, b * nq + h, sc, ldq));
-        gemm<T>(exec_, Trans::yes, Trans::no, T{1}, dp, head(q_, b * nq + h, sc, ldq), T{1},
-                head(dk_, b * ng + g, s, ldk));
-      }
+    // dS = P ⊙ (dO·vᵀ − rowsum(dO ⊙ O)) with P recomputed tile by tile from the logsumexp;
+    // dq = dS·k/√d, dk = dSᵀ·q/√d, dv = Pᵀ·dO (summed over a group's query heads).
+    ops::flash_attention_backward(
+        exec_, flash_shape(batch), scale(), View<T const, Space>(q_), View<T const, Space>(k_),
+        View<T const, Space>(v_), View<T const, Space>(ctx_), View<T const, Space>(lse_),
+        View<T const, Space>(dctx), q_pos_.view(), k_pos_.view(),
+        detail::reuse(exec_, delta_, batch * nq * sc), dq, dk, dv);
     auto const dkl = detail::reuse(exec_, dk_local_, tc * ng * d);
     auto const dvl = detail::reuse(exec_, dv_local_, tc * ng * d);
     cp_reduce_scatter<T>(*cp_, dk, dkl);
@@ -249,10 +229,15 @@ class Attention {
   std::int64_t width() const noexcept {
     return local_groups() * (q_per_group() + 2) * cfg_.head_dim;
   }
-  View<T, Space> head(Buffer<T, Space>& buf, std::int64_t i, std::int64_t rows,
-                      std::int64_t ld) const noexcept {
-    return View<T, Space>(buf.data() + i * cfg_.head_dim, rows, cfg_.head_dim, ld);
+  ops::FlashShape flash_shape(std::int64_t batch) const noexcept {
+    return {.batch = batch,
+            .heads = local_heads(),
+            .groups = local_groups(),
+            .sq = shard_.cp_seq(),
+            .sk = shard_.seq,
+            .dim = cfg_.head_dim};
   }
+  T scale() const noexcept { return static_cast<T>(1.0 / std::sqrt(double(cfg_.head_dim))); }
   /// Queries, keys (which = 0) or values (which = 1) in a local qkv row.
   ops::HeadLayout q_layout() const noexcept {
     return {width(), q_per_group(), q_per_group() + 2, 0, cfg_.head_dim};
@@ -272,10 +257,11 @@ class Attention {
   std::int64_t batch_ = 0;
   RotaryTable<Exec> rope_;
   Buffer<std::int64_t, Space> q_pos_, k_pos_;
-  // Saved for backward: rotated queries, gathered keys and values, probabilities.
-  Buffer<T, Space> q_, k_, v_, probs_;
+  // Saved for backward: rotated queries, gathered keys and values, the attention output and
+  // its row logsumexp [B·heads, S/CP] (no S×S probabilities).
+  Buffer<T, Space> q_, k_, v_, ctx_, lse_;
   // Per-step temporaries, reused across calls.
-  Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dk_, dv_, dp_, dk_local_,
+  Buffer<T, Space> qkv_out_, k_local_, v_local_, dctx_, dq_, dk_, dv_, delta_, dk_local_,
       dv_local_, dqkv_;
 };
 
