@@ -79,21 +79,96 @@ MOEFOLD_HD void load_transposed(T* MOEFOLD_RESTRICT xt, T const* MOEFOLD_RESTRIC
       xt[c * kFlashTile + r] = r < n ? a * x[(r0 + r) * ld + c] : T{0};
 }
 
+#if defined(__GNUC__) && !defined(__CUDACC__)
+/// Host compilers with vector extensions: 16-byte vectors, loaded and stored unaligned.
+template <class T>
+struct Lanes {
+  typedef T type __attribute__((vector_size(16)));
+  static constexpr std::int64_t n = 16 / sizeof(T);
+  static type load(T const* p) {
+    type v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(T* p, type v) { __builtin_memcpy(p, &v, sizeof v); }
+};
+
+/// Two rows × 4 vectors of `accumulate_rows`, the sums in registers (element-wise vector
+/// arithmetic: every element sums in the same order as the scalar loop).
+template <class T>
+inline void accumulate_block(bool add, T* o0, T* o1, std::int64_t c0, T const* x0, T const* x1,
+                             std::int64_t xk, T const* y, std::int64_t ldy, std::int64_t K) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr std::int64_t n = L::n;
+  V a0 = add ? L::load(o0 + c0) : V{}, a1 = add ? L::load(o0 + c0 + n) : V{};
+  V a2 = add ? L::load(o0 + c0 + 2 * n) : V{}, a3 = add ? L::load(o0 + c0 + 3 * n) : V{};
+  V b0 = add ? L::load(o1 + c0) : V{}, b1 = add ? L::load(o1 + c0 + n) : V{};
+  V b2 = add ? L::load(o1 + c0 + 2 * n) : V{}, b3 = add ? L::load(o1 + c0 + 3 * n) : V{};
+  for (std::int64_t k = 0; k < K; ++k) {
+    T const* yk = y + k * ldy + c0;
+    V const y0 = L::load(yk), y1 = L::load(yk + n), y2 = L::load(yk + 2 * n),
+            y3 = L::load(yk + 3 * n);
+    V const s = V{} + x0[k * xk], t = V{} + x1[k * xk];
+    a0 += s * y0;
+    a1 += s * y1;
+    a2 += s * y2;
+    a3 += s * y3;
+    b0 += t * y0;
+    b1 += t * y1;
+    b2 += t * y2;
+    b3 += t * y3;
+  }
+  L::store(o0 + c0, a0);
+  L::store(o0 + c0 + n, a1);
+  L::store(o0 + c0 + 2 * n, a2);
+  L::store(o0 + c0 + 3 * n, a3);
+  L::store(o1 + c0, b0);
+  L::store(o1 + c0 + n, b1);
+  L::store(o1 + c0 + 2 * n, b2);
+  L::store(o1 + c0 + 3 * n, b3);
+}
+#endif
+
+/// out[r·ldo + c] (+)= Σ_k x[r·xr + k·xk] · y[k·ldy + c] for r < M, c < N, k in increasing
+/// order. On host compilers, blocks of 2 rows × 4 vectors keep their sums in registers.
+template <class T>
+MOEFOLD_HD void accumulate_rows(bool add, T* MOEFOLD_RESTRICT out, std::int64_t ldo,
+                                T const* MOEFOLD_RESTRICT x, std::int64_t xr, std::int64_t xk,
+                                T const* MOEFOLD_RESTRICT y, std::int64_t ldy, std::int64_t M,
+                                std::int64_t N, std::int64_t K) {
+  std::int64_t r = 0, cb = 0;
+#if defined(__GNUC__) && !defined(__CUDACC__)
+  constexpr std::int64_t W = 4 * Lanes<T>::n;
+  cb = N - N % W;
+  for (; r + 2 <= M; r += 2) {
+    for (std::int64_t c0 = 0; c0 < cb; c0 += W)
+      accumulate_block(add, out + r * ldo, out + (r + 1) * ldo, c0, x + r * xr, x + (r + 1) * xr,
+                       xk, y, ldy, K);
+    for (std::int64_t q = r; q < r + 2; ++q)  // the columns past the blocks
+      for (std::int64_t c = cb; c < N; ++c) {
+        T acc = add ? out[q * ldo + c] : T{0};
+        for (std::int64_t k = 0; k < K; ++k) acc += x[q * xr + k * xk] * y[k * ldy + c];
+        out[q * ldo + c] = acc;
+      }
+  }
+#endif
+  for (; r < M; ++r)
+    for (std::int64_t c = 0; c < N; ++c) {
+      T acc = add ? out[r * ldo + c] : T{0};
+      for (std::int64_t k = 0; k < K; ++k) acc += x[r * xr + k * xk] * y[k * ldy + c];
+      out[r * ldo + c] = acc;
+    }
+  (void)cb;
+}
+
 /// out[j·64 + i] = Σ_c y[(j0 + j)·ld + c] · xt[c·64 + i] for j < n (all 64 columns i).
 template <class T>
 MOEFOLD_HD void tile_product(T* MOEFOLD_RESTRICT out, T const* MOEFOLD_RESTRICT y,
                              std::int64_t ld, std::int64_t j0, std::int64_t n, std::int64_t d,
                              T const* MOEFOLD_RESTRICT xt) {
-  for (std::int64_t j = 0; j < n; ++j) {
-    T* MOEFOLD_RESTRICT o = out + j * kFlashTile;
-    T const* MOEFOLD_RESTRICT yr = y + (j0 + j) * ld;
-    for (std::int64_t i = 0; i < kFlashTile; ++i) o[i] = T{0};
-    for (std::int64_t c = 0; c < d; ++c) {
-      T const a = yr[c];
-      T const* MOEFOLD_RESTRICT xc = xt + c * kFlashTile;
-      for (std::int64_t i = 0; i < kFlashTile; ++i) o[i] += a * xc[i];
-    }
-  }
+  accumulate_rows(false, out, kFlashTile, y + j0 * ld, ld, std::int64_t{1}, xt, kFlashTile, n,
+                  kFlashTile, d);
 }
 
 }  // namespace detail
@@ -161,12 +236,10 @@ struct FlashForward {
         T const a = alpha[i];
         if (a != T{1})
           for (std::int64_t c = 0; c < d; ++c) orow[c] *= a;
-        for (std::int64_t j = 0; j < nk; ++j) {
-          T const p = s[j * B + i];
-          T const* MOEFOLD_RESTRICT vrow = vh + (j0 + j) * ldk;
-          for (std::int64_t c = 0; c < d; ++c) orow[c] += p * vrow[c];
-        }
       }
+      // o[i, ·] += Σ_j P[j, i]·v[j, ·]
+      detail::accumulate_rows(true, oh + i0 * ldq, ldq, s, std::int64_t{1}, B, vh + j0 * ldk, ldk,
+                              n, d, nk);
     }
     for (std::int64_t i = 0; i < n; ++i) {
       T* MOEFOLD_RESTRICT orow = oh + (i0 + i) * ldq;
@@ -240,14 +313,9 @@ struct FlashBackwardQuery {
           s[j * B + i] = p * (dp[j * B + i] - dl) * scale;
         }
       }
-      for (std::int64_t i = 0; i < n; ++i) {
-        T* MOEFOLD_RESTRICT row = dqh + (i0 + i) * ldq;
-        for (std::int64_t j = 0; j < nk; ++j) {
-          T const ds = s[j * B + i];
-          T const* MOEFOLD_RESTRICT krow = kh + (j0 + j) * ldk;
-          for (std::int64_t c = 0; c < d; ++c) row[c] += ds * krow[c];
-        }
-      }
+      // dq[i, ·] += Σ_j dS[j, i]·k[j, ·]
+      detail::accumulate_rows(true, dqh + i0 * ldq, ldq, s, std::int64_t{1}, B, kh + j0 * ldk,
+                              ldk, n, d, nk);
     }
   }
 };
@@ -308,19 +376,11 @@ struct FlashBackwardKeyValue {
             dp[i * B + j] = p * (dp[i * B + j] - dl) * scale;
           }
         }
-        for (std::int64_t j = 0; j < nk; ++j) {
-          T* MOEFOLD_RESTRICT dvr = dvh + (j0 + j) * ldk;
-          T* MOEFOLD_RESTRICT dkr = dkh + (j0 + j) * ldk;
-          for (std::int64_t i = 0; i < n; ++i) {
-            T const p = s[i * B + j], ds = dp[i * B + j];
-            T const* MOEFOLD_RESTRICT dor = doh + (i0 + i) * ldq;
-            T const* MOEFOLD_RESTRICT qr = qh + (i0 + i) * ldq;
-            for (std::int64_t c = 0; c < d; ++c) {
-              dvr[c] += p * dor[c];
-              dkr[c] += ds * qr[c];
-            }
-          }
-        }
+        // dv[j, ·] += Σ_i P[i, j]·dO[i, ·];  dk[j, ·] += Σ_i dS[i, j]·q[i, ·]
+        detail::accumulate_rows(true, dvh + j0 * ldk, ldk, s, std::int64_t{1}, B, doh + i0 * ldq,
+                                ldq, nk, d, n);
+        detail::accumulate_rows(true, dkh + j0 * ldk, ldk, dp, std::int64_t{1}, B,
+                                qh + i0 * ldq, ldq, nk, d, n);
       }
     }
   }
