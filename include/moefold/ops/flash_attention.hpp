@@ -80,55 +80,74 @@ MOEFOLD_HD void load_transposed(T* MOEFOLD_RESTRICT xt, T const* MOEFOLD_RESTRIC
 }
 
 #if defined(__GNUC__) && !defined(__CUDACC__)
-/// Host compilers with vector extensions: 16-byte vectors, loaded and stored unaligned.
-template <class T>
-struct Lanes {
-  typedef T type __attribute__((vector_size(16)));
-  static constexpr std::int64_t n = 16 / sizeof(T);
-  static type load(T const* p) {
-    type v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
+/// Two rows × 4 vectors of `Bytes` bytes of `accumulate_rows`, the sums in registers
+/// (element-wise vector arithmetic, no fused multiply-add: every element sums in the same order
+/// and rounds the same as in the scalar loop, whatever the vector width).
+#define MOEFOLD_FLASH_BLOCK_BODY                                                           \
+  typedef T V __attribute__((vector_size(Bytes)));                                         \
+  constexpr std::int64_t n = Bytes / sizeof(T);                                            \
+  V a[4], b[4];                                                                            \
+  for (int u = 0; u < 4; ++u) {                                                            \
+    a[u] = V{};                                                                            \
+    b[u] = V{};                                                                            \
+    if (add) {                                                                             \
+      __builtin_memcpy(&a[u], o0 + c0 + u * n, sizeof(V));                                 \
+      __builtin_memcpy(&b[u], o1 + c0 + u * n, sizeof(V));                                 \
+    }                                                                                      \
+  }                                                                                        \
+  for (std::int64_t k = 0; k < K; ++k) {                                                   \
+    T const* yk = y + k * ldy + c0;                                                        \
+    V const s = V{} + x0[k * xk], t = V{} + x1[k * xk];                                    \
+    for (int u = 0; u < 4; ++u) {                                                          \
+      V yv;                                                                                \
+      __builtin_memcpy(&yv, yk + u * n, sizeof(V));                                        \
+      a[u] += s * yv;                                                                      \
+      b[u] += t * yv;                                                                      \
+    }                                                                                      \
+  }                                                                                        \
+  for (int u = 0; u < 4; ++u) {                                                            \
+    __builtin_memcpy(o0 + c0 + u * n, &a[u], sizeof(V));                                   \
+    __builtin_memcpy(o1 + c0 + u * n, &b[u], sizeof(V));                                   \
   }
-  static void store(T* p, type v) { __builtin_memcpy(p, &v, sizeof v); }
-};
 
-/// Two rows × 4 vectors of `accumulate_rows`, the sums in registers (element-wise vector
-/// arithmetic: every element sums in the same order as the scalar loop).
-template <class T>
+template <class T, int Bytes>
 inline void accumulate_block(bool add, T* o0, T* o1, std::int64_t c0, T const* x0, T const* x1,
                              std::int64_t xk, T const* y, std::int64_t ldy, std::int64_t K) {
-  using L = Lanes<T>;
-  using V = typename L::type;
-  constexpr std::int64_t n = L::n;
-  V a0 = add ? L::load(o0 + c0) : V{}, a1 = add ? L::load(o0 + c0 + n) : V{};
-  V a2 = add ? L::load(o0 + c0 + 2 * n) : V{}, a3 = add ? L::load(o0 + c0 + 3 * n) : V{};
-  V b0 = add ? L::load(o1 + c0) : V{}, b1 = add ? L::load(o1 + c0 + n) : V{};
-  V b2 = add ? L::load(o1 + c0 + 2 * n) : V{}, b3 = add ? L::load(o1 + c0 + 3 * n) : V{};
-  for (std::int64_t k = 0; k < K; ++k) {
-    T const* yk = y + k * ldy + c0;
-    V const y0 = L::load(yk), y1 = L::load(yk + n), y2 = L::load(yk + 2 * n),
-            y3 = L::load(yk + 3 * n);
-    V const s = V{} + x0[k * xk], t = V{} + x1[k * xk];
-    a0 += s * y0;
-    a1 += s * y1;
-    a2 += s * y2;
-    a3 += s * y3;
-    b0 += t * y0;
-    b1 += t * y1;
-    b2 += t * y2;
-    b3 += t * y3;
-  }
-  L::store(o0 + c0, a0);
-  L::store(o0 + c0 + n, a1);
-  L::store(o0 + c0 + 2 * n, a2);
-  L::store(o0 + c0 + 3 * n, a3);
-  L::store(o1 + c0, b0);
-  L::store(o1 + c0 + n, b1);
-  L::store(o1 + c0 + 2 * n, b2);
-  L::store(o1 + c0 + 3 * n, b3);
+  MOEFOLD_FLASH_BLOCK_BODY
+}
+#if defined(__x86_64__)
+/// The same with 32-byte AVX vectors (AVX only: no FMA, so the results are bitwise the same as
+/// the 16-byte path's), chosen at run time where the processor has AVX2.
+template <class T, int Bytes>
+__attribute__((target("avx2"))) void accumulate_block_avx(bool add, T* o0, T* o1,
+                                                            std::int64_t c0, T const* x0,
+                                                            T const* x1, std::int64_t xk,
+                                                            T const* y, std::int64_t ldy,
+                                                            std::int64_t K) {
+  MOEFOLD_FLASH_BLOCK_BODY
+}
+inline bool flash_avx() {
+  static bool const yes = __builtin_cpu_supports("avx2");
+  return yes;
 }
 #endif
+#undef MOEFOLD_FLASH_BLOCK_BODY
+#endif
+
+/// The scalar loop of `accumulate_rows` over rows [r0, r1) and columns [c0, c1).
+template <class T>
+MOEFOLD_HD void accumulate_scalar(bool add, T* MOEFOLD_RESTRICT out, std::int64_t ldo,
+                                  T const* MOEFOLD_RESTRICT x, std::int64_t xr, std::int64_t xk,
+                                  T const* MOEFOLD_RESTRICT y, std::int64_t ldy, std::int64_t r0,
+                                  std::int64_t r1, std::int64_t c0, std::int64_t c1,
+                                  std::int64_t K) {
+  for (std::int64_t r = r0; r < r1; ++r)
+    for (std::int64_t c = c0; c < c1; ++c) {
+      T acc = add ? out[r * ldo + c] : T{0};
+      for (std::int64_t k = 0; k < K; ++k) acc += x[r * xr + k * xk] * y[k * ldy + c];
+      out[r * ldo + c] = acc;
+    }
+}
 
 /// out[r·ldo + c] (+)= Σ_k x[r·xr + k·xk] · y[k·ldy + c] for r < M, c < N, k in increasing
 /// order. On host compilers, blocks of 2 rows × 4 vectors keep their sums in registers.
@@ -137,29 +156,31 @@ MOEFOLD_HD void accumulate_rows(bool add, T* MOEFOLD_RESTRICT out, std::int64_t 
                                 T const* MOEFOLD_RESTRICT x, std::int64_t xr, std::int64_t xk,
                                 T const* MOEFOLD_RESTRICT y, std::int64_t ldy, std::int64_t M,
                                 std::int64_t N, std::int64_t K) {
-  std::int64_t r = 0, cb = 0;
 #if defined(__GNUC__) && !defined(__CUDACC__)
-  constexpr std::int64_t W = 4 * Lanes<T>::n;
-  cb = N - N % W;
-  for (; r + 2 <= M; r += 2) {
-    for (std::int64_t c0 = 0; c0 < cb; c0 += W)
-      accumulate_block(add, out + r * ldo, out + (r + 1) * ldo, c0, x + r * xr, x + (r + 1) * xr,
-                       xk, y, ldy, K);
-    for (std::int64_t q = r; q < r + 2; ++q)  // the columns past the blocks
-      for (std::int64_t c = cb; c < N; ++c) {
-        T acc = add ? out[q * ldo + c] : T{0};
-        for (std::int64_t k = 0; k < K; ++k) acc += x[q * xr + k * xk] * y[k * ldy + c];
-        out[q * ldo + c] = acc;
-      }
-  }
+#if defined(__x86_64__)
+  bool const avx = flash_avx();
+#else
+  bool const avx = false;
 #endif
-  for (; r < M; ++r)
-    for (std::int64_t c = 0; c < N; ++c) {
-      T acc = add ? out[r * ldo + c] : T{0};
-      for (std::int64_t k = 0; k < K; ++k) acc += x[r * xr + k * xk] * y[k * ldy + c];
-      out[r * ldo + c] = acc;
+  std::int64_t const W = (avx ? 128 : 64) / static_cast<std::int64_t>(sizeof(T));
+  std::int64_t const mb = M - M % 2, cb = N - N % W;
+  for (std::int64_t r = 0; r < mb; r += 2)
+    for (std::int64_t c0 = 0; c0 < cb; c0 += W) {
+#if defined(__x86_64__)
+      if (avx) {
+        accumulate_block_avx<T, 32>(add, out + r * ldo, out + (r + 1) * ldo, c0, x + r * xr,
+                                    x + (r + 1) * xr, xk, y, ldy, K);
+        continue;
+      }
+#endif
+      accumulate_block<T, 16>(add, out + r * ldo, out + (r + 1) * ldo, c0, x + r * xr,
+                              x + (r + 1) * xr, xk, y, ldy, K);
     }
-  (void)cb;
+  accumulate_scalar(add, out + cb, ldo, x, xr, xk, y + cb, ldy, 0, mb, 0, N - cb, K);
+  accumulate_scalar(add, out, ldo, x, xr, xk, y, ldy, mb, M, 0, N, K);
+#else
+  accumulate_scalar(add, out, ldo, x, xr, xk, y, ldy, 0, M, 0, N, K);
+#endif
 }
 
 /// out[j·64 + i] = Σ_c y[(j0 + j)·ld + c] · xt[c·64 + i] for j < n (all 64 columns i).
