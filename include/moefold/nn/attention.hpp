@@ -149,8 +149,8 @@ class Attention {
     auto const ctx = detail::reuse(exec_, ctx_, tc * nq * d);
     auto const lse = detail::reuse(exec_, lse_, batch * nq * sc);
     ops::flash_attention_forward(exec_, flash_shape(batch), scale(), View<T const, Space>(q),
-                                 View<T const, Space>(k_), View<T const, Space>(v_),
-                                 q_pos_.view(), k_pos_.view(), ctx, lse);
+                                 View<T const, Space>(k_), View<T const, Space>(v_), q_pos_.view(),
+                                 k_pos_.view(), ctx, lse);
     batch_ = batch;
     proj_.forward(ctx, y);
   }
@@ -170,11 +170,11 @@ class Attention {
     auto const dv = detail::reuse(exec_, dv_, static_cast<std::int64_t>(v_.size()));
     // dS = P ⊙ (dO·vᵀ − rowsum(dO ⊙ O)) with P recomputed tile by tile from the logsumexp;
     // dq = dS·k/√d, dk = dSᵀ·q/√d, dv = Pᵀ·dO (summed over a group's query heads).
-    ops::flash_attention_backward(
-        exec_, flash_shape(batch), scale(), View<T const, Space>(q_), View<T const, Space>(k_),
-        View<T const, Space>(v_), View<T const, Space>(ctx_), View<T const, Space>(lse_),
-        View<T const, Space>(dctx), q_pos_.view(), k_pos_.view(),
-        detail::reuse(exec_, delta_, batch * nq * sc), dq, dk, dv);
+    ops::flash_attention_backward(exec_, flash_shape(batch), scale(), View<T const, Space>(q_),
+                                  View<T const, Space>(k_), View<T const, Space>(v_),
+                                  View<T const, Space>(ctx_), View<T const, Space>(lse_),
+                                  View<T const, Space>(dctx), q_pos_.view(), k_pos_.view(),
+                                  detail::reuse(exec_, delta_, batch * nq * sc), dq, dk, dv);
     auto const dkl = detail::reuse(exec_, dk_local_, tc * ng * d);
     auto const dvl = detail::reuse(exec_, dv_local_, tc * ng * d);
     cp_reduce_scatter<T>(*cp_, dk, dkl);
@@ -261,8 +261,8 @@ class Attention {
   // its row logsumexp [B·heads, S/CP] (no S×S probabilities).
   Buffer<T, Space> q_, k_, v_, ctx_, lse_;
   // Per-step temporaries, reused across calls.
-  Buffer<T, Space> qkv_out_, k_local_, v_local_, dctx_, dq_, dk_, dv_, delta_, dk_local_,
-      dv_local_, dqkv_;
+  Buffer<T, Space> qkv_out_, k_local_, v_local_, dctx_, dq_, dk_, dv_, delta_, dk_local_, dv_local_,
+      dqkv_;
 };
 
 namespace cpu {

@@ -37,7 +37,7 @@ namespace moefold {
 inline namespace v0 {
 namespace ops {
 
-inline constexpr std::int64_t kFlashTile = 64;      ///< query and key rows per tile
+inline constexpr std::int64_t kFlashTile = 64;    ///< query and key rows per tile
 inline constexpr std::int64_t kMaxHeadDim = 256;  ///< largest head dimension (stack tiles)
 
 /// Sizes of one attention call: `batch` sequences, `heads` query heads in `groups` KV groups,
@@ -49,7 +49,9 @@ struct FlashShape {
   MOEFOLD_HD std::int64_t ldq() const { return batch * heads * dim; }
   MOEFOLD_HD std::int64_t ldk() const { return batch * groups * dim; }
   /// First element of head h of sequence b in q / o, and of group g in k / v.
-  MOEFOLD_HD std::int64_t q_head(std::int64_t b, std::int64_t h) const { return (b * heads + h) * dim; }
+  MOEFOLD_HD std::int64_t q_head(std::int64_t b, std::int64_t h) const {
+    return (b * heads + h) * dim;
+  }
   MOEFOLD_HD std::int64_t k_head(std::int64_t b, std::int64_t g) const {
     return (b * groups + g) * dim;
   }
@@ -83,31 +85,31 @@ MOEFOLD_HD void load_transposed(T* MOEFOLD_RESTRICT xt, T const* MOEFOLD_RESTRIC
 /// Two rows × 4 vectors of `Bytes` bytes of `accumulate_rows`, the sums in registers
 /// (element-wise vector arithmetic, no fused multiply-add: every element sums in the same order
 /// and rounds the same as in the scalar loop, whatever the vector width).
-#define MOEFOLD_FLASH_BLOCK_BODY                                                           \
-  typedef T V __attribute__((vector_size(Bytes)));                                         \
-  constexpr std::int64_t n = Bytes / sizeof(T);                                            \
-  V a[4], b[4];                                                                            \
-  for (int u = 0; u < 4; ++u) {                                                            \
-    a[u] = V{};                                                                            \
-    b[u] = V{};                                                                            \
-    if (add) {                                                                             \
-      __builtin_memcpy(&a[u], o0 + c0 + u * n, sizeof(V));                                 \
-      __builtin_memcpy(&b[u], o1 + c0 + u * n, sizeof(V));                                 \
-    }                                                                                      \
-  }                                                                                        \
-  for (std::int64_t k = 0; k < K; ++k) {                                                   \
-    T const* yk = y + k * ldy + c0;                                                        \
-    V const s = V{} + x0[k * xk], t = V{} + x1[k * xk];                                    \
-    for (int u = 0; u < 4; ++u) {                                                          \
-      V yv;                                                                                \
-      __builtin_memcpy(&yv, yk + u * n, sizeof(V));                                        \
-      a[u] += s * yv;                                                                      \
-      b[u] += t * yv;                                                                      \
-    }                                                                                      \
-  }                                                                                        \
-  for (int u = 0; u < 4; ++u) {                                                            \
-    __builtin_memcpy(o0 + c0 + u * n, &a[u], sizeof(V));                                   \
-    __builtin_memcpy(o1 + c0 + u * n, &b[u], sizeof(V));                                   \
+#define MOEFOLD_FLASH_BLOCK_BODY                           \
+  typedef T V __attribute__((vector_size(Bytes)));         \
+  constexpr std::int64_t n = Bytes / sizeof(T);            \
+  V a[4], b[4];                                            \
+  for (int u = 0; u < 4; ++u) {                            \
+    a[u] = V{};                                            \
+    b[u] = V{};                                            \
+    if (add) {                                             \
+      __builtin_memcpy(&a[u], o0 + c0 + u * n, sizeof(V)); \
+      __builtin_memcpy(&b[u], o1 + c0 + u * n, sizeof(V)); \
+    }                                                      \
+  }                                                        \
+  for (std::int64_t k = 0; k < K; ++k) {                   \
+    T const* yk = y + k * ldy + c0;                        \
+    V const s = V{} + x0[k * xk], t = V{} + x1[k * xk];    \
+    for (int u = 0; u < 4; ++u) {                          \
+      V yv;                                                \
+      __builtin_memcpy(&yv, yk + u * n, sizeof(V));        \
+      a[u] += s * yv;                                      \
+      b[u] += t * yv;                                      \
+    }                                                      \
+  }                                                        \
+  for (int u = 0; u < 4; ++u) {                            \
+    __builtin_memcpy(o0 + c0 + u * n, &a[u], sizeof(V));   \
+    __builtin_memcpy(o1 + c0 + u * n, &b[u], sizeof(V));   \
   }
 
 template <class T, int Bytes>
@@ -119,11 +121,10 @@ inline void accumulate_block(bool add, T* o0, T* o1, std::int64_t c0, T const* x
 /// The same with 32-byte AVX vectors (AVX only: no FMA, so the results are bitwise the same as
 /// the 16-byte path's), chosen at run time where the processor has AVX2.
 template <class T, int Bytes>
-__attribute__((target("avx2"))) void accumulate_block_avx(bool add, T* o0, T* o1,
-                                                            std::int64_t c0, T const* x0,
-                                                            T const* x1, std::int64_t xk,
-                                                            T const* y, std::int64_t ldy,
-                                                            std::int64_t K) {
+__attribute__((target("avx2"))) void accumulate_block_avx(bool add, T* o0, T* o1, std::int64_t c0,
+                                                          T const* x0, T const* x1, std::int64_t xk,
+                                                          T const* y, std::int64_t ldy,
+                                                          std::int64_t K) {
   MOEFOLD_FLASH_BLOCK_BODY
 }
 inline bool flash_avx() {
@@ -185,8 +186,8 @@ MOEFOLD_HD void accumulate_rows(bool add, T* MOEFOLD_RESTRICT out, std::int64_t 
 
 /// out[j·64 + i] = Σ_c y[(j0 + j)·ld + c] · xt[c·64 + i] for j < n (all 64 columns i).
 template <class T>
-MOEFOLD_HD void tile_product(T* MOEFOLD_RESTRICT out, T const* MOEFOLD_RESTRICT y,
-                             std::int64_t ld, std::int64_t j0, std::int64_t n, std::int64_t d,
+MOEFOLD_HD void tile_product(T* MOEFOLD_RESTRICT out, T const* MOEFOLD_RESTRICT y, std::int64_t ld,
+                             std::int64_t j0, std::int64_t n, std::int64_t d,
                              T const* MOEFOLD_RESTRICT xt) {
   accumulate_rows(false, out, kFlashTile, y + j0 * ld, ld, std::int64_t{1}, xt, kFlashTile, n,
                   kFlashTile, d);
@@ -287,9 +288,12 @@ struct FlashRowDot {
   }
 };
 
-/// Body (head bh, query tile t) at index bh·q_tiles + t: dq rows of the tile.
+/// The backward's bodies share their inputs: `query_tile` (FlashBackwardQuery) writes the dq
+/// rows of (head bh, query tile t) at index bh·q_tiles + t; `key_tile` (FlashBackwardKeyValue)
+/// the dk and dv rows of (sequence b, group g, key tile u) at index (b·groups + g)·k_tiles + u,
+/// summed over the group's query heads and every query tile, in that order.
 template <class T>
-struct FlashBackwardQuery {
+struct FlashBackward {
   FlashShape shape;
   T scale;
   T const* q;
@@ -301,8 +305,20 @@ struct FlashBackwardQuery {
   std::int64_t const* qpos;
   std::int64_t const* kpos;
   T* dq;
-  MOEFOLD_HD void operator()(std::int64_t index) const {
+  T* dk;
+  T* dv;
+
+  /// P[i, j] of head bh from its (scaled) score s; 0 where the key lies after the query.
+  MOEFOLD_HD T prob(std::int64_t bh, std::int64_t i, std::int64_t j, T s) const {
     using std::exp;
+    return kpos[j] <= qpos[i] ? exp(s - lse[bh * shape.sq + i]) : T{0};
+  }
+  /// dS[i, j] = P·(dP − D[i])·scale.
+  MOEFOLD_HD T grad(std::int64_t bh, std::int64_t i, T p, T dp) const {
+    return p * (dp - delta[bh * shape.sq + i]) * scale;
+  }
+
+  MOEFOLD_HD void query_tile(std::int64_t index) const {
     constexpr std::int64_t B = kFlashTile;
     std::int64_t const nqt = shape.q_tiles(), bh = index / nqt, t = index % nqt;
     std::int64_t const b = bh / shape.heads, h = bh % shape.heads;
@@ -312,7 +328,7 @@ struct FlashBackwardQuery {
     T const* const kh = k + shape.k_head(b, g);
     T const* const vh = v + shape.k_head(b, g);
     T* const dqh = dq + shape.q_head(b, h);
-    T qt[kMaxHeadDim * B];  // scale·q, transposed
+    T qt[kMaxHeadDim * B];   // scale·q, transposed
     T dot[kMaxHeadDim * B];  // dO, transposed
     T s[B * B];              // P, then dS
     T dp[B * B];             // dO·vᵀ
@@ -327,38 +343,18 @@ struct FlashBackwardQuery {
       detail::tile_product(s, kh, ldk, j0, nk, d, qt);
       detail::tile_product(dp, vh, ldk, j0, nk, d, dot);
       for (std::int64_t i = 0; i < n; ++i) {
-        std::int64_t const qp = qpos[i0 + i];
-        T const ls = lse[bh * shape.sq + i0 + i], dl = delta[bh * shape.sq + i0 + i];
         for (std::int64_t j = 0; j < nk; ++j) {
-          T const p = kpos[j0 + j] <= qp ? exp(s[j * B + i] - ls) : T{0};
-          s[j * B + i] = p * (dp[j * B + i] - dl) * scale;
+          T const p = prob(bh, i0 + i, j0 + j, s[j * B + i]);
+          s[j * B + i] = grad(bh, i0 + i, p, dp[j * B + i]);
         }
       }
       // dq[i, ·] += Σ_j dS[j, i]·k[j, ·]
-      detail::accumulate_rows(true, dqh + i0 * ldq, ldq, s, std::int64_t{1}, B, kh + j0 * ldk,
-                              ldk, n, d, nk);
+      detail::accumulate_rows(true, dqh + i0 * ldq, ldq, s, std::int64_t{1}, B, kh + j0 * ldk, ldk,
+                              n, d, nk);
     }
   }
-};
 
-/// Body (sequence b, group g, key tile u) at index (b·groups + g)·k_tiles + u: dk and dv rows of
-/// the tile, summed over the group's query heads and every query tile, in that order.
-template <class T>
-struct FlashBackwardKeyValue {
-  FlashShape shape;
-  T scale;
-  T const* q;
-  T const* k;
-  T const* v;
-  T const* dout;
-  T const* lse;
-  T const* delta;
-  std::int64_t const* qpos;
-  std::int64_t const* kpos;
-  T* dk;
-  T* dv;
-  MOEFOLD_HD void operator()(std::int64_t index) const {
-    using std::exp;
+  MOEFOLD_HD void key_tile(std::int64_t index) const {
     constexpr std::int64_t B = kFlashTile;
     std::int64_t const nkt = shape.k_tiles(), bg = index / nkt, u = index % nkt;
     std::int64_t const b = bg / shape.groups, g = bg % shape.groups, d = shape.dim;
@@ -389,29 +385,37 @@ struct FlashBackwardKeyValue {
         detail::tile_product(s, qh, ldq, i0, n, d, kt);
         detail::tile_product(dp, doh, ldq, i0, n, d, vt);
         for (std::int64_t i = 0; i < n; ++i) {
-          std::int64_t const qp = qpos[i0 + i];
-          T const ls = lse[bh * shape.sq + i0 + i], dl = delta[bh * shape.sq + i0 + i];
           for (std::int64_t j = 0; j < nk; ++j) {
-            T const p = kpos[j0 + j] <= qp ? exp(s[i * B + j] - ls) : T{0};
+            T const p = prob(bh, i0 + i, j0 + j, s[i * B + j]);
             s[i * B + j] = p;
-            dp[i * B + j] = p * (dp[i * B + j] - dl) * scale;
+            dp[i * B + j] = grad(bh, i0 + i, p, dp[i * B + j]);
           }
         }
         // dv[j, ·] += Σ_i P[i, j]·dO[i, ·];  dk[j, ·] += Σ_i dS[i, j]·q[i, ·]
         detail::accumulate_rows(true, dvh + j0 * ldk, ldk, s, std::int64_t{1}, B, doh + i0 * ldq,
                                 ldq, nk, d, n);
-        detail::accumulate_rows(true, dkh + j0 * ldk, ldk, dp, std::int64_t{1}, B,
-                                qh + i0 * ldq, ldq, nk, d, n);
+        detail::accumulate_rows(true, dkh + j0 * ldk, ldk, dp, std::int64_t{1}, B, qh + i0 * ldq,
+                                ldq, nk, d, n);
       }
     }
   }
 };
 
+template <class T>
+struct FlashBackwardQuery {
+  FlashBackward<T> f;
+  MOEFOLD_HD void operator()(std::int64_t index) const { f.query_tile(index); }
+};
+template <class T>
+struct FlashBackwardKeyValue {
+  FlashBackward<T> f;
+  MOEFOLD_HD void operator()(std::int64_t index) const { f.key_tile(index); }
+};
+
 namespace detail {
 template <class Exec, class T>
 void check_flash(char const* op, FlashShape const& sh, InView<Exec, T> q, InView<Exec, T> k,
-                 InView<Exec, T> v,
-                 View<std::int64_t const, typename Exec::memory_space> qpos,
+                 InView<Exec, T> v, View<std::int64_t const, typename Exec::memory_space> qpos,
                  View<std::int64_t const, typename Exec::memory_space> kpos) {
   MOEFOLD_EXPECTS(sh.batch > 0 && sh.heads > 0 && sh.groups > 0 && sh.sq > 0 && sh.sk > 0 &&
                       sh.dim > 0 && sh.heads % sh.groups == 0,
@@ -465,14 +469,11 @@ void flash_attention_backward(Exec const& exec, FlashShape const& sh, T scale, I
                   o.size(), dout.size(), dq.size(), q.size(), dk.size(), dv.size(), k.size(),
                   lse.size(), delta.size(), rows);
   for_each(exec, rows, FlashRowDot<T>{sh, o.data(), dout.data(), delta.data()});
-  for_each_row(exec, sh.batch * sh.heads * sh.q_tiles(),
-               FlashBackwardQuery<T>{sh, scale, q.data(), k.data(), v.data(), dout.data(),
-                                     lse.data(), delta.data(), qpos.data(), kpos.data(),
-                                     dq.data()});
-  for_each_row(exec, sh.batch * sh.groups * sh.k_tiles(),
-               FlashBackwardKeyValue<T>{sh, scale, q.data(), k.data(), v.data(), dout.data(),
-                                        lse.data(), delta.data(), qpos.data(), kpos.data(),
-                                        dk.data(), dv.data()});
+  FlashBackward<T> const f{sh,          scale,      q.data(),     k.data(),    v.data(),
+                           dout.data(), lse.data(), delta.data(), qpos.data(), kpos.data(),
+                           dq.data(),   dk.data(),  dv.data()};
+  for_each_row(exec, sh.batch * sh.heads * sh.q_tiles(), FlashBackwardQuery<T>{f});
+  for_each_row(exec, sh.batch * sh.groups * sh.k_tiles(), FlashBackwardKeyValue<T>{f});
 }
 
 }  // namespace ops

@@ -94,13 +94,15 @@ Result naive(Problem<T> const& p) {
         for (std::int64_t j = 0; j < sh.sk; ++j) {
           if (p.kpos[std::size_t(j)] > p.qpos[std::size_t(i)]) continue;
           double dot = 0;
-          for (std::int64_t c = 0; c < d; ++c) dot += double(p.q[qi(b, h, i, c)]) * p.k[ki(b, g, j, c)];
+          for (std::int64_t c = 0; c < d; ++c)
+            dot += double(p.q[qi(b, h, i, c)]) * p.k[ki(b, g, j, c)];
           s[std::size_t(j)] = dot * scale;
           mx = std::max(mx, s[std::size_t(j)]);
         }
         double z = 0;
         for (std::int64_t j = 0; j < sh.sk; ++j)
-          z += p.kpos[std::size_t(j)] > p.qpos[std::size_t(i)] ? 0.0 : std::exp(s[std::size_t(j)] - mx);
+          z += p.kpos[std::size_t(j)] > p.qpos[std::size_t(i)] ? 0.0
+                                                               : std::exp(s[std::size_t(j)] - mx);
         r.lse[std::size_t((b * sh.heads + h) * sh.sq + i)] = mx + std::log(z);
         std::vector<double> prob(s.size(), 0.0), dp(s.size(), 0.0);
         double dsum = 0;
@@ -134,8 +136,8 @@ std::vector<std::vector<T>> flash(E const& exec, Problem<T> const& p) {
   for (auto* x : {&o, &lse, &delta, &dq, &dk, &dv}) std::fill(x->begin(), x->end(), T(NAN));
   ops::flash_attention_forward(exec, sh, p.scale(), p.q, p.k, p.v, p.qpos, p.kpos, View<T>(o),
                                View<T>(lse));
-  ops::flash_attention_backward(exec, sh, p.scale(), p.q, p.k, p.v, o, lse, p.dout, p.qpos,
-                                p.kpos, View<T>(delta), View<T>(dq), View<T>(dk), View<T>(dv));
+  ops::flash_attention_backward(exec, sh, p.scale(), p.q, p.k, p.v, o, lse, p.dout, p.qpos, p.kpos,
+                                View<T>(delta), View<T>(dq), View<T>(dk), View<T>(dv));
   return {o, lse, dq, dk, dv};
 }
 
@@ -157,13 +159,18 @@ std::vector<Case> cases() {
   return {
       {"GQA 4 heads / 2 groups, S 150 (2 tiles + 22), B 2, d 8",
        {.batch = 2, .heads = 4, .groups = 2, .sq = 150, .sk = 150, .dim = 8}},
-      {"MHA 2 heads, S 65 (1 tile + 1), d 64", {.batch = 1, .heads = 2, .groups = 2, .sq = 65, .sk = 65, .dim = 64}},
+      {"MHA 2 heads, S 65 (1 tile + 1), d 64",
+       {.batch = 1, .heads = 2, .groups = 2, .sq = 65, .sk = 65, .dim = 64}},
       {"one partial tile, S 5, 3 heads / 1 group, d 6",
        {.batch = 3, .heads = 3, .groups = 1, .sq = 5, .sk = 5, .dim = 6}},
       {"CP 2, rank 0 (chunks 0 and 3 of 4 × 50), GQA 2 / 1, B 2, d 16",
-       {.batch = 2, .heads = 2, .groups = 1, .sq = 100, .sk = 200, .dim = 16}, 2, 0},
+       {.batch = 2, .heads = 2, .groups = 1, .sq = 100, .sk = 200, .dim = 16},
+       2,
+       0},
       {"CP 2, rank 1 (chunks 1 and 2 of 4 × 50), GQA 2 / 1, B 2, d 16",
-       {.batch = 2, .heads = 2, .groups = 1, .sq = 100, .sk = 200, .dim = 16}, 2, 1},
+       {.batch = 2, .heads = 2, .groups = 1, .sq = 100, .sk = 200, .dim = 16},
+       2,
+       1},
   };
 }
 
@@ -197,8 +204,8 @@ TEST_CASE("tiled attention's gradients equal central finite differences of Σ do
   // S 72 (a tile and 8), GQA; CP rank 1 of 2 so that the key order is not the query order.
   for (int cp : {1, 2}) {
     INFO("CP " << cp);
-    auto p = problem<double>({.batch = 1, .heads = 2, .groups = 1, .sq = 72 / cp, .sk = 72, .dim = 4},
-                             cp, cp - 1);
+    auto p = problem<double>(
+        {.batch = 1, .heads = 2, .groups = 1, .sq = 72 / cp, .sk = 72, .dim = 4}, cp, cp - 1);
     auto const got = flash(Cpu{}, p);
     auto loss = [&] {
       auto const r = flash(Cpu{}, p);
@@ -250,8 +257,29 @@ TEST_CASE("tiled attention names the rule and the numbers of a shape it cannot t
   CHECK(groups.find("heads divisible by groups") != std::string::npos);
   auto const sizes = error_of([&] {
     std::vector<float> small(3);
-    ops::flash_attention_forward(Cpu{}, p.sh, 1.f, p.q, p.k, p.v, p.qpos, p.kpos,
-                                 View<float>(o), View<float>(small));
+    ops::flash_attention_forward(Cpu{}, p.sh, 1.f, p.q, p.k, p.v, p.qpos, p.kpos, View<float>(o),
+                                 View<float>(small));
   });
   CHECK(sizes.find("lse 3 (expected 8)") != std::string::npos);
 }
+
+#if defined(__GNUC__) && defined(__x86_64__)
+TEST_CASE("tiled attention's 32-byte and 16-byte product blocks give bitwise the same sums",
+          "[nn][attention][flash]") {
+  // The AVX path (chosen at run time) must not change results: no FMA, element-wise order.
+  if (!__builtin_cpu_supports("avx2")) return;
+  std::int64_t const K = 37, ldy = 64, xk = 5;
+  auto const x = random_tensor<float>(static_cast<std::size_t>(2 * K * xk), "x");
+  auto const y = random_tensor<float>(static_cast<std::size_t>(K * ldy), "y");
+  for (bool add : {false, true}) {
+    auto narrow = random_tensor<float>(128, "out"), wide = narrow;
+    for (std::int64_t c0 = 0; c0 < 64; c0 += 16)
+      ops::detail::accumulate_block<float, 16>(add, narrow.data(), narrow.data() + 64, c0, x.data(),
+                                               x.data() + 1, xk, y.data(), ldy, K);
+    for (std::int64_t c0 = 0; c0 < 64; c0 += 32)
+      ops::detail::accumulate_block_avx<float, 32>(add, wide.data(), wide.data() + 64, c0, x.data(),
+                                                   x.data() + 1, xk, y.data(), ldy, K);
+    CHECK(narrow == wide);
+  }
+}
+#endif
