@@ -71,6 +71,24 @@ double dense_gemm_seconds(double flops, int calls) {
   return s * flops / (2.0 * double(n) * double(n) * double(n));  // scaled to exactly `flops`
 }
 
+/// Seconds of the benchmark's forward + backward iterations on `attn` (one rank).
+template <class Attn>
+double time_forward_backward(benchmark::State& state, Attn& attn, std::vector<float> const& x,
+                             std::vector<float> const& dy, std::int64_t batch) {
+  double seconds = 0;
+  for (auto _ : state) {
+    auto const t0 = Clock::now();
+    auto y = attn.forward(std::span<float const>(x), batch);
+    auto dx = attn.backward(std::span<float const>(dy));
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+    double const s = std::chrono::duration<double>(Clock::now() - t0).count();
+    state.SetIterationTime(s);
+    seconds += s;
+  }
+  return seconds;
+}
+
 void BM_AttentionForwardBackward(benchmark::State& state) {
   std::int64_t const seq = state.range(0);
   auto const x = input(static_cast<std::size_t>(seq * kBatch * kHidden));
@@ -79,16 +97,7 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
   moefold::inproc::run(1, [&](Comm& world) {
     moefold::ProcessGroups<Comm> groups(moefold::FoldedMapping::from({.world = 1}), world);
     moefold::cpu::Attention<float, Comm> attn(config(), groups.tp(), groups.cp());
-    for (auto _ : state) {
-      auto const t0 = Clock::now();
-      auto y = attn.forward(std::span<float const>(x), kBatch);
-      auto dx = attn.backward(std::span<float const>(dy));
-      benchmark::DoNotOptimize(y.data());
-      benchmark::DoNotOptimize(dx.data());
-      double const s = std::chrono::duration<double>(Clock::now() - t0).count();
-      state.SetIterationTime(s);
-      seconds += s;
-    }
+    seconds = time_forward_backward(state, attn, x, dy, kBatch);
   });
   double const iters = static_cast<double>(state.iterations());
   double const flops = attention_flops(seq);
@@ -134,16 +143,7 @@ void BM_AttentionCausal(benchmark::State& state) {
                                                .head_dim = kCausalDim,
                                                .seed = 1},
                                               groups.tp(), groups.cp());
-    for (auto _ : state) {
-      auto const t0 = Clock::now();
-      auto y = attn.forward(std::span<float const>(x), 1);
-      auto dx = attn.backward(std::span<float const>(dy));
-      benchmark::DoNotOptimize(y.data());
-      benchmark::DoNotOptimize(dx.data());
-      double const s = std::chrono::duration<double>(Clock::now() - t0).count();
-      state.SetIterationTime(s);
-      seconds += s;
-    }
+    seconds = time_forward_backward(state, attn, x, dy, 1);
   });
   auto const f = causal_flops(seq);
   double const flops = f.core + f.linear;

@@ -40,6 +40,11 @@ namespace ops {
 inline constexpr std::int64_t kFlashTile = 64;    ///< query and key rows per tile
 inline constexpr std::int64_t kMaxHeadDim = 256;  ///< largest head dimension (stack tiles)
 
+/// Query tile `index` = bh·q_tiles + t: head bh = b·heads + h of group g, rows [i0, i0 + n).
+struct QueryTile {
+  std::int64_t bh, b, h, g, i0, n;
+};
+
 /// Sizes of one attention call: `batch` sequences, `heads` query heads in `groups` KV groups,
 /// `sq` query and `sk` key positions, head dimension `dim`.
 struct FlashShape {
@@ -54,6 +59,12 @@ struct FlashShape {
   }
   MOEFOLD_HD std::int64_t k_head(std::int64_t b, std::int64_t g) const {
     return (b * groups + g) * dim;
+  }
+  MOEFOLD_HD QueryTile query_tile(std::int64_t index) const {
+    std::int64_t const bh = index / q_tiles(), i0 = index % q_tiles() * kFlashTile;
+    std::int64_t const h = bh % heads;
+    return {
+        bh, bh / heads, h, h / (heads / groups), i0, sq - i0 < kFlashTile ? sq - i0 : kFlashTile};
   }
 };
 
@@ -212,11 +223,9 @@ struct FlashForward {
     using std::exp;
     using std::log;
     constexpr std::int64_t B = kFlashTile;
-    std::int64_t const nqt = shape.q_tiles(), bh = index / nqt, t = index % nqt;
-    std::int64_t const b = bh / shape.heads, h = bh % shape.heads;
-    std::int64_t const g = h / (shape.heads / shape.groups), d = shape.dim;
-    std::int64_t const i0 = t * B, n = shape.sq - i0 < B ? shape.sq - i0 : B;
-    std::int64_t const ldq = shape.ldq(), ldk = shape.ldk();
+    QueryTile const tile = shape.query_tile(index);
+    std::int64_t const bh = tile.bh, b = tile.b, h = tile.h, g = tile.g, i0 = tile.i0, n = tile.n;
+    std::int64_t const d = shape.dim, ldq = shape.ldq(), ldk = shape.ldk();
     T const* const qh = q + shape.q_head(b, h);
     T const* const kh = k + shape.k_head(b, g);
     T const* const vh = v + shape.k_head(b, g);
@@ -320,11 +329,9 @@ struct FlashBackward {
 
   MOEFOLD_HD void query_tile(std::int64_t index) const {
     constexpr std::int64_t B = kFlashTile;
-    std::int64_t const nqt = shape.q_tiles(), bh = index / nqt, t = index % nqt;
-    std::int64_t const b = bh / shape.heads, h = bh % shape.heads;
-    std::int64_t const g = h / (shape.heads / shape.groups), d = shape.dim;
-    std::int64_t const i0 = t * B, n = shape.sq - i0 < B ? shape.sq - i0 : B;
-    std::int64_t const ldq = shape.ldq(), ldk = shape.ldk();
+    QueryTile const tile = shape.query_tile(index);
+    std::int64_t const bh = tile.bh, b = tile.b, h = tile.h, g = tile.g, i0 = tile.i0, n = tile.n;
+    std::int64_t const d = shape.dim, ldq = shape.ldq(), ldk = shape.ldk();
     T const* const kh = k + shape.k_head(b, g);
     T const* const vh = v + shape.k_head(b, g);
     T* const dqh = dq + shape.q_head(b, h);
