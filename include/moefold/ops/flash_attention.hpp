@@ -17,8 +17,8 @@
 /// v [sk·batch, groups·d], head h in columns [h·d, (h+1)·d); lse and D are [batch·heads, sq].
 /// The mask compares global positions (context parallelism gathers keys out of order); a key
 /// tile whose smallest position lies after a query tile's largest is skipped.
-/// Memory beyond inputs and outputs: lse and D, 2·sq values per head; each body keeps two
-/// tiles of kMaxHeadDim × 64 and one of 64 × 64 elements on its stack.
+/// Memory beyond inputs and outputs: lse and D, 2·sq values per head; each body keeps at most
+/// two tiles of kMaxHeadDim × 64 and two of 64 × 64 elements on its stack.
 ///
 ///   ops::flash_attention_forward(exec, shape, scale, q, k, v, qpos, kpos, o, lse);
 ///   ops::flash_attention_backward(exec, shape, scale, q, k, v, o, lse, dout, qpos, kpos,
