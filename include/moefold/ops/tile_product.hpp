@@ -260,7 +260,8 @@ __attribute__((target("avx2,fma"))) void tile_product_avx2(MOEFOLD_TILE_PRODUCT_
 
 /// x[i] = exp(x[i] − shift[i·step]) (+ sum[i] += x[i]) with 16 floats at a time: n =
 /// round(y·log₂e), r = y − n·ln 2 (two parts), exp(r) by Cephes' degree-6 polynomial, times 2ⁿ by
-/// vscalefps (within 2 ulp of expf; y below −104, −∞ included, gives 0).
+/// vscalefps (within 1 ulp of the correctly rounded exp wherever it is a normal float, measured
+/// over [−103, 88]; y below −104, −∞ included, gives 0).
 __attribute__((target("avx512f,fma"))) inline void tile_exp_avx512(float* MOEFOLD_RESTRICT x,
                                                                    std::int64_t n,
                                                                    float const* shift,
@@ -326,7 +327,7 @@ MOEFOLD_HD void tile_product(TileKernel kernel, bool add, C* MOEFOLD_RESTRICT c,
 
 /// x[i] = exp(x[i] − shift[i·step]) for i < n (step 0: one shift, 1: one per element), and
 /// sum[i] += x[i] unless sum is null. The avx512 kernel's float path evaluates exp in vectors
-/// (ops::detail::tile_exp_avx512, within 2 ulp); the others call exp.
+/// (ops::detail::tile_exp_avx512, within 1 ulp); the others call exp.
 template <class C>
 MOEFOLD_HD void tile_exp(TileKernel kernel, C* MOEFOLD_RESTRICT x, std::int64_t n, C const* shift,
                          std::int64_t step, C* MOEFOLD_RESTRICT sum) {
