@@ -2,6 +2,10 @@
 //  * BM_AttentionForwardBackward: forward + backward tokens per second on one rank, and the
 //    achieved GEMM FLOP rate as a ratio to one dense GEMM of equal FLOPs measured in the same
 //    run (the attention's QKV, score, context and projection GEMMs, forward and backward).
+//  * BM_AttentionCausal: the same at S 1024 with head dimension 64 (4 heads, 2 KV groups,
+//    H 64, B 1), counting the causal core FLOPs as Megatron does, 4·S²·d/2 per head forward and
+//    2.5× that backward, plus the QKV and projection GEMMs; ratio to a dense GEMM of equal FLOPs
+//    in the same run. `core_share` is the core's part of the counted FLOPs.
 //  * BM_ContextParallelExchange: one forward + backward on CP ranks of the in-process world; the
 //    bytes the K/V exchange moves over `cp` (from the communicator's traffic counters) as a
 //    ratio to the causal minimum (context_parallel.hpp), and tokens per second of the world.
@@ -67,6 +71,24 @@ double dense_gemm_seconds(double flops, int calls) {
   return s * flops / (2.0 * double(n) * double(n) * double(n));  // scaled to exactly `flops`
 }
 
+/// Seconds of the benchmark's forward + backward iterations on `attn` (one rank).
+template <class Attn>
+double time_forward_backward(benchmark::State& state, Attn& attn, std::vector<float> const& x,
+                             std::vector<float> const& dy, std::int64_t batch) {
+  double seconds = 0;
+  for (auto _ : state) {
+    auto const t0 = Clock::now();
+    auto y = attn.forward(std::span<float const>(x), batch);
+    auto dx = attn.backward(std::span<float const>(dy));
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+    double const s = std::chrono::duration<double>(Clock::now() - t0).count();
+    state.SetIterationTime(s);
+    seconds += s;
+  }
+  return seconds;
+}
+
 void BM_AttentionForwardBackward(benchmark::State& state) {
   std::int64_t const seq = state.range(0);
   auto const x = input(static_cast<std::size_t>(seq * kBatch * kHidden));
@@ -75,16 +97,7 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
   moefold::inproc::run(1, [&](Comm& world) {
     moefold::ProcessGroups<Comm> groups(moefold::FoldedMapping::from({.world = 1}), world);
     moefold::cpu::Attention<float, Comm> attn(config(), groups.tp(), groups.cp());
-    for (auto _ : state) {
-      auto const t0 = Clock::now();
-      auto y = attn.forward(std::span<float const>(x), kBatch);
-      auto dx = attn.backward(std::span<float const>(dy));
-      benchmark::DoNotOptimize(y.data());
-      benchmark::DoNotOptimize(dx.data());
-      double const s = std::chrono::duration<double>(Clock::now() - t0).count();
-      state.SetIterationTime(s);
-      seconds += s;
-    }
+    seconds = time_forward_backward(state, attn, x, dy, kBatch);
   });
   double const iters = static_cast<double>(state.iterations());
   double const flops = attention_flops(seq);
@@ -100,6 +113,48 @@ BENCHMARK(BM_AttentionForwardBackward)
     ->Arg(1024)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
+
+/// One core-dominated shape: S 1024, head dim 64, GQA 4 heads / 2 groups, H 64, B 1.
+constexpr std::int64_t kCausalHidden = 64, kCausalHeads = 4, kCausalGroups = 2, kCausalDim = 64;
+
+/// Counted FLOPs of the causal shape: the core's 4·S²·d/2 per head forward and 2.5× backward,
+/// the linear layers' GEMMs forward and two of each backward.
+struct CausalFlops {
+  double core = 0, linear = 0;
+};
+CausalFlops causal_flops(std::int64_t seq) {
+  double const t = double(seq), d = double(kCausalDim), h = double(kCausalHidden);
+  double const qkv = 2 * t * h * double(kCausalGroups * (kCausalHeads / kCausalGroups + 2)) * d;
+  double const proj = 2 * t * double(kCausalHeads) * d * h;
+  double const core_fwd = double(kCausalHeads) * 4 * t * t * d / 2;
+  return {.core = 3.5 * core_fwd, .linear = 3 * (qkv + proj)};
+}
+
+void BM_AttentionCausal(benchmark::State& state) {
+  std::int64_t const seq = state.range(0);
+  auto const x = input(static_cast<std::size_t>(seq * kCausalHidden));
+  auto const dy = input(x.size());
+  double seconds = 0;
+  moefold::inproc::run(1, [&](Comm& world) {
+    moefold::ProcessGroups<Comm> groups(moefold::FoldedMapping::from({.world = 1}), world);
+    moefold::cpu::Attention<float, Comm> attn({.hidden = kCausalHidden,
+                                               .heads = kCausalHeads,
+                                               .kv_groups = kCausalGroups,
+                                               .head_dim = kCausalDim,
+                                               .seed = 1},
+                                              groups.tp(), groups.cp());
+    seconds = time_forward_backward(state, attn, x, dy, 1);
+  });
+  auto const f = causal_flops(seq);
+  double const flops = f.core + f.linear;
+  double const achieved = static_cast<double>(state.iterations()) * flops / seconds;
+  double const reference = flops / dense_gemm_seconds(flops, 3);
+  state.counters["GFLOPs"] = achieved / 1e9;
+  state.counters["gemm_GFLOPs"] = reference / 1e9;
+  state.counters["ratio_to_gemm"] = achieved / reference;
+  state.counters["core_share"] = f.core / flops;
+}
+BENCHMARK(BM_AttentionCausal)->Arg(1024)->UseManualTime()->Unit(benchmark::kMillisecond);
 
 void BM_ContextParallelExchange(benchmark::State& state) {
   int const cp = static_cast<int>(state.range(0));

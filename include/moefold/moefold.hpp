@@ -63,7 +63,6 @@
 // ops
 #include "moefold/ops/activations.hpp"
 #include "moefold/ops/adamw.hpp"
-#include "moefold/ops/attention.hpp"
 #include "moefold/ops/aux_loss.hpp"
 #include "moefold/ops/bias.hpp"
 #include "moefold/ops/capacity.hpp"
@@ -72,6 +71,8 @@
 #include "moefold/ops/elementwise.hpp"
 #include "moefold/ops/embedding.hpp"
 #include "moefold/ops/finite.hpp"
+#include "moefold/ops/flash_attention.hpp"
+#include "moefold/ops/tile_product.hpp"
 #include "moefold/ops/gate.hpp"
 #include "moefold/ops/gradients.hpp"
 #include "moefold/ops/jitter.hpp"

@@ -5,7 +5,8 @@
 ///
 ///   x [T, H] SP-local ──ColumnParallelLinear (AG tp)──▶ qkv [T·TP, (local groups)·(q/g + 2)·d]
 ///     → RoPE on q, k at the tokens' global positions
-///     → all-gather k, v over cp (context_parallel.hpp) → causal softmax(q·kᵀ/√d)·v per head
+///     → all-gather k, v over cp (context_parallel.hpp) → causal softmax(q·kᵀ/√d)·v per head,
+///       tiled with an online softmax: no S×S matrix (ops/flash_attention.hpp)
 ///     ──RowParallelLinear (RS tp)──▶ y [T, H] SP-local
 ///
 /// QKV weight `[G·(N/G + 2)·d, H]` in Megatron's layout: for each query group, its N/G query
@@ -25,8 +26,8 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moefold/comm/communicator.hpp"
@@ -42,9 +43,9 @@
 #include "moefold/nn/rotary.hpp"
 #include "moefold/nn/row_parallel_linear.hpp"
 #include "moefold/nn/sequence_shard.hpp"
-#include "moefold/ops/attention.hpp"
 #include "moefold/ops/bias.hpp"
 #include "moefold/ops/elementwise.hpp"
+#include "moefold/ops/flash_attention.hpp"
 #include "moefold/ops/rope.hpp"
 
 namespace moefold {
@@ -68,7 +69,7 @@ template <ExecutionInstance Exec, class T, Communicator Comm>
 class Attention {
  public:
   using Space = typename Exec::memory_space;
-  using C = compute_t<T>;  ///< the accumulation type of dK and dV
+  using C = compute_t<T>;  ///< scores, softmax and the core's sums (FP32 for bf16)
 
   /// Throws `invalid_config` when heads or groups are not divisible by TP, heads not by groups,
   /// or the head dimension is odd.
@@ -147,29 +148,13 @@ class Attention {
     cp_all_gather<T>(*cp_, kl, detail::reuse(exec_, k_, s * batch * ng * d));  // [s·batch, ng·d]
     cp_all_gather<T>(*cp_, vl, detail::reuse(exec_, v_, s * batch * ng * d));
 
-    // Per (sequence, head): P = softmax(mask(q·kᵀ/√d)), o = P·v, strided GEMMs over [s, b].
-    auto const probs = detail::reuse(exec_, probs_, batch * nq * sc * s);
+    // Per (sequence, head): o = softmax(mask(q·kᵀ/√d))·v, tiled with an online softmax; only
+    // the row logsumexp is kept for backward (ops/flash_attention.hpp).
     auto const ctx = detail::reuse(exec_, ctx_, tc * nq * d);
-    auto const scale = static_cast<compute_t<T>>(1.0 / std::sqrt(double(d)));
-    std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
-    for (std::int64_t b = 0; b < batch; ++b)
-      for (std::int64_t h = 0; h < nq; ++h) {
-        std::int64_t const g = h / q_per_group();
-        View<T, Space> const p(probs.data() + (b * nq + h) * sc * s, sc, s);
-        if constexpr (std::is_same_v<T, C>) {  // scores and probabilities in place
-          gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
-                  head(k_, b * ng + g, s, ldk), 0, p);
-          ops::causal_softmax(exec_, p, q_pos_.view(), k_pos_.view());
-        } else {  // bf16: FP32 scores (as a fused kernel), bf16 probabilities
-          auto const scores = detail::reuse(exec_, scores_, sc * s).reshaped(sc, s);
-          gemm<T>(exec_, Trans::no, Trans::yes, scale, head(q_, b * nq + h, sc, ldq),
-                  head(k_, b * ng + g, s, ldk), 0, scores);
-          ops::causal_softmax(exec_, View<C const, Space>(scores), p, q_pos_.view(),
-                              k_pos_.view());
-        }
-        gemm<T>(exec_, Trans::no, Trans::no, 1, p, head(v_, b * ng + g, s, ldk), 0,
-                head(ctx_, b * nq + h, sc, ldq));
-      }
+    auto const lse = detail::reuse(exec_, lse_, batch * nq * sc);
+    ops::flash_attention_forward(exec_, flash_shape(batch), scale(), View<T const, Space>(q),
+                                 View<T const, Space>(k_), View<T const, Space>(v_), q_pos_.view(),
+                                 k_pos_.view(), ctx, lse);
     batch_ = batch;
     proj_.forward(ctx, y);
   }
@@ -181,42 +166,23 @@ class Attention {
   /// Collective over `tp` and `cp`.
   void backward(View<T const, Space> dy, View<T, Space> dx) {
     std::int64_t const d = cfg_.head_dim, nq = local_heads(), ng = local_groups();
-    std::int64_t const batch = batch_, sc = shard_.cp_seq(), s = shard_.seq, tc = sc * batch;
+    std::int64_t const batch = batch_, sc = shard_.cp_seq(), tc = sc * batch;
     auto const dctx = detail::reuse(exec_, dctx_, tc * nq * d);
     proj_.backward(dy, dctx);  // [tc, nq·d]
-    detail::reuse(exec_, dq_, static_cast<std::int64_t>(q_.size()));
+    auto const dq = detail::reuse(exec_, dq_, static_cast<std::int64_t>(q_.size()));
     auto const dk = detail::reuse(exec_, dk_, static_cast<std::int64_t>(k_.size()));
     auto const dv = detail::reuse(exec_, dv_, static_cast<std::int64_t>(v_.size()));
-    ops::fill(exec_, dk, C{0});
-    ops::fill(exec_, dv, C{0});
-    View<T, Space> const dp = detail::reuse(exec_, dp_, sc * s).reshaped(sc, s);
-    auto const scale = static_cast<C>(1.0 / std::sqrt(double(d)));
-    std::int64_t const ldq = batch * nq * d, ldk = batch * ng * d;
-    for (std::int64_t b = 0; b < batch; ++b)
-      for (std::int64_t h = 0; h < nq; ++h) {
-        std::int64_t const g = h / q_per_group();
-        View<T const, Space> const p(probs_.data() + (b * nq + h) * sc * s, sc, s);
-        auto const dout = head(dctx_, b * nq + h, sc, ldq);
-        // dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √d
-        gemm<T>(exec_, Trans::yes, Trans::no, 1, p, dout, 1, head(dv_, b * ng + g, s, ldk));
-        if constexpr (std::is_same_v<T, C>) {
-          gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dp);
-          ops::softmax_backward(exec_, p, dp, scale);
-        } else {  // bf16: dP in FP32, dS rounded once
-          auto const dpf = detail::reuse(exec_, scores_, sc * s).reshaped(sc, s);
-          gemm<T>(exec_, Trans::no, Trans::yes, 1, dout, head(v_, b * ng + g, s, ldk), 0, dpf);
-          ops::softmax_backward(exec_, p, View<C const, Space>(dpf), dp, scale);
-        }
-        // dQ = dS·K;  dK += dSᵀ·Q
-        gemm<T>(exec_, Trans::no, Trans::no, 1, dp, head(k_, b * ng + g, s, ldk), 0,
-                head(dq_, b * nq + h, sc, ldq));
-        gemm<T>(exec_, Trans::yes, Trans::no, 1, dp, head(q_, b * nq + h, sc, ldq), 1,
-                head(dk_, b * ng + g, s, ldk));
-      }
+    // dS = P ⊙ (dO·vᵀ − rowsum(dO ⊙ O)) with P recomputed tile by tile from the logsumexp;
+    // dq = dS·k/√d, dk = dSᵀ·q/√d, dv = Pᵀ·dO (summed over a group's query heads).
+    ops::flash_attention_backward(exec_, flash_shape(batch), scale(), View<T const, Space>(q_),
+                                  View<T const, Space>(k_), View<T const, Space>(v_),
+                                  View<T const, Space>(ctx_), View<C const, Space>(lse_),
+                                  View<T const, Space>(dctx), q_pos_.view(), k_pos_.view(),
+                                  detail::reuse(exec_, delta_, batch * nq * sc), dq, dk, dv);
     auto const dkl = detail::reuse(exec_, dk_local_, tc * ng * d);
     auto const dvl = detail::reuse(exec_, dv_local_, tc * ng * d);
-    cp_reduce_scatter<T>(*cp_, stored(dk, dk_t_), dkl);
-    cp_reduce_scatter<T>(*cp_, stored(dv, dv_t_), dvl);
+    cp_reduce_scatter<T>(*cp_, dk, dkl);
+    cp_reduce_scatter<T>(*cp_, dv, dvl);
 
     auto const dqkv = detail::reuse(exec_, dqkv_, tc * width());
     ops::rotate_heads(exec_, dq_, ops::HeadLayout::packed(nq, d), dqkv, q_layout(), tc, nq, batch,
@@ -284,21 +250,15 @@ class Attention {
   std::int64_t width() const noexcept {
     return local_groups() * (q_per_group() + 2) * cfg_.head_dim;
   }
-  template <class U>
-  View<U, Space> head(Buffer<U, Space>& buf, std::int64_t i, std::int64_t rows,
-                      std::int64_t ld) const noexcept {
-    return View<U, Space>(buf.data() + i * cfg_.head_dim, rows, cfg_.head_dim, ld);
+  ops::FlashShape flash_shape(std::int64_t batch) const noexcept {
+    return {.batch = batch,
+            .heads = local_heads(),
+            .groups = local_groups(),
+            .sq = shard_.cp_seq(),
+            .sk = shard_.seq,
+            .dim = cfg_.head_dim};
   }
-  /// The FP32 accumulation of dK or dV in the storage type (the view itself when they agree).
-  View<T, Space> stored(View<C, Space> acc, Buffer<T, Space>& out) {
-    if constexpr (std::is_same_v<T, C>) {
-      return acc;
-    } else {
-      auto const v = detail::reuse(exec_, out, acc.size());
-      ops::convert<Exec, C, T>(exec_, acc, v);
-      return v;
-    }
-  }
+  C scale() const noexcept { return static_cast<C>(1.0 / std::sqrt(double(cfg_.head_dim))); }
   /// Queries, keys (which = 0) or values (which = 1) in a local qkv row.
   ops::HeadLayout q_layout() const noexcept {
     return {width(), q_per_group(), q_per_group() + 2, 0, cfg_.head_dim};
@@ -307,7 +267,7 @@ class Attention {
     return {width(), 1, q_per_group() + 2, q_per_group() + which, cfg_.head_dim};
   }
   /// What backward reads of the forward (the RoPE tables depend on the shard only).
-  auto saved() { return std::tie(shard_, batch_, q_pos_, k_pos_, q_, k_, v_, probs_); }
+  auto saved() { return std::tie(shard_, batch_, q_pos_, k_pos_, q_, k_, v_, ctx_, lse_); }
 
   Exec exec_;
   AttentionConfig cfg_;
@@ -320,15 +280,14 @@ class Attention {
   std::int64_t batch_ = 0;
   RotaryTable<Exec> rope_;
   Buffer<std::int64_t, Space> q_pos_, k_pos_;
-  // Saved for backward: rotated queries, gathered keys and values, probabilities.
-  Buffer<T, Space> q_, k_, v_, probs_;
-  // Per-step temporaries, reused across calls; dK and dV accumulate over the heads of a group
-  // in the compute type (FP32 for bf16) and are rounded once (dk_t_, dv_t_) before the CP
-  // reduce-scatter.
-  Buffer<T, Space> qkv_out_, k_local_, v_local_, ctx_, dctx_, dq_, dp_, dk_local_, dv_local_,
-      dqkv_, dk_t_, dv_t_;
-  Buffer<C, Space> dk_, dv_;
-  Buffer<C, Space> scores_;  ///< bf16 only: one head's FP32 scores (forward) or dP (backward)
+  // Saved for backward: rotated queries, gathered keys and values, the attention output and
+  // its row logsumexp [B·heads, S/CP] in the compute type (no S×S probabilities).
+  Buffer<T, Space> q_, k_, v_, ctx_;
+  Buffer<C, Space> lse_;
+  // Per-step temporaries, reused across calls; the core sums dq, dk (over a group's heads) and
+  // dv in the compute type and rounds each once.
+  Buffer<T, Space> qkv_out_, k_local_, v_local_, dctx_, dq_, dk_, dv_, dk_local_, dv_local_, dqkv_;
+  Buffer<C, Space> delta_;  ///< rowsum(dO ∘ O) [B·heads, S/CP]
   MicrobatchStash stash_;
 };
 
