@@ -119,10 +119,11 @@ void Report::step(StepRecord const& r, double elapsed) {
   if (json_.is_open()) {
     json_ << fmt::format(
         "{{\"step\": {}, \"loss\": {}, \"aux_loss\": {}, \"tokens_per_s\": {}, \"lr\": {}, "
-        "\"grad_norm\": {}}}\n",
+        "\"grad_norm\": {}, \"seconds\": {}, \"cpu_s\": {}}}\n",
         r.step, json_number(r.loss, "{:.17g}"), json_number(r.aux_loss, "{:.17g}"),
         json_number(r.tokens_per_s, "{:.6g}"), json_number(r.lr, "{:.9g}"),
-        json_number(r.grad_norm, "{:.9g}"));
+        json_number(r.grad_norm, "{:.9g}"), json_number(r.seconds, "{:.6g}"),
+        json_number(r.cpu_seconds, "{:.6g}"));
     json_.flush();
     if (!json_) file_error("write --log-json", o_.log_json, errno);
   }

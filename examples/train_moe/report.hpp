@@ -40,6 +40,7 @@ struct StepRecord {
   double lr = 0;
   double grad_norm = 0;
   double seconds = 0;  ///< wall time of the step
+  double cpu_seconds = 0;  ///< CPU time of the process (all threads) during the step
   double tokens_per_s = 0;
   std::array<double, kTrafficGroups.size()> megabytes{};  ///< bytes sent, Σ over ranks
 };

@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <ctime>
 #include <filesystem>
 #include <optional>
 #include <span>
@@ -129,8 +130,10 @@ class Trainer {
     Stopwatch run_clock;
     for (std::int64_t step = first_step_ + 1; step <= o_.train_iters; ++step) {
       Stopwatch w;
+      std::clock_t const cpu_start = std::clock();  // the process's CPU time, every thread
       StepRecord r = named(fmt::format("step {}", step), [&] { return train_step(step); });
       r.seconds = w.seconds();
+      r.cpu_seconds = static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
       r.tokens_per_s = static_cast<double>(o_.global_batch * o_.seq) / r.seconds;
       summary.train_seconds += r.seconds;
       summary.tokens += std::int64_t{o_.global_batch} * o_.seq;

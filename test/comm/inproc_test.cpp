@@ -2,9 +2,11 @@
 // times out with a message naming it, mismatched collectives are detected, and sums are
 // bitwise reproducible because they run in rank order.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <mutex>
+#include <numeric>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -208,6 +210,62 @@ TEST_CASE("sums run in rank order, so they are bitwise reproducible and equal th
     });
     for (auto const& r : results) CHECK(r == serial);
   }
+}
+
+TEST_CASE("back-to-back collectives below and above the eager limit: senders reuse their buffers") {
+  // A rank leaves a small collective without waiting for its readers (its payload was staged)
+  // and clobbers its buffers at once; large payloads are read in place. Every value checked.
+  constexpr int kRanks = 8;
+  constexpr int kRounds = 120;
+  std::vector<int> bad(kRanks, 0);
+  inproc::run(kRanks, [&](inproc::Communicator& c) {
+    int const me = c.rank();
+    auto value = [](int round, int from, int to, std::size_t j) {
+      return static_cast<float>(round * 100000 + from * 1000 + to * 100) + static_cast<float>(j);
+    };
+    // Elements per (sender, receiver) block: small on even rounds (≤ 17 per peer), above the
+    // 64 KiB limit in total on odd ones (≥ 2100 floats per peer, ≥ 67 KB per rank).
+    auto block = [](int round, int from, int to) {
+      auto const k = static_cast<std::size_t>(round + 3 * from + 5 * to);
+      return round % 2 == 0 ? 1 + k % 17 : 2100 + k % 300;
+    };
+    for (int round = 0; round < kRounds; ++round) {
+      std::vector<std::int64_t> send_counts(kRanks), recv_counts(kRanks);
+      std::vector<float> send;
+      for (int q = 0; q < kRanks; ++q) {
+        send_counts[static_cast<std::size_t>(q)] = static_cast<std::int64_t>(block(round, me, q));
+        recv_counts[static_cast<std::size_t>(q)] = static_cast<std::int64_t>(block(round, q, me));
+        for (std::size_t j = 0; j < block(round, me, q); ++j)
+          send.push_back(value(round, me, q, j));
+      }
+      std::vector<float> recv(
+          static_cast<std::size_t>(std::accumulate(recv_counts.begin(), recv_counts.end(), 0L)));
+      c.all_to_all_v(std::span<float const>(send), std::span<std::int64_t const>(send_counts),
+                     std::span<float>(recv), std::span<std::int64_t const>(recv_counts));
+      std::fill(send.begin(), send.end(), -1.0f);  // clobbered as soon as the call returns
+      std::size_t at = 0;
+      for (int q = 0; q < kRanks; ++q)
+        for (std::size_t j = 0; j < block(round, q, me); ++j)
+          bad[static_cast<std::size_t>(me)] += recv[at++] != value(round, q, me, j);
+      // An exact sum (integers) written in place, and a gather of per-rank lengths.
+      std::vector<std::int64_t> sum(block(round, 0, 0), me + round);
+      c.all_reduce(std::span<std::int64_t>(sum));
+      for (auto s : sum) bad[static_cast<std::size_t>(me)] += s != 28 + 8 * round;
+      std::vector<std::int64_t> lengths(kRanks);
+      for (int q = 0; q < kRanks; ++q)
+        lengths[static_cast<std::size_t>(q)] = static_cast<std::int64_t>(block(round, q, 1));
+      std::vector<float> mine(block(round, me, 1), static_cast<float>(me + round));
+      std::vector<float> all(static_cast<std::size_t>(std::accumulate(lengths.begin(), lengths.end(), 0L)));
+      c.all_gather_v(std::span<float const>(mine), std::span<float>(all),
+                     std::span<std::int64_t const>(lengths));
+      std::fill(mine.begin(), mine.end(), -1.0f);
+      at = 0;
+      for (int q = 0; q < kRanks; ++q)
+        for (std::int64_t j = 0; j < lengths[static_cast<std::size_t>(q)]; ++j)
+          bad[static_cast<std::size_t>(me)] += all[at++] != static_cast<float>(q + round);
+    }
+  });
+  CHECK(bad == std::vector<int>(kRanks, 0));
 }
 
 TEST_CASE("traffic counters count payload bytes per collective kind, per communicator") {

@@ -76,14 +76,20 @@ void reduce_gradients(Exec const& exec, ParamList<T> const& params, ProcessGroup
   if (pre_scale != G(1))
     for (auto* p : params)
       ops::scale(exec, pre_scale, View<G, typename Exec::memory_space>(p->grad));
-  detail::reduce_bucket(exec, params, ParamClass::dense,
-                        [&](std::span<G> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
-  detail::reduce_bucket(exec, params, ParamClass::tp_replicated, [&](std::span<G> b) {
-    groups.dp_cp().all_reduce(b, ReduceOp::sum);
-    groups.tp().all_reduce(b, ReduceOp::sum);
-  });
-  detail::reduce_bucket(exec, params, ParamClass::expert,
-                        [&](std::span<G> b) { groups.edp().all_reduce(b, ReduceOp::sum); });
+  // A sum over a group of one is the identity: such a group's bucket is neither gathered nor
+  // reduced (the sizes agree on every member, so every member skips alike).
+  bool const dp_cp = groups.dp_cp().size() > 1, tp = groups.tp().size() > 1;
+  if (dp_cp)
+    detail::reduce_bucket(exec, params, ParamClass::dense,
+                          [&](std::span<G> b) { groups.dp_cp().all_reduce(b, ReduceOp::sum); });
+  if (dp_cp || tp)
+    detail::reduce_bucket(exec, params, ParamClass::tp_replicated, [&](std::span<G> b) {
+      if (dp_cp) groups.dp_cp().all_reduce(b, ReduceOp::sum);
+      if (tp) groups.tp().all_reduce(b, ReduceOp::sum);
+    });
+  if (groups.edp().size() > 1)
+    detail::reduce_bucket(exec, params, ParamClass::expert,
+                          [&](std::span<G> b) { groups.edp().all_reduce(b, ReduceOp::sum); });
 }
 
 /// `reduce_gradients` with Megatron's default pre-scale 1/(DP·CP).

@@ -59,34 +59,41 @@ class Communicator : public CollectiveApi<Communicator> {
   Traffic& traffic_counters() const noexcept { return *traffic_; }
 
   void raw_barrier() {
-    meet({.op = "barrier"}, [] {});
+    meet({.op = "barrier"}, 0, [] {});
   }
 
   void raw_all_reduce(void* data, std::size_t n, DType t, ReduceOp op) {
-    std::vector<std::byte> result(n * size_of(t));
-    meet({.op = "all_reduce", .dtype = t, .count = n, .root = static_cast<int>(op), .send = data},
-         [&] {
-           check_same_count_and_root("all_reduce");
-           ::moefold::detail::reduce_ordered(t, op, inputs(), 0, n, result.data());
-         });
+    std::size_t const bytes = n * size_of(t);
+    std::uint64_t const e = arrive(
+        {.op = "all_reduce", .dtype = t, .count = n, .root = static_cast<int>(op), .send = data},
+        bytes);
+    // Peers read a staged copy, or else `data` itself: then the sum goes through `result`.
+    std::vector<std::byte> result(group_->staged(rank_) ? 0 : bytes);
+    complete(e, "all_reduce", [&] {
+      check_same_count_and_root("all_reduce");
+      ::moefold::detail::reduce_ordered(t, op, inputs(), 0, n,
+                                        result.empty() ? data : result.data());
+    });
     if (!result.empty()) std::memcpy(data, result.data(), result.size());
   }
 
   void raw_broadcast(void* data, std::size_t n, DType t, int root) {
-    meet({.op = "broadcast", .dtype = t, .count = n, .root = root, .send = data}, [&] {
-      check_same_count_and_root("broadcast");
-      if (rank_ != root && n != 0) std::memcpy(data, group_->slot(root).send, n * size_of(t));
-    });
+    meet({.op = "broadcast", .dtype = t, .count = n, .root = root, .send = data},
+         rank_ == root ? n * size_of(t) : 0, [&] {
+           check_same_count_and_root("broadcast");
+           if (rank_ != root && n != 0) std::memcpy(data, slot(root).send, n * size_of(t));
+         });
   }
 
   void raw_all_gather_v(void const* send, void* recv, std::span<std::size_t const> counts,
                         DType t) {
-    meet({.op = "all_gather_v", .dtype = t, .send = send, .counts = counts.data()}, [&] {
+    meet({.op = "all_gather_v", .dtype = t, .send = send, .counts = counts.data()},
+         counts.size() == idx(size()) ? counts[idx(rank_)] * size_of(t) : kInPlace, [&] {
       check_same_counts("all_gather_v", counts);
       auto* out = static_cast<std::byte*>(recv);
       for (int p = 0; p < size(); ++p) {
         std::size_t const bytes = counts[idx(p)] * size_of(t);
-        if (bytes != 0) std::memcpy(out, group_->slot(p).send, bytes);
+        if (bytes != 0) std::memcpy(out, slot(p).send, bytes);
         out += bytes;
       }
     });
@@ -99,7 +106,7 @@ class Communicator : public CollectiveApi<Communicator> {
           .root = static_cast<int>(op),
           .send = send,
           .counts = counts.data()},
-         [&] {
+         total_bytes(counts, t), [&] {
            check_same_counts("reduce_scatter_v", counts);
            std::size_t const offset =
                std::accumulate(counts.begin(), counts.begin() + rank_, std::size_t{0});
@@ -110,7 +117,7 @@ class Communicator : public CollectiveApi<Communicator> {
   void raw_all_to_all_v(void const* send, std::span<std::size_t const> send_counts, void* recv,
                         std::span<std::size_t const> recv_counts, DType t) {
     meet({.op = "all_to_all_v", .dtype = t, .send = send, .counts = send_counts.data()},
-         [&] { pull_blocks(recv, recv_counts, t, "all_to_all_v"); });
+         total_bytes(send_counts, t), [&] { pull_blocks(recv, recv_counts, t, "all_to_all_v"); });
   }
 
   class Started;
@@ -124,7 +131,8 @@ class Communicator : public CollectiveApi<Communicator> {
   template <class Fn>
   void raw_exchange_view(void const* send, std::span<std::size_t const> send_counts,
                          std::span<std::size_t const> recv_counts, DType t, Fn&& fn) {
-    meet({.op = "exchange_view", .dtype = t, .send = send, .counts = send_counts.data()}, [&] {
+    meet({.op = "exchange_view", .dtype = t, .send = send, .counts = send_counts.data()},
+         kInPlace, [&] {
       check_same_signature();
       std::vector<void const*> starts(idx(size()));
       for (int q = 0; q < size(); ++q)
@@ -145,16 +153,16 @@ class Communicator : public CollectiveApi<Communicator> {
 
   Communicator raw_split(int color, int key) {
     Communicator out;
-    std::uint64_t const e = arrive({.op = "split", .root = color, .key = key});
+    std::uint64_t const e = arrive({.op = "split", .root = color, .key = key}, 0);
     complete(e, "split", [&] {
       check_same_signature();
       // My new group: the ranks with my colour, ordered by (key, old rank).
       std::vector<int> mine;
       for (int q = 0; q < size(); ++q)
-        if (color != kUndefinedColor && group_->slot(q).root == color) mine.push_back(q);
+        if (color != kUndefinedColor && slot(q).root == color) mine.push_back(q);
       if (mine.empty()) return;
       std::stable_sort(mine.begin(), mine.end(),
-                       [&](int a, int b) { return group_->slot(a).key < group_->slot(b).key; });
+                       [&](int a, int b) { return slot(a).key < slot(b).key; });
       std::vector<int> world_ranks;
       for (int q : mine) world_ranks.push_back(group_->world_rank(q));
       auto const pos = std::find(mine.begin(), mine.end(), rank_) - mine.begin();
@@ -173,20 +181,36 @@ class Communicator : public CollectiveApi<Communicator> {
   }
   std::string describe() const { return group_->describe(*name_); }
 
-  /// Posts `slot` and arrives at this rank's next collective on the group (does not wait).
-  std::uint64_t arrive(detail::Slot slot) {
+  static constexpr std::size_t kInPlace = detail::GroupState::kInPlace;
+
+  /// The bytes of `counts` elements of `t` in all (what an eager arrival stages), or
+  /// `kInPlace` when `counts` has not one entry per rank (the collective then fails, naming
+  /// the counts).
+  std::size_t total_bytes(std::span<std::size_t const> counts, DType t) const {
+    if (counts.size() != idx(size())) return kInPlace;
+    return std::accumulate(counts.begin(), counts.end(), std::size_t{0}) * size_of(t);
+  }
+
+  /// Posts `slot` and arrives at this rank's next collective on the group (does not wait);
+  /// a payload of `stage_bytes` ≤ `GroupState::kEagerBytes` is staged (group.hpp).
+  std::uint64_t arrive(detail::Slot slot, std::size_t stage_bytes = kInPlace) {
     require_valid(slot.op);
     slot.label = *name_;
-    return group_->arrive(rank_, slot);
+    return group_->arrive(rank_, slot, stage_bytes);
   }
 
   /// Completes collective `e`: waits until every rank has arrived, runs `work` (reading the
-  /// peers' slots and buffers), releases the peers, and waits until every peer has released
-  /// this rank — also when `work` fails, so no buffer is freed while a peer reads it.
+  /// peers' slots and buffers) and releases the peers. Unless this rank staged its payload,
+  /// it then waits until every peer has released it — also when `work` fails, so no buffer
+  /// is freed while a peer reads it.
   template <class Work>
   void complete(std::uint64_t e, std::string_view op, Work&& work) {
     group_->await_all(rank_, e, op, *name_);
-    leave(e, op, run_and_release(e, std::forward<Work>(work)));
+    bool const staged = group_->staged(rank_);
+    std::exception_ptr const failed = run_and_release(e, std::forward<Work>(work));
+    if (!staged) return leave(e, op, failed);
+    if (failed) std::rethrow_exception(failed);
+    group_->throw_if_aborted(rank_, op, *name_);
   }
   /// Runs this rank's part of collective `e` and releases the peers, also when it fails;
   /// returns its error.
@@ -215,18 +239,22 @@ class Communicator : public CollectiveApi<Communicator> {
     group_->throw_if_aborted(rank_, op, *name_);
   }
 
-  /// Runs one collective at once: arrive, then `complete`.
+  /// Runs one collective at once: arrive (staging `stage_bytes` of `slot.send` when few
+  /// enough), then `complete`.
   template <class Work>
-  void meet(detail::Slot slot, Work&& work) {
+  void meet(detail::Slot slot, std::size_t stage_bytes, Work&& work) {
     std::string_view const op = slot.op;
-    complete(arrive(slot), op, std::forward<Work>(work));
+    complete(arrive(slot, stage_bytes), op, std::forward<Work>(work));
   }
+
+  /// Peer `q`'s slot for the collective this rank has in progress on the group.
+  detail::Slot const& slot(int q) const { return group_->slot(rank_, q); }
 
   /// Where peer `q`'s block for this rank starts in q's send buffer; fails the world when q
   /// sends another count than this rank expects from it.
   void const* peer_block(int q, std::span<std::size_t const> recv_counts, DType t,
                          std::string_view op) {
-    detail::Slot const& peer = group_->slot(q);
+    detail::Slot const& peer = slot(q);
     std::size_t const sent_to_me = peer.counts[idx(rank_)];
     if (sent_to_me != recv_counts[idx(q)])
       fail(errc::invalid_argument,
@@ -255,7 +283,7 @@ class Communicator : public CollectiveApi<Communicator> {
   /// The posted send buffers in rank order.
   std::vector<void const*> inputs() const {
     std::vector<void const*> in(idx(size()));
-    for (int q = 0; q < size(); ++q) in[idx(q)] = group_->slot(q).send;
+    for (int q = 0; q < size(); ++q) in[idx(q)] = slot(q).send;
     return in;
   }
 
@@ -266,9 +294,9 @@ class Communicator : public CollectiveApi<Communicator> {
 
   /// Every rank called the same collective with the same element type.
   void check_same_signature() {
-    detail::Slot const& mine = group_->slot(rank_);
+    detail::Slot const& mine = slot(rank_);
     for (int q = 0; q < size(); ++q) {
-      detail::Slot const& s = group_->slot(q);
+      detail::Slot const& s = slot(q);
       if (s.op != mine.op || s.dtype != mine.dtype) {
         fail(errc::invalid_argument,
              fmt::format("inproc: mismatched collectives on {}: world rank {} called {}<{}> "
@@ -280,9 +308,9 @@ class Communicator : public CollectiveApi<Communicator> {
   }
   void check_same_count_and_root(std::string_view op) {
     check_same_signature();
-    detail::Slot const& mine = group_->slot(rank_);
+    detail::Slot const& mine = slot(rank_);
     for (int q = 0; q < size(); ++q) {
-      detail::Slot const& s = group_->slot(q);
+      detail::Slot const& s = slot(q);
       if (s.count != mine.count || s.root != mine.root) {
         fail(errc::invalid_argument,
              fmt::format("inproc: {} on {}: world rank {} passed count {} / {} {} but world rank "
@@ -296,9 +324,9 @@ class Communicator : public CollectiveApi<Communicator> {
   void check_same_counts(std::string_view op, std::span<std::size_t const> counts) {
     check_same_signature();
     for (int q = 0; q < size(); ++q) {
-      detail::Slot const& s = group_->slot(q);
+      detail::Slot const& s = slot(q);
       if (!std::equal(counts.begin(), counts.end(), s.counts) ||
-          (op == "reduce_scatter_v" && s.root != group_->slot(rank_).root)) {
+          (op == "reduce_scatter_v" && s.root != slot(rank_).root)) {
         fail(errc::invalid_argument,
              fmt::format("inproc: {} on {}: world ranks {} and {} passed different counts or "
                          "operators",

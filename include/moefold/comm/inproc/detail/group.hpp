@@ -7,10 +7,16 @@
 /// signature) and arrives (`arrive`, which does not block: a started collective returns here);
 /// once every rank has arrived (`await_all`) each rank reads what it needs straight out of its
 /// peers' buffers (real copies, or a view for `exchange_view`) and then releases every peer
-/// (`release_all`). Before it leaves, a rank waits until every peer has released it
-/// (`await_released`): its buffers stay alive until every reader is done — also when the world
+/// (`release_all`). Before it leaves, a rank whose buffers peers read in place waits until
+/// every peer has released it (`await_released`): its buffers stay alive until every reader is done — also when the world
 /// aborts meanwhile, or when this rank's own part fails. That second wait is not a rendezvous:
 /// a rank waits only for its readers, and the last one wakes it alone.
+///
+/// A small payload goes **eagerly**: at `arrive` the rank copies its buffer (and its per-peer
+/// counts) into a staging buffer of its own in the group, and peers read that copy, so the
+/// rank leaves as soon as its own part is done, without waiting for its readers. Slots and
+/// staging buffers alternate by epoch parity: readers of epoch e-1 have released before the
+/// rendezvous of epoch e completes, and a rank writes epoch e+1's only after that rendezvous.
 ///
 /// A rank that stops waiting at the rendezvous (abort, timeout, a peer that returned) withdraws
 /// its arrival first, so no peer can pass the rendezvous and read its buffers; if the
@@ -74,10 +80,18 @@ class GroupState {
 
   // ---- the collective rendezvous (each call on the rank's own thread) ----------------------
 
+  /// Payloads up to this many bytes go eagerly (copied into the rank's staging buffer).
+  static constexpr std::size_t kEagerBytes = std::size_t{64} << 10;
+  /// `arrive`'s `stage_bytes` for a collective whose buffers peers read in place.
+  static constexpr std::size_t kInPlace = static_cast<std::size_t>(-1);
+
   /// Posts `slot` for `rank` and arrives at the rank's next collective on this group; returns
   /// its epoch (1, 2, …). Does not wait. Throws if the world has aborted or this rank has a
-  /// started collective on the group that it has not waited for.
-  std::uint64_t arrive(int rank, Slot const& slot) {
+  /// started collective on the group that it has not waited for. With `stage_bytes` ≤
+  /// `kEagerBytes`, the first `stage_bytes` of `slot.send` and the group's size of
+  /// `slot.counts` are staged (peers read the copies) and `staged(rank)` is true until the
+  /// rank's next arrival: the rank need not wait for its readers.
+  std::uint64_t arrive(int rank, Slot slot, std::size_t stage_bytes = kInPlace) {
     if (world_->aborted())
       world_->throw_aborted(world_rank(rank),
                             fmt::format("{} on {}", slot.op, describe(slot.label)));
@@ -88,7 +102,20 @@ class GroupState {
                               "the group is not waited for: call wait() on its handle first",
                               slot.op, describe(slot.label), me.started, world_rank(rank)));
     std::uint64_t const e = ++me.epoch;
-    me.slot = slot;
+    me.staged = stage_bytes <= kEagerBytes;
+    if (me.staged) {
+      std::size_t const parity = e & 1U;
+      auto& bytes = me.stage[parity];
+      if (bytes.size() < stage_bytes) bytes.resize(stage_bytes);
+      if (stage_bytes != 0) std::memcpy(bytes.data(), slot.send, stage_bytes);
+      slot.send = bytes.data();
+      if (slot.counts != nullptr) {
+        auto& counts = me.stage_counts[parity];
+        counts.assign(slot.counts, slot.counts + members_.size());
+        slot.counts = counts.data();
+      }
+    }
+    me.slots[e & 1U] = slot;
     me.arrived_at.store(e);
     if (arrived_.fetch_add(1) + 1 == e * members_.size())
       for (int q = 0; q < size(); ++q)
@@ -128,9 +155,13 @@ class GroupState {
   /// True once every member has arrived at epoch `e`.
   bool all_arrived(std::uint64_t e) const { return arrived_.load() >= e * members_.size(); }
 
-  /// The slot `rank` posted for the collective in progress (valid from the end of `await_all`
-  /// until this rank's `release_all`).
-  Slot const& slot(int rank) const noexcept { return at(rank).slot; }
+  /// The slot `rank` posted for the collective that `reader` has in progress (valid from the
+  /// end of the reader's `await_all` until its `release_all`).
+  Slot const& slot(int reader, int rank) const noexcept {
+    return at(rank).slots[at(reader).epoch & 1U];
+  }
+  /// Whether `rank`'s last arrival staged its payload (its own thread only).
+  bool staged(int rank) const noexcept { return at(rank).staged; }
 
   /// Tells every member that this rank is done with its buffers in epoch `e`.
   void release_all(std::uint64_t e) {
@@ -210,7 +241,10 @@ class GroupState {
     std::atomic<std::uint64_t> released{0};    ///< releases of its buffers (size() per epoch)
     std::uint64_t epoch = 0;                   ///< its collectives so far (its own thread only)
     std::string_view started{};  ///< a started collective not waited for (its own thread only)
-    Slot slot{};
+    bool staged = false;         ///< the last arrival staged its payload (its own thread only)
+    Slot slots[2]{};             ///< by epoch parity
+    std::vector<std::byte> stage[2];           ///< staged payloads, by epoch parity
+    std::vector<std::size_t> stage_counts[2];  ///< staged per-peer counts, by epoch parity
   };
   RankState& at(int rank) noexcept { return ranks_[static_cast<std::size_t>(rank)]; }
   RankState const& at(int rank) const noexcept { return ranks_[static_cast<std::size_t>(rank)]; }
