@@ -262,10 +262,20 @@ class MoELayer {
     if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
     auto in = dispatcher_.dispatch(x, routing.probs.view());
     // Probabilities are applied in combine: the experts compute f_e(x).
-    auto const expert_out = experts_.forward(in.expert_input.view(),
-                                             std::span<std::int64_t const>(in.tokens_per_local_expert));
-    auto combined = dispatcher_.combine(expert_out.view());
+    auto expert_out = experts_.forward(in.expert_input.view(),
+                                       std::span<std::int64_t const>(in.tokens_per_local_expert));
+    // The all-to-all dispatcher keeps the expert output itself (no copy) and takes its large
+    // buffers back: the experts keep their own copy of the input.
+    constexpr bool kRecycles = requires { dispatcher_.combine_owned(std::move(expert_out)); };
+    auto combined = [&] {
+      if constexpr (kRecycles) return dispatcher_.combine_owned(std::move(expert_out));
+      else return dispatcher_.combine(expert_out.view());
+    }();
     copy<T>(exec_, combined.view(), y.reshaped(1, y.size()));
+    if constexpr (kRecycles) {
+      dispatcher_.give_back(std::move(in.expert_input));
+      dispatcher_.give_back(std::move(combined));
+    }
     if (shared_) {
       shared_out_ = shared_->forward(std::span<T const>(x));
       View<T const, Space> const s(shared_out_);
