@@ -30,6 +30,10 @@ namespace moefold {
 inline namespace v0 {
 
 namespace detail {
+/// The work of a dispatcher call with nothing to overlap.
+struct NoWork {
+  void operator()() const noexcept {}
+};
 inline std::vector<std::int64_t> scaled(std::span<std::int64_t const> v, std::int64_t w) {
   std::vector<std::int64_t> o(v.begin(), v.end());
   for (auto& x : o) x *= w;
@@ -307,9 +311,21 @@ class AllToAllTokenDispatcher {
     return meta_;
   }
 
+  /// Runs `while_in_flight` of `dispatch` and `combine` between the start and the end of their
+  /// token all-to-all (the MoE layer's shared-expert overlap).
+  static constexpr bool overlaps_work = true;
+
   /// Moves this rank's tokens `hidden [T, H]` with probabilities `probs [T, E]` (read at the
   /// planned entries) to the experts. Collective over `ep` and `etp`.
   DispatchOutput<Real, Space> dispatch(View<Real const, Space> hidden, View<Real const, Space> probs) {
+    return dispatch(hidden, probs, detail::NoWork{});
+  }
+  /// As `dispatch`, calling `while_in_flight()` once while the token all-to-all is in flight
+  /// (started, not yet waited for): work that may call collectives on other groups than `ep`.
+  /// On the peer-read path no row is in flight (the exchange is the copy): it runs first.
+  template <class Work>
+  DispatchOutput<Real, Space> dispatch(View<Real const, Space> hidden, View<Real const, Space> probs,
+                                       Work&& while_in_flight) {
     auto const h = cfg_.hidden_size;
     auto const T = routing_.num_tokens;
     MOEFOLD_EXPECTS(hidden.size() == T * h,
@@ -319,7 +335,10 @@ class AllToAllTokenDispatcher {
                     "AllToAllDispatcher::dispatch: probs has {} elements, expected T·E = {}",
                     probs.size(), routing_.probs.size());
     if constexpr (kPeerReads)
-      if (by_peer_reads()) return dispatch_by_peer_reads(hidden, probs);
+      if (by_peer_reads()) {
+        while_in_flight();
+        return dispatch_by_peer_reads(hidden, probs);
+      }
     auto const w = probs_width();
     auto send = experts_.take(static_cast<std::size_t>(send_map_.rows() * h));
     permute<Real>(exec_, send_map_, hidden, send.view(), h);
@@ -334,7 +353,7 @@ class AllToAllTokenDispatcher {
 
     // Token all-to-all over ep (payload bytes recorded as the communicator counts them).
     auto const before = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent;
-    auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
+    auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h, while_in_flight);
     meta_.ep_token_bytes_sent = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent - before;
     experts_.give(std::move(send));
     auto recv_p = all_to_all<Real>(send_p, meta_.input_splits, meta_.output_splits, w);
@@ -364,23 +383,28 @@ class AllToAllTokenDispatcher {
   /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
   /// rows to their source ranks and sums each token's rows: `[T, H]`. Collective over `etp`
   /// and `ep`.
-  Buffer<Real, Space> combine(View<Real const, Space> expert_output) {
+  /// `while_in_flight()` runs once while the all-to-all back is in flight (see `dispatch`).
+  template <class Work = detail::NoWork>
+  Buffer<Real, Space> combine(View<Real const, Space> expert_output, Work&& while_in_flight = {}) {
     auto const h = cfg_.hidden_size;
     if constexpr (kPeerReads)
       if (by_peer_reads()) {
         check_expert_output(static_cast<std::size_t>(expert_output.size()));
         experts_.keep_output(expert_output);
+        while_in_flight();
         return combine_kept_by_peer_reads();
       }
-    return combine_gathered(experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher"));
+    return combine_gathered(experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher"),
+                            while_in_flight);
   }
 
  private:
   /// The collective combine after the expert side's weighted sums `g` [R, H].
-  Buffer<Real, Space> combine_gathered(Buffer<Real, Space> g) {
+  template <class Work>
+  Buffer<Real, Space> combine_gathered(Buffer<Real, Space> g, Work& while_in_flight) {
     auto const h = cfg_.hidden_size;
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
-    auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
+    auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h, while_in_flight);
     experts_.give(std::move(mine));
     auto out = exec_.template allocate<Real>(routing_.num_tokens * h);
     unpermute<Real>(exec_, send_map_, back.view(), out.view(), h);
@@ -398,13 +422,17 @@ class AllToAllTokenDispatcher {
 
   /// `combine` of an expert output that the dispatcher keeps for `combine_backward` (no copy;
   /// the buffer is the dispatcher's from here on).
-  Buffer<Real, Space> combine_owned(Buffer<Real, Space>&& expert_output) {
+  template <class Work = detail::NoWork>
+  Buffer<Real, Space> combine_owned(Buffer<Real, Space>&& expert_output, Work&& while_in_flight = {}) {
     auto const h = cfg_.hidden_size;
     check_expert_output(expert_output.size());
     experts_.keep_output(std::move(expert_output));
     if constexpr (kPeerReads)
-      if (by_peer_reads()) return combine_kept_by_peer_reads();
-    return combine_gathered(experts_.combine_kept(gathered_rows_, h));
+      if (by_peer_reads()) {
+        while_in_flight();
+        return combine_kept_by_peer_reads();
+      }
+    return combine_gathered(experts_.combine_kept(gathered_rows_, h), while_in_flight);
   }
 
   /// Backward of `combine`: from `d_output [T, H]`, the gradients of the expert output and of
@@ -617,21 +645,32 @@ class AllToAllTokenDispatcher {
     return b.view();
   }
 
-  template <class U>
+  /// AllToAll-V over ep of rows of `width`; `in_flight()` runs between its start and its end.
+  template <class U, class Work = detail::NoWork>
   Buffer<U, Space> all_to_all(Buffer<U, Space> const& send, std::span<std::int64_t const> send_rows,
-                              std::span<std::int64_t const> recv_rows, std::int64_t width) {
+                              std::span<std::int64_t const> recv_rows, std::int64_t width,
+                              Work&& in_flight = {}) {
     auto const sc = detail::scaled(send_rows, width), rc = detail::scaled(recv_rows, width);
     auto const n = static_cast<std::size_t>(detail::total(rc));
     Buffer<U, Space> recv;
     if constexpr (std::is_same_v<U, Real>) recv = experts_.take(n);
     else recv = exec_.template allocate<U>(static_cast<std::int64_t>(n));
+    bool ran = false;
     detail::collective<Exec, Comm, U>(
         exec_, ep_, send.view(), recv.view(),
         [&](std::span<U const> in, std::span<U> out) {
-          ep_.all_to_all_v(in, std::span<std::int64_t const>(sc), out,
-                           std::span<std::int64_t const>(rc));
+          auto const scs = std::span<std::int64_t const>(sc), rcs = std::span<std::int64_t const>(rc);
+          if constexpr (std::is_same_v<std::remove_cvref_t<Work>, detail::NoWork>) {
+            ep_.all_to_all_v(in, scs, out, rcs);
+          } else {
+            auto started = ep_.start_all_to_all_v(in, scs, out, rcs);
+            ran = true;
+            in_flight();
+            started.wait();
+          }
         },
         "all-to-all over ep");
+    if (!ran) in_flight();  // no collective was in flight (one rank's device copy): run it now
     return recv;
   }
   /// AllGather-V over etp of each ETP rank's received rows (identity when ETP = 1).
