@@ -78,6 +78,19 @@ MOEFOLD_HD inline void prefetch_row(T const* p, std::int64_t n) {
   (void)n;
 #endif
 }
+/// ⟨x, y⟩ over n values, summed in order in `compute_t<T>`.
+template <class T>
+MOEFOLD_HD inline T row_dot(T const* x, T const* y, std::int64_t n) {
+  compute_t<T> s = 0;
+  for (std::int64_t c = 0; c < n; ++c) s += widen(x[c]) * widen(y[c]);
+  return narrow<T>(s);
+}
+/// o = w · s over n values.
+template <class T>
+MOEFOLD_HD inline void scale_row(T* __restrict o, T const* __restrict s, compute_t<T> w,
+                                 std::int64_t n) {
+  for (std::int64_t c = 0; c < n; ++c) o[c] = narrow<T>(w * widen(s[c]));
+}
 }  // namespace detail
 
 /// Row i of out = row src[i] of in (h values each).
@@ -102,10 +115,7 @@ struct ScaledGatherRows {
   T* out;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    T const* s = in + src[i] * h;
-    T* o = out + i * h;
-    compute_t<T> const wi = widen(w[i]);
-    for (std::int64_t c = 0; c < h; ++c) o[c] = narrow<T>(wi * widen(s[c]));
+    detail::scale_row(out + i * h, in + src[i] * h, widen(w[i]), h);
   }
 };
 
@@ -156,8 +166,7 @@ struct GatherRowPtrs {
       detail::copy_row(o, s, h, i + 1 < rows ? src[i + 1] : nullptr);
       return;
     }
-    compute_t<T> const wi = widen(w[i]);
-    for (std::int64_t c = 0; c < h; ++c) o[c] = narrow<T>(wi * widen(s[c]));
+    detail::scale_row(o, s, widen(w[i]), h);
   }
 };
 
@@ -169,11 +178,7 @@ struct RowDotPtrs {
   T* out;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    T const* x = a[i];
-    T const* y = b + i * h;
-    compute_t<T> s = 0;
-    for (std::int64_t c = 0; c < h; ++c) s += widen(x[c]) * widen(y[c]);
-    out[i] = narrow<T>(s);
+    out[i] = detail::row_dot(a[i], b + i * h, h);
   }
 };
 
@@ -236,11 +241,7 @@ struct RowDots {
   T* out;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    T const* x = a + target[i] * h;
-    T const* y = b + i * h;
-    compute_t<T> s = 0;
-    for (std::int64_t c = 0; c < h; ++c) s += widen(x[c]) * widen(y[c]);
-    out[i] = narrow<T>(s);
+    out[i] = detail::row_dot(a + target[i] * h, b + i * h, h);
   }
 };
 
