@@ -44,6 +44,7 @@ typename MlpBlock<T, Comm>::Config mlp_config(TrainOptions const& o) {
   c.hidden_size = o.hidden;
   c.moe_ffn_hidden_size = o.moe_ffn;
   c.moe_shared_expert_intermediate_size = o.shared_expert_ffn;
+  c.moe_shared_expert_overlap = o.shared_expert_overlap;
   c.router = router_config(o);
   c.seed = o.seed;
   return c;

@@ -63,6 +63,9 @@ ParseResult parse_options(int argc, char** argv) {
   app.add_option("--moe-shared-expert-intermediate-size", o.shared_expert_ffn,
                  "Shared expert size (0: no shared expert)")
       ->capture_default_str();
+  app.add_flag("--moe-shared-expert-overlap", o.shared_expert_overlap,
+               "Run the shared expert while the token all-to-all is in flight (needs a shared "
+               "expert; same results)");
   app.add_option("--rotary-base", o.rotary_base, "Base of the rotary position embeddings")
       ->capture_default_str();
   app.add_option("--norm-epsilon", o.norm_epsilon, "Epsilon of every RMSNorm")
@@ -407,6 +410,9 @@ void validate(TrainOptions const& o) {
   need(o.shared_expert_ffn >= 0 && o.shared_expert_ffn % o.tp == 0,
        fmt::format("--moe-shared-expert-intermediate-size {} must be divisible by TP = {}",
                    o.shared_expert_ffn, o.tp));
+  need(!o.shared_expert_overlap || o.shared_expert_ffn > 0,
+       "--moe-shared-expert-overlap needs a shared expert (--moe-shared-expert-intermediate-size "
+       "> 0)");
   router_config(o).validate();  // Megatron's router rules, with the flags' names
   need(o.save_interval == 0 || !o.save.empty(), "--save-interval needs --save DIR");
   need((!o.finetune && !o.no_load_optim) || !o.load.empty(),

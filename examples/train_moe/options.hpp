@@ -35,6 +35,7 @@ struct TrainOptions {
   int topk = 2;
   int moe_ffn = 256;
   int shared_expert_ffn = 0;  ///< --moe-shared-expert-intermediate-size (0: none)
+  bool shared_expert_overlap = false;  ///< --moe-shared-expert-overlap
   double rotary_base = 10000.0;  ///< --rotary-base (RoPE's base; Mixtral uses 1e6)
   double norm_epsilon = 1e-5;    ///< --norm-epsilon (RMSNorm's epsilon)
   bool add_qkv_bias = false;     ///< --add-qkv-bias (a bias on the attention's QKV projection)

@@ -18,6 +18,7 @@
 #include "moefold/comm/process_groups.hpp"
 #include "moefold/moe/capacity.hpp"
 #include "moefold/moe/detail/expert_rows.hpp"
+#include "moefold/moe/detail/peer_rows.hpp"
 #include "moefold/moe/permutation.hpp"
 #include "moefold/moe/token_dispatcher.hpp"
 #include "moefold/nn/microbatch_stash.hpp"
@@ -29,6 +30,10 @@ namespace moefold {
 inline namespace v0 {
 
 namespace detail {
+/// The work of a dispatcher call with nothing to overlap.
+struct NoWork {
+  void operator()() const noexcept {}
+};
 inline std::vector<std::int64_t> scaled(std::span<std::int64_t const> v, std::int64_t w) {
   std::vector<std::int64_t> o(v.begin(), v.end());
   for (auto& x : o) x *= w;
@@ -306,9 +311,21 @@ class AllToAllTokenDispatcher {
     return meta_;
   }
 
+  /// Runs `while_in_flight` of `dispatch` and `combine` between the start and the end of their
+  /// token all-to-all (the MoE layer's shared-expert overlap).
+  static constexpr bool overlaps_work = true;
+
   /// Moves this rank's tokens `hidden [T, H]` with probabilities `probs [T, E]` (read at the
   /// planned entries) to the experts. Collective over `ep` and `etp`.
   DispatchOutput<Real, Space> dispatch(View<Real const, Space> hidden, View<Real const, Space> probs) {
+    return dispatch(hidden, probs, detail::NoWork{});
+  }
+  /// As `dispatch`, calling `while_in_flight()` once while the token all-to-all is in flight
+  /// (started, not yet waited for): work that may call collectives on other groups than `ep`.
+  /// On the peer-read path no row is in flight (the exchange is the copy): it runs first.
+  template <class Work>
+  DispatchOutput<Real, Space> dispatch(View<Real const, Space> hidden, View<Real const, Space> probs,
+                                       Work&& while_in_flight) {
     auto const h = cfg_.hidden_size;
     auto const T = routing_.num_tokens;
     MOEFOLD_EXPECTS(hidden.size() == T * h,
@@ -317,6 +334,11 @@ class AllToAllTokenDispatcher {
     MOEFOLD_EXPECTS(probs.size() == static_cast<std::int64_t>(routing_.probs.size()),
                     "AllToAllDispatcher::dispatch: probs has {} elements, expected T·E = {}",
                     probs.size(), routing_.probs.size());
+    if constexpr (kPeerReads)
+      if (by_peer_reads()) {
+        while_in_flight();
+        return dispatch_by_peer_reads(hidden, probs);
+      }
     auto const w = probs_width();
     auto send = experts_.take(static_cast<std::size_t>(send_map_.rows() * h));
     permute<Real>(exec_, send_map_, hidden, send.view(), h);
@@ -331,7 +353,7 @@ class AllToAllTokenDispatcher {
 
     // Token all-to-all over ep (payload bytes recorded as the communicator counts them).
     auto const before = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent;
-    auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
+    auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h, while_in_flight);
     meta_.ep_token_bytes_sent = ep_.traffic()[CollectiveKind::all_to_all].bytes_sent - before;
     experts_.give(std::move(send));
     auto recv_p = all_to_all<Real>(send_p, meta_.input_splits, meta_.output_splits, w);
@@ -344,17 +366,7 @@ class AllToAllTokenDispatcher {
     gathered_p_ = all_gather_etp<Real>(std::move(recv_p), w);
     if (meta_.dedup) {
       auto flags = all_gather_etp<std::uint8_t>(std::move(recv_f), w);
-      // Expand each gathered row to its local experts: (l, then gathered row) order.
-      auto const rows = meta_.num_expert_rows();
-      auto const keys = sized(expand_keys_, gathered_rows_ * l_);
-      ops::expand_keys<Exec>(exec_, flags.view(), l_, keys);
-      auto sorted = exec_.template allocate<std::int64_t>(rows);
-      stable_sort_by_key<std::int64_t>(exec_, View<std::int64_t const, Space>(keys), l_,
-                                       sorted.view());
-      auto src = exec_.template allocate<std::int64_t>(rows);
-      slot_ = exec_.template allocate<std::int64_t>(rows);
-      ops::expand_rows<Exec>(exec_, sorted.view(), gathered_rows_, l_, src.view(), slot_.view());
-      experts_.set_map(RowMapIn<Space>(exec_, std::move(src), gathered_rows_));
+      expand(flags.view());
     } else {
       slot_ = exec_.template allocate<std::int64_t>(experts_.rows());
       copy<std::int64_t>(exec_, experts_.map().row_targets(), slot_.view());
@@ -371,16 +383,56 @@ class AllToAllTokenDispatcher {
   /// Scales each expert row by its probability, sums the partial outputs over `etp`, returns
   /// rows to their source ranks and sums each token's rows: `[T, H]`. Collective over `etp`
   /// and `ep`.
-  Buffer<Real, Space> combine(View<Real const, Space> expert_output) {
+  /// `while_in_flight()` runs once while the all-to-all back is in flight (see `dispatch`).
+  template <class Work = detail::NoWork>
+  Buffer<Real, Space> combine(View<Real const, Space> expert_output, Work&& while_in_flight = {}) {
     auto const h = cfg_.hidden_size;
-    auto g = experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher");
+    if constexpr (kPeerReads)
+      if (by_peer_reads()) {
+        check_expert_output(static_cast<std::size_t>(expert_output.size()));
+        experts_.keep_output(expert_output);
+        while_in_flight();
+        return combine_kept_by_peer_reads();
+      }
+    return combine_gathered(experts_.combine(expert_output, gathered_rows_, h, "AllToAllDispatcher"),
+                            while_in_flight);
+  }
+
+ private:
+  /// The collective combine after the expert side's weighted sums `g` [R, H].
+  template <class Work>
+  Buffer<Real, Space> combine_gathered(Buffer<Real, Space> g, Work& while_in_flight) {
+    auto const h = cfg_.hidden_size;
     auto mine = reduce_scatter_etp<Real>(std::move(g), h);
-    auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h);
+    auto back = all_to_all<Real>(mine, meta_.output_splits, meta_.input_splits, h, while_in_flight);
     experts_.give(std::move(mine));
     auto out = exec_.template allocate<Real>(routing_.num_tokens * h);
     unpermute<Real>(exec_, send_map_, back.view(), out.view(), h);
     experts_.give(std::move(back));
     return out;
+  }
+  void check_expert_output(std::size_t n) const {
+    MOEFOLD_EXPECTS(static_cast<std::int64_t>(n) == experts_.rows() * cfg_.hidden_size,
+                    "AllToAllDispatcher::combine: expert output has {} elements, expected N·H = "
+                    "{}·{}",
+                    n, experts_.rows(), cfg_.hidden_size);
+  }
+
+ public:
+
+  /// `combine` of an expert output that the dispatcher keeps for `combine_backward` (no copy;
+  /// the buffer is the dispatcher's from here on).
+  template <class Work = detail::NoWork>
+  Buffer<Real, Space> combine_owned(Buffer<Real, Space>&& expert_output, Work&& while_in_flight = {}) {
+    auto const h = cfg_.hidden_size;
+    check_expert_output(expert_output.size());
+    experts_.keep_output(std::move(expert_output));
+    if constexpr (kPeerReads)
+      if (by_peer_reads()) {
+        while_in_flight();
+        return combine_kept_by_peer_reads();
+      }
+    return combine_gathered(experts_.combine_kept(gathered_rows_, h), while_in_flight);
   }
 
   /// Backward of `combine`: from `d_output [T, H]`, the gradients of the expert output and of
@@ -390,6 +442,8 @@ class AllToAllTokenDispatcher {
     MOEFOLD_EXPECTS(d_output.size() == routing_.num_tokens * h,
                     "AllToAllDispatcher::combine_backward: gradient has {} elements, expected T·H",
                     d_output.size());
+    if constexpr (kPeerReads)
+      if (by_peer_reads()) return combine_backward_by_peer_reads(d_output);
     auto send = experts_.take(static_cast<std::size_t>(send_map_.rows() * h));
     permute<Real>(exec_, send_map_, d_output, send.view(), h);
     auto recv = all_to_all<Real>(send, meta_.input_splits, meta_.output_splits, h);
@@ -405,6 +459,8 @@ class AllToAllTokenDispatcher {
   DispatchGrad<Real, Space> dispatch_backward(View<Real const, Space> d_expert_input,
                                               View<Real const, Space> d_expert_probs) {
     auto const h = cfg_.hidden_size;
+    if constexpr (kPeerReads)
+      if (by_peer_reads()) return dispatch_backward_by_peer_reads(d_expert_input, d_expert_probs);
     auto const w = probs_width();
     auto g = experts_.dispatch_backward(d_expert_input, d_expert_probs, gathered_rows_, h,
                                         "AllToAllDispatcher");
@@ -427,7 +483,158 @@ class AllToAllTokenDispatcher {
     return out;
   }
 
+  /// Whether this dispatcher moves rows by peer reads (see `DispatcherConfig::peer_reads`).
+  bool moves_by_peer_reads() const noexcept { return by_peer_reads(); }
+
+  /// Returns a buffer this dispatcher handed out (an expert input, a combine output) for reuse
+  /// by later calls: a warm step then allocates none of its large buffers.
+  void give_back(Buffer<Real, Space>&& b) { experts_.give(std::move(b)); }
+
  private:
+  /// Whether rows move by peer reads (`DispatcherConfig::peer_reads`; host memory, a
+  /// communicator with peer reads, ETP = 1).
+  static constexpr bool kPeerReads = Space::host_accessible && has_peer_reads_v<Comm>;
+  bool by_peer_reads() const noexcept { return kPeerReads && cfg_.peer_reads && etp_.size() == 1; }
+
+  /// Dedup: expands each gathered row to the local experts its flags [R·L] name, in (local
+  /// expert, gathered row) order; sets the expert rows' map and `slot_`.
+  void expand(View<std::uint8_t const, Space> flags) {
+    auto const rows = meta_.num_expert_rows();
+    auto const keys = sized(expand_keys_, gathered_rows_ * l_);
+    ops::expand_keys<Exec>(exec_, flags, l_, keys);
+    auto sorted = exec_.template allocate<std::int64_t>(rows);
+    stable_sort_by_key<std::int64_t>(exec_, View<std::int64_t const, Space>(keys), l_,
+                                     sorted.view());
+    auto src = exec_.template allocate<std::int64_t>(rows);
+    slot_ = exec_.template allocate<std::int64_t>(rows);
+    ops::expand_rows<Exec>(exec_, sorted.view(), gathered_rows_, l_, src.view(), slot_.view());
+    experts_.set_map(RowMapIn<Space>(exec_, std::move(src), gathered_rows_));
+  }
+
+  static std::span<std::int64_t const> host(View<std::int64_t const, Space> v) {
+    return {v.data(), static_cast<std::size_t>(v.size())};
+  }
+
+  /// `dispatch` by peer reads: each rank publishes where its rows are; the expert side copies
+  /// every row once, from the owner's `hidden` into its place in the expert input.
+  DispatchOutput<Real, Space> dispatch_by_peer_reads(View<Real const, Space> hidden,
+                                                     View<Real const, Space> probs) {
+    auto const h = cfg_.hidden_size;
+    auto const w = probs_width();
+    // This rank's probability per sent slot: what the experts' side weights the rows with.
+    sized(send_w_, static_cast<std::int64_t>(send_routed_.size()));
+    ops::gather_or_zero<Exec, Real>(exec_, send_routed_.view(), probs, send_w_.view());
+    peer_.set_forward(host(send_map_.row_targets()), host(send_routed_.view()), meta_.input_splits,
+                      w);
+    meta_.ep_token_bytes_sent = 0;
+    for (int q = 0; q < ep_.size(); ++q)
+      if (q != ep_.rank())
+        meta_.ep_token_bytes_sent += meta_.input_splits[static_cast<std::size_t>(q)] * h *
+                                     static_cast<std::int64_t>(sizeof(Real));
+    Buffer<Real, Space> input, p;
+    peer_.forward(ep_, hidden.data(), probs.data(), h, meta_.output_splits, [&](auto const& peers) {
+      if (meta_.dedup) {
+        auto flags = exec_.template allocate<std::uint8_t>(gathered_rows_ * l_);
+        for (std::int64_t g = 0; g < gathered_rows_; ++g)
+          for (std::int64_t l = 0; l < l_; ++l) flags[static_cast<std::size_t>(g * l_ + l)] = peers.carries(g, l);
+        expand(flags.view());
+      } else {
+        sized(slot_, experts_.rows());
+        copy<std::int64_t>(exec_, experts_.map().row_targets(), slot_.view());
+      }
+      auto const rows = experts_.rows();
+      auto const* target = experts_.map().row_targets().data();
+      ptrs_.resize(static_cast<std::size_t>(rows));
+      p = exec_.template allocate<Real>(rows);
+      for (std::int64_t n = 0; n < rows; ++n) {
+        auto const s = slot_[static_cast<std::size_t>(n)];
+        ptrs_[static_cast<std::size_t>(n)] = peers.row(target[n]);
+        p[static_cast<std::size_t>(n)] = peers.prob(s / w, s % w);
+      }
+      input = experts_.take_dirty(static_cast<std::size_t>(rows * h));
+      ops::gather_row_ptrs<Exec, Real>(exec_, ptrs_.data(), {}, input.view().reshaped(rows, h));
+    });
+    peer_.set_back(host(slot_.view()), meta_.output_splits);
+    return experts_.adopt(std::move(input), std::move(p), meta_.tokens_per_local_expert);
+  }
+
+  /// out [T, H] = each token's sent rows, read from the peers' `rows` through the back
+  /// descriptor: Σ over its sent rows of Σ over their slots of weight · row (`weights` [N·w],
+  /// empty: 1), in the order of the generic path's two sums.
+  template <class Peers>
+  void sum_sent_rows(Peers const& peers, View<Real const, Space> weights, View<Real, Space> out) {
+    auto const w = probs_width();
+    auto const n = send_map_.rows();
+    ptrs_.resize(static_cast<std::size_t>(n * w));
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t l = 0; l < w; ++l)
+        ptrs_[static_cast<std::size_t>(i * w + l)] = peers.expert_row_ptr(i, l);
+    ops::gather_sum_row_groups<Exec, Real>(exec_, send_map_.offsets(), send_map_.target_rows(),
+                                           ptrs_.data(), w, weights,
+                                           out.reshaped(routing_.num_tokens, cfg_.hidden_size));
+  }
+
+  /// `combine` by peer reads of the kept expert output: each token's owner sums its rows
+  /// straight from the experts' output on the peers, weighted by the probabilities it sent.
+  Buffer<Real, Space> combine_kept_by_peer_reads() {
+    auto const h = cfg_.hidden_size;
+    auto out = experts_.take_dirty(static_cast<std::size_t>(routing_.num_tokens * h));
+    peer_.back(ep_, experts_.saved_output().data(), nullptr, h, meta_.input_splits,
+               [&](auto const& peers) { sum_sent_rows(peers, send_w_.view(), out.view()); });
+    return out;
+  }
+
+  /// `combine_backward` by peer reads: the expert side reads each row's gradient from its
+  /// owner's `d_output`.
+  CombineGrad<Real, Space> combine_backward_by_peer_reads(View<Real const, Space> d_output) {
+    auto const h = cfg_.hidden_size;
+    auto const rows = experts_.rows();
+    CombineGrad<Real, Space> out;
+    out.d_expert_output = exec_.template allocate<Real>(rows * h);
+    out.d_expert_probs = exec_.template allocate<Real>(rows);
+    peer_.forward(ep_, d_output.data(), nullptr, h, meta_.output_splits, [&](auto const& peers) {
+      auto const* target = experts_.map().row_targets().data();
+      ptrs_.resize(static_cast<std::size_t>(rows));
+      for (std::int64_t n = 0; n < rows; ++n) ptrs_[static_cast<std::size_t>(n)] = peers.row(target[n]);
+      ops::gather_row_ptrs<Exec, Real>(exec_, ptrs_.data(), experts_.probs(),
+                                       out.d_expert_output.view().reshaped(rows, h));
+      ops::row_dot_ptrs<Exec, Real>(exec_, ptrs_.data(), experts_.saved_output().reshaped(rows, h),
+                                    out.d_expert_probs.view());
+    });
+    return out;
+  }
+
+  /// `dispatch_backward` by peer reads: each token's owner sums the expert-input gradients of
+  /// its rows from the peers and reads back the probabilities' gradients.
+  DispatchGrad<Real, Space> dispatch_backward_by_peer_reads(View<Real const, Space> d_expert_input,
+                                                            View<Real const, Space> d_expert_probs) {
+    auto const h = cfg_.hidden_size;
+    auto const w = probs_width();
+    auto const rows = experts_.rows();
+    MOEFOLD_EXPECTS(d_expert_input.size() == rows * h && d_expert_probs.size() == rows,
+                    "AllToAllDispatcher::dispatch_backward: gradients of {} and {} elements for N "
+                    "= {} rows of H = {}",
+                    d_expert_input.size(), d_expert_probs.size(), rows, h);
+    DispatchGrad<Real, Space> out;
+    out.d_hidden = exec_.template allocate<Real>(routing_.num_tokens * h);
+    out.d_probs = exec_.template allocate<Real>(static_cast<std::int64_t>(routing_.probs.size()));
+    ops::fill(exec_, out.d_probs.view(), Real(0));
+    peer_.back(ep_, d_expert_input.data(), d_expert_probs.data(), h, meta_.input_splits,
+               [&](auto const& peers) {
+                 sum_sent_rows(peers, {}, out.d_hidden.view());
+                 auto const n = send_map_.rows();
+                 for (std::int64_t i = 0; i < n; ++i)
+                   for (std::int64_t l = 0; l < w; ++l) {
+                     auto const e = send_routed_[static_cast<std::size_t>(i * w + l)];
+                     if (e < 0 || peers.expert_row(i, l) < 0) continue;
+                     // As the generic path's scatter-add onto zeros (−0 becomes +0).
+                     out.d_probs[static_cast<std::size_t>(e)] =
+                         narrow<Real>(widen(Real(0)) + widen(peers.expert_prob(i, l)));
+                   }
+               });
+    return out;
+  }
+
   /// Probabilities per moved row: one (Megatron), or L (dedup: one per local expert).
   std::int64_t probs_width() const { return meta_.dedup ? l_ : 1; }
 
@@ -438,21 +645,32 @@ class AllToAllTokenDispatcher {
     return b.view();
   }
 
-  template <class U>
+  /// AllToAll-V over ep of rows of `width`; `in_flight()` runs between its start and its end.
+  template <class U, class Work = detail::NoWork>
   Buffer<U, Space> all_to_all(Buffer<U, Space> const& send, std::span<std::int64_t const> send_rows,
-                              std::span<std::int64_t const> recv_rows, std::int64_t width) {
+                              std::span<std::int64_t const> recv_rows, std::int64_t width,
+                              Work&& in_flight = {}) {
     auto const sc = detail::scaled(send_rows, width), rc = detail::scaled(recv_rows, width);
     auto const n = static_cast<std::size_t>(detail::total(rc));
     Buffer<U, Space> recv;
     if constexpr (std::is_same_v<U, Real>) recv = experts_.take(n);
     else recv = exec_.template allocate<U>(static_cast<std::int64_t>(n));
+    bool ran = false;
     detail::collective<Exec, Comm, U>(
         exec_, ep_, send.view(), recv.view(),
         [&](std::span<U const> in, std::span<U> out) {
-          ep_.all_to_all_v(in, std::span<std::int64_t const>(sc), out,
-                           std::span<std::int64_t const>(rc));
+          auto const scs = std::span<std::int64_t const>(sc), rcs = std::span<std::int64_t const>(rc);
+          if constexpr (std::is_same_v<std::remove_cvref_t<Work>, detail::NoWork>) {
+            ep_.all_to_all_v(in, scs, out, rcs);
+          } else {
+            auto started = ep_.start_all_to_all_v(in, scs, out, rcs);
+            ran = true;
+            in_flight();
+            started.wait();
+          }
         },
         "all-to-all over ep");
+    if (!ran) in_flight();  // no collective was in flight (one rank's device copy): run it now
     return recv;
   }
   /// AllGather-V over etp of each ETP rank's received rows (identity when ETP = 1).
@@ -488,7 +706,7 @@ class AllToAllTokenDispatcher {
   /// The plan and what combine and the backwards read.
   auto saved() {
     return std::tuple_cat(std::tie(meta_, routing_, send_map_, send_entry_, gathered_rows_,
-                                   send_routed_, slot_, gathered_p_),
+                                   send_routed_, slot_, gathered_p_, send_w_, peer_),
                           experts_.saved());
   }
 
@@ -506,6 +724,9 @@ class AllToAllTokenDispatcher {
   detail::ExpertRows<Exec, Real> experts_;  // expert rows ↔ gathered rows
   Buffer<std::int64_t, Space> slot_;        // expert row → probability slot of the gathered rows
   Buffer<Real, Space> gathered_p_;
+  Buffer<Real, Space> send_w_;         // peer reads: this rank's probability per sent slot
+  detail::PeerRows<Real> peer_;        // peer reads: the descriptors
+  std::vector<Real const*> ptrs_;      // peer reads: a row pointer per moved row (reused)
   // Per-plan temporaries, reused: sort keys and the drop policy's rankings.
   Buffer<std::int64_t, Space> keys_, dest_keys_, expand_keys_, status_keys_, workspace_;
   MicrobatchStash stash_;

@@ -71,6 +71,10 @@ struct MoELayerConfig {
   /// Scale the shared expert's output by σ(x·g) with a learned g [1, H] (spec §2.8; g is
   /// replicated across tp under SP).
   bool moe_shared_expert_gate = false;
+  /// Megatron's `moe_shared_expert_overlap`: the shared expert's fc1 and activation run while
+  /// the dispatch's token all-to-all is in flight, its fc2 while the combine's is (spec §2.8
+  /// "Overlap mode"); same results, bitwise. Needs the all-to-all dispatcher and a shared expert.
+  bool moe_shared_expert_overlap = false;
   RouterConfig router{};                              ///< routing and token dropping
   /// A token crosses to each destination EP rank once and is expanded there (DeepEP-style);
   /// false: once per (token, expert), as Megatron. Ignored in drop-and-pad mode.
@@ -174,6 +178,8 @@ class MoELayer {
   static constexpr bool kWideRouter = !std::same_as<RouterReal, T>;
   using Config = MoELayerConfig;
   using DispatcherType = typename Dispatcher::template dispatcher<Exec, Comm, T>;
+  /// Whether the dispatcher runs work while its all-to-all is in flight (all-to-all only).
+  static constexpr bool kOverlaps = requires { requires DispatcherType::overlaps_work; };
 
   /// Builds the router, dispatcher, experts (this rank's E/EP experts, ETP shard) and the
   /// optional shared expert. Throws `invalid_config` naming the rule, e.g. num_experts not
@@ -215,6 +221,17 @@ class MoELayer {
     }
     if (cfg_.moe_shared_expert_gate && cfg_.moe_shared_expert_intermediate_size <= 0)
       throw invalid_config("moe_shared_expert_gate needs moe_shared_expert_intermediate_size > 0");
+    if (cfg_.moe_shared_expert_overlap) {
+      if (!kOverlaps)
+        throw invalid_config(
+            "moe_shared_expert_overlap needs the all-to-all token dispatcher (Megatron: "
+            "moe_token_dispatcher_type alltoall or flex); this layer's dispatcher is all-gather");
+      if (cfg_.moe_shared_expert_intermediate_size <= 0)
+        throw invalid_config(fmt::format(
+            "moe_shared_expert_overlap needs a shared expert (moe_shared_expert_intermediate_size "
+            "> 0, got {})",
+            cfg_.moe_shared_expert_intermediate_size));
+    }
     if (cfg_.moe_shared_expert_gate) {
       gate_weight_.emplace(Param<T>::whole(cfg_.name + ".shared_experts.gate_weight",
                                            ParamClass::tp_replicated, 1, cfg_.hidden_size));
@@ -265,14 +282,44 @@ class MoELayer {
     auto const& routing = dispatcher_routing();
     auto const& meta = dispatcher_.plan(routing);
     if (ctx.mode == ForwardMode::train) router_.count_routed(meta.local_tokens_per_expert);
-    auto in = dispatcher_.dispatch(x, routing.probs.view());
+    // Shared-expert overlap: fc1 and the activation while the token all-to-all is in flight,
+    // fc2 while the combine's is; otherwise the whole shared expert after combine (the same
+    // operations on the same values: the results are bitwise equal).
+    bool const overlap = shared_ && cfg_.moe_shared_expert_overlap;
+    auto in = [&] {
+      if constexpr (kOverlaps)
+        if (overlap)
+          return dispatcher_.dispatch(x, routing.probs.view(), [&] { shared_->forward_fc1(x); });
+      return dispatcher_.dispatch(x, routing.probs.view());
+    }();
     // Probabilities are applied in combine: the experts compute f_e(x).
-    auto const expert_out = experts_.forward(in.expert_input.view(),
-                                             std::span<std::int64_t const>(in.tokens_per_local_expert));
-    auto combined = dispatcher_.combine(expert_out.view());
+    auto expert_out = experts_.forward(in.expert_input.view(),
+                                       std::span<std::int64_t const>(in.tokens_per_local_expert));
+    auto shared_fc2 = [&] {
+      auto out = exec_.template allocate<T>(x.size());
+      shared_->forward_fc2(out.view());
+      shared_out_ = std::move(out);
+    };
+    // The all-to-all dispatcher keeps the expert output itself (no copy) and takes its large
+    // buffers back: the experts keep their own copy of the input.
+    auto combined = [&] {
+      if constexpr (kOverlaps) {
+        if (overlap) return dispatcher_.combine_owned(std::move(expert_out), shared_fc2);
+        return dispatcher_.combine_owned(std::move(expert_out));
+      } else {
+        return dispatcher_.combine(expert_out.view());
+      }
+    }();
     copy<T>(exec_, combined.view(), y.reshaped(1, y.size()));
+    if constexpr (kOverlaps) {
+      dispatcher_.give_back(std::move(in.expert_input));
+      dispatcher_.give_back(std::move(combined));
+    }
     if (shared_) {
-      shared_out_ = shared_->forward(std::span<T const>(x));
+      if (!overlap) {
+        shared_->forward_fc1(x);
+        shared_fc2();
+      }
       View<T const, Space> const s(shared_out_);
       if (gate_weight_) {
         resize(x_, x.size());

@@ -36,6 +36,11 @@ struct DispatcherConfig {
   /// other EP rank that owns one of its experts and expand it there (as DeepEP does), instead
   /// of once per (token, expert) as Megatron does.
   bool dedup = true;
+  /// All-to-all only: on a communicator with peer reads (`has_peer_reads_v`: the in-process
+  /// world), host memory and ETP = 1, move rows by reading the peers' buffers in place (one
+  /// copy per row in dispatch, one pass in combine; see docs/dispatcher.md). Off: always the
+  /// all-to-all collectives (same results, bitwise).
+  bool peer_reads = true;
 };
 
 /// What `plan` decided, fully determined by the routing of every rank (spec §5).

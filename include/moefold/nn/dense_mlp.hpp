@@ -76,6 +76,13 @@ class DenseMlp {
   /// x: this rank's tokens [T, H] → y [T, H]. Collective over `tp`.
   /// The dense MLP keeps no per-step state: the context is accepted and unused.
   void forward(View<T const, Space> x, View<T, Space> y) {
+    forward_fc1(x);
+    forward_fc2(y);
+  }
+  /// `forward` in two halves, for work overlapped with other collectives (the MoE layer's
+  /// shared-expert overlap): the SP all-gather, fc1 and the activation of x [T, H]; then fc2
+  /// and its reduce-scatter into y [T, H]. Each collective over `tp`.
+  void forward_fc1(View<T const, Space> x) {
     std::int64_t const n = fc2_.local_in();
     std::int64_t const rows =
         fc1_.out_rows(detail::rows_of(x, cfg_.hidden, "DenseMlp " + cfg_.name));
@@ -83,8 +90,8 @@ class DenseMlp {
     auto const act = detail::reuse(exec_, act_, rows * n);
     ops::activation_forward<SwiGLU>(exec_, View<T const, Space>(h_.view(rows, 2 * n)),
                                     act.reshaped(rows, n));
-    fc2_.forward(act, y);
   }
+  void forward_fc2(View<T, Space> y) { fc2_.forward(View<T const, Space>(act_.view()), y); }
   Buffer<T, Space> forward(View<T const, Space> x) {
     return detail::allocated<T>(exec_, x.size(), [&](View<T, Space> y) { forward(x, y); });
   }

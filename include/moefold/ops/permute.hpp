@@ -78,6 +78,19 @@ MOEFOLD_HD inline void prefetch_row(T const* p, std::int64_t n) {
   (void)n;
 #endif
 }
+/// ⟨x, y⟩ over n values, summed in order in `compute_t<T>`.
+template <class T>
+MOEFOLD_HD inline T row_dot(T const* x, T const* y, std::int64_t n) {
+  compute_t<T> s = 0;
+  for (std::int64_t c = 0; c < n; ++c) s += widen(x[c]) * widen(y[c]);
+  return narrow<T>(s);
+}
+/// o = w · s over n values.
+template <class T>
+MOEFOLD_HD inline void scale_row(T* __restrict o, T const* __restrict s, compute_t<T> w,
+                                 std::int64_t n) {
+  for (std::int64_t c = 0; c < n; ++c) o[c] = narrow<T>(w * widen(s[c]));
+}
 }  // namespace detail
 
 /// Row i of out = row src[i] of in (h values each).
@@ -102,10 +115,7 @@ struct ScaledGatherRows {
   T* out;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    T const* s = in + src[i] * h;
-    T* o = out + i * h;
-    compute_t<T> const wi = widen(w[i]);
-    for (std::int64_t c = 0; c < h; ++c) o[c] = narrow<T>(wi * widen(s[c]));
+    detail::scale_row(out + i * h, in + src[i] * h, widen(w[i]), h);
   }
 };
 
@@ -141,6 +151,87 @@ struct GatherSumRows {
   }
 };
 
+/// Row i of out = *src[i] (w null), or w[i] · *src[i]: the rows of `GatherRows` read through a
+/// pointer per row (rows that live in other buffers, e.g. a peer rank's).
+template <class T>
+struct GatherRowPtrs {
+  T const* const* src;  ///< [N] row starts
+  T const* w;           ///< [N] or null
+  T* out;               ///< [N, h]
+  std::int64_t rows, h;
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    T const* s = src[i];
+    T* o = out + i * h;
+    if (!w) {
+      detail::copy_row(o, s, h, i + 1 < rows ? src[i + 1] : nullptr);
+      return;
+    }
+    detail::scale_row(o, s, widen(w[i]), h);
+  }
+};
+
+/// out[i] = ⟨*a[i], b[i]⟩ over h values, summed in order (`RowDots` through row pointers).
+template <class T>
+struct RowDotPtrs {
+  T const* const* a;  ///< [N] row starts
+  T const* b;         ///< [N, h]
+  T* out;
+  std::int64_t h;
+  MOEFOLD_HD void operator()(std::int64_t i) const {
+    out[i] = detail::row_dot(a[i], b + i * h, h);
+  }
+};
+
+/// The two sums of a combine in one pass: row r of out = Σ_k g(rows_of[k]) over k ∈
+/// [offsets[r], offsets[r+1]) in k order, where the group g(i) = Σ_l w[i·G+l] · *src[i·G+l] over
+/// the G slots l whose src is not null, in l order (w = 1 when null). Rounds exactly as a
+/// weighted `GatherSumRows` into groups followed by an unweighted one (bitwise equal); a target
+/// without rows is 0. Works through the row in chunks of 64 values, each group's partial sum
+/// on the stack.
+template <class T>
+struct GatherSumRowGroups {
+  static constexpr std::int64_t kChunk = 64;
+  std::int64_t const* offsets;  ///< [R + 1]
+  std::int64_t const* rows_of;  ///< [N]
+  T const* const* src;          ///< [N·G] row starts, null: empty slot
+  T const* w;                   ///< [N·G] or null
+  T* out;                       ///< [R, h]
+  std::int64_t group, h;
+  MOEFOLD_HD void operator()(std::int64_t r) const {
+    T* __restrict o = out + r * h;
+    std::int64_t const b = offsets[r], e = offsets[r + 1];
+    for (std::int64_t c0 = 0; c0 < h; c0 += kChunk) {
+      std::int64_t const n = h - c0 < kChunk ? h - c0 : kChunk;
+      if (b == e)
+        for (std::int64_t c = 0; c < n; ++c) o[c0 + c] = T(0);
+      for (std::int64_t k = b; k < e; ++k) {
+        std::int64_t const i = rows_of[k];
+        T g[kChunk];
+        bool any = false;
+        for (std::int64_t l = 0; l < group; ++l) {
+          T const* s = src[i * group + l];
+          if (!s) continue;
+          s += c0;
+          compute_t<T> const wi = w ? widen(w[i * group + l]) : compute_t<T>(1);
+          if (!any)
+            for (std::int64_t c = 0; c < n; ++c) g[c] = narrow<T>(wi * widen(s[c]));
+          else
+            for (std::int64_t c = 0; c < n; ++c) g[c] = narrow<T>(widen(g[c]) + wi * widen(s[c]));
+          any = true;
+        }
+        if (!any)
+          for (std::int64_t c = 0; c < n; ++c) g[c] = T(0);
+        compute_t<T> const one(1);
+        if (k == b)
+          for (std::int64_t c = 0; c < n; ++c) o[c0 + c] = narrow<T>(one * widen(g[c]));
+        else
+          for (std::int64_t c = 0; c < n; ++c)
+            o[c0 + c] = narrow<T>(widen(o[c0 + c]) + one * widen(g[c]));
+      }
+    }
+  }
+};
+
 /// out[i] = ⟨a[target[i]], b[i]⟩ over h values, summed in order.
 template <class T>
 struct RowDots {
@@ -150,11 +241,7 @@ struct RowDots {
   T* out;
   std::int64_t h;
   MOEFOLD_HD void operator()(std::int64_t i) const {
-    T const* x = a + target[i] * h;
-    T const* y = b + i * h;
-    compute_t<T> s = 0;
-    for (std::int64_t c = 0; c < h; ++c) s += widen(x[c]) * widen(y[c]);
-    out[i] = narrow<T>(s);
+    out[i] = detail::row_dot(a + target[i] * h, b + i * h, h);
   }
 };
 
@@ -284,6 +371,44 @@ void gather_sum_rows(Exec const& exec, View<std::int64_t const, typename Exec::m
   for_each_row(exec, out.rows(),
                GatherSumRows<T>{offsets.data(), rows_of.data(), w.empty() ? nullptr : w.data(),
                                 rows.data(), out.data(), out.rows(), h});
+}
+
+/// out[i, ·] = *src[i] (w empty) or w[i] · *src[i], each source a row of h = out.cols() values.
+template <class Exec, class T>
+void gather_row_ptrs(Exec const& exec, T const* const* src, View<T const, typename Exec::memory_space> w,
+                     View<T, typename Exec::memory_space> out) {
+  MOEFOLD_EXPECTS(out.contiguous() && (w.empty() || w.size() == out.rows()),
+                  "ops::gather_row_ptrs: {} weights for {} output rows", w.size(), out.rows());
+  for_each_row(exec, out.rows(),
+               GatherRowPtrs<T>{src, w.empty() ? nullptr : w.data(), out.data(), out.rows(), out.cols()});
+  if (w.empty()) detail::copy_rows_done();
+}
+
+/// out[i] = ⟨*a[i], b[i, ·]⟩.
+template <class Exec, class T>
+void row_dot_ptrs(Exec const& exec, T const* const* a, View<T const, typename Exec::memory_space> b,
+                  View<T, typename Exec::memory_space> out) {
+  MOEFOLD_EXPECTS(b.contiguous() && out.size() == b.rows(),
+                  "ops::row_dot_ptrs: {} outputs for {} rows", out.size(), b.rows());
+  for_each_row(exec, b.rows(), RowDotPtrs<T>{a, b.data(), out.data(), b.cols()});
+}
+
+/// out[r, ·] = Σ_i Σ_l w[i·G+l] · *src[i·G+l] (see `GatherSumRowGroups`), src and w [N·G].
+template <class Exec, class T>
+void gather_sum_row_groups(Exec const& exec,
+                           View<std::int64_t const, typename Exec::memory_space> offsets,
+                           View<std::int64_t const, typename Exec::memory_space> rows_of,
+                           T const* const* src, std::int64_t group,
+                           View<T const, typename Exec::memory_space> w,
+                           View<T, typename Exec::memory_space> out) {
+  MOEFOLD_EXPECTS(out.contiguous() && offsets.size() == out.rows() + 1 && group >= 1 &&
+                      (w.empty() || w.size() == rows_of.size() * group),
+                  "ops::gather_sum_row_groups: {} offsets, {} rows of {} slots, {} weights for {} "
+                  "targets",
+                  offsets.size(), rows_of.size(), group, w.size(), out.rows());
+  for_each_row(exec, out.rows(),
+               GatherSumRowGroups<T>{offsets.data(), rows_of.data(), src,
+                                     w.empty() ? nullptr : w.data(), out.data(), group, out.cols()});
 }
 
 /// out[i] = ⟨a[target[i], ·], b[i, ·]⟩.

@@ -35,17 +35,20 @@ class BufferPool {
     if constexpr (!Space::host_accessible) {
       return exec.template allocate<U>(static_cast<std::int64_t>(n));
     } else {
-      std::size_t best = free_.size();
-      for (std::size_t i = 0; i < free_.size(); ++i)
-        if (free_[i].capacity() >= n &&
-            (best == free_.size() || free_[i].capacity() < free_[best].capacity()))
-          best = i;
-      std::vector<U> v;
-      if (best != free_.size()) {
-        v = std::move(free_[best]);
-        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
-      }
+      std::vector<U> v = pick(n);
       v.assign(n, U{});
+      return Buffer<U>(std::move(v));
+    }
+  }
+  /// A buffer of `n` elements whose values are unspecified (a recycled buffer keeps its old
+  /// values: no pass over its memory), for outputs that are written whole.
+  template <class Exec>
+  Buffer<U, Space> take_dirty(Exec const& exec, std::size_t n) {
+    if constexpr (!Space::host_accessible) {
+      return exec.template allocate<U>(static_cast<std::int64_t>(n));
+    } else {
+      std::vector<U> v = pick(n);
+      v.resize(n);
       return Buffer<U>(std::move(v));
     }
   }
@@ -54,7 +57,6 @@ class BufferPool {
     if constexpr (Space::host_accessible) {
       std::vector<U> v = std::move(b);
       if (v.capacity() == 0) return;
-      v.clear();
       free_.push_back(std::move(v));
       if (free_.size() > kKeep) free_.erase(free_.begin());
     } else {
@@ -63,6 +65,21 @@ class BufferPool {
   }
 
  private:
+  /// The smallest kept buffer that holds n elements, or an empty one.
+  std::vector<U> pick(std::size_t n) {
+    std::size_t best = free_.size();
+    for (std::size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].capacity() >= n &&
+          (best == free_.size() || free_[i].capacity() < free_[best].capacity()))
+        best = i;
+    std::vector<U> v;
+    if (best != free_.size()) {
+      v = std::move(free_[best]);
+      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+    }
+    return v;
+  }
+
   static constexpr std::size_t kKeep = 6;
   std::vector<std::vector<U>> free_;
 };
@@ -77,6 +94,8 @@ class ExpertRows {
   void set_map(RowMapIn<Space> map) { map_ = std::move(map); }
   /// A recycled buffer of n elements (see `BufferPool`).
   Buffer<Real, Space> take(std::size_t n) { return pool_.take(exec_, n); }
+  /// A recycled buffer of n elements with unspecified values (written whole by its user).
+  Buffer<Real, Space> take_dirty(std::size_t n) { return pool_.take_dirty(exec_, n); }
   void give(Buffer<Real, Space>&& b) { pool_.give(std::move(b)); }
   RowMapIn<Space> const& map() const noexcept { return map_; }
   std::int64_t rows() const noexcept { return map_.rows(); }
@@ -100,6 +119,32 @@ class ExpertRows {
     return out;
   }
 
+  /// Dispatch's last step when the rows were gathered into expert order already (peer reads):
+  /// keeps the probabilities for combine.
+  DispatchOutput<Real, Space> adopt(Buffer<Real, Space> expert_input, Buffer<Real, Space> probs,
+                                    std::vector<std::int64_t> const& tokens_per_local_expert) {
+    sized(probs_, rows());
+    copy<Real>(exec_, View<Real const, Space>(probs.view()), probs_.view());
+    DispatchOutput<Real, Space> out;
+    out.expert_input = std::move(expert_input);
+    out.expert_probs = std::move(probs);
+    out.tokens_per_local_expert = tokens_per_local_expert;
+    return out;
+  }
+  /// Keeps (a copy of) the expert output for `combine_backward`.
+  void keep_output(View<Real const, Space> expert_output) {
+    sized(saved_output_, expert_output.size());
+    copy<Real>(exec_, expert_output.reshaped(1, expert_output.size()), saved_output_.view());
+  }
+  /// Keeps the expert output itself (no copy); the previously kept buffer goes to the pool.
+  void keep_output(Buffer<Real, Space>&& expert_output) {
+    give(std::move(saved_output_));
+    saved_output_ = std::move(expert_output);
+  }
+  /// The kept probabilities [N] and expert output [N, H].
+  View<Real const, Space> probs() const noexcept { return probs_.view(); }
+  View<Real const, Space> saved_output() const noexcept { return saved_output_.view(); }
+
   /// Combine's first step: each expert row times its probability, summed into the gathered
   /// rows [G, H]. Keeps the expert output for `combine_backward`.
   Buffer<Real, Space> combine(View<Real const, Space> expert_output, std::int64_t gathered_rows,
@@ -107,10 +152,13 @@ class ExpertRows {
     MOEFOLD_EXPECTS(expert_output.size() == rows() * h,
                     "{}::combine: expert output has {} elements, expected N·H = {}·{}", who,
                     expert_output.size(), rows(), h);
-    sized(saved_output_, expert_output.size());
-    copy<Real>(exec_, expert_output.reshaped(1, expert_output.size()), saved_output_.view());
+    keep_output(expert_output);
+    return combine_kept(gathered_rows, h);
+  }
+  /// `combine` of the kept expert output (after `keep_output`).
+  Buffer<Real, Space> combine_kept(std::int64_t gathered_rows, std::int64_t h) {
     auto g = take(static_cast<std::size_t>(gathered_rows * h));
-    unpermute<Real>(exec_, map_, expert_output, g.view(), h, probs_.view());
+    unpermute<Real>(exec_, map_, saved_output(), g.view(), h, probs_.view());
     return g;
   }
 
