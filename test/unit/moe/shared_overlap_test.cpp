@@ -12,6 +12,7 @@
 #include "moefold/comm/inproc/run.hpp"
 #include "moefold/moe/moe_layer.hpp"
 #include "support/catch.hpp"
+#include "support/error_of.hpp"
 #include "support/exec.hpp"
 
 using namespace moefold;
@@ -88,11 +89,8 @@ TEST_CASE("shared-expert overlap is refused without the all-to-all dispatcher or
   inproc::run(2, [&](Comm& world) {
     ProcessGroups<Comm> groups(fold, world);
     auto expect = [&](int k, auto&& make) {
-      try {
-        make();
-      } catch (invalid_config const& e) {
-        if (world.rank() == 0) messages[static_cast<std::size_t>(k)] = e.what();
-      }
+      auto const message = test::error_of(make);
+      if (world.rank() == 0) messages[static_cast<std::size_t>(k)] = message;
     };
     expect(0, [&] {
       MoELayer<test::Exec, TopKRouter<test::Exec, SoftmaxScore, float>,
