@@ -13,13 +13,7 @@ namespace moefold::train_demo {
 
 template <class Comm>
 void run_with_fp64_router(TrainOptions const& o, Comm& world, Report* report) {
-  if (o.bf16) {
-    Trainer<Comm, bf16, double> trainer(o, world, report);
-    trainer.run();
-  } else {
-    Trainer<Comm, float, double> trainer(o, world, report);
-    trainer.run();
-  }
+  run_in_precision<Fp64RouterOf>(o, world, report);
 }
 
 template void run_with_fp64_router<inproc::Communicator>(TrainOptions const&,

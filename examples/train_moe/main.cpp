@@ -58,20 +58,14 @@ int fail(std::string what, int status) {
   std::_Exit(1);
 }
 
-/// This rank's run in the precision --bf16 picks (bf16 parameters and activations with FP32
-/// main gradients, main parameters and moments; float otherwise) with the router of
-/// --moe-router-dtype (FP32 — bf16 logits under --bf16 by default — or FP64).
+/// This rank's run with the router of --moe-router-dtype (FP32 — bf16 logits under --bf16 by
+/// default — or FP64, compiled in fp64_router.cpp).
 template <class Comm>
 void run_trainer(TrainOptions const& o, Comm& world, Report* report) {
-  if (o.router_dtype == "fp64") {
+  if (o.router_dtype == "fp64")
     run_with_fp64_router<Comm>(o, world, report);
-  } else if (o.bf16) {
-    Trainer<Comm, bf16> trainer(o, world, report);
-    trainer.run();
-  } else {
-    Trainer<Comm, float> trainer(o, world, report);
-    trainer.run();
-  }
+  else
+    run_in_precision<RouterOf>(o, world, report);
 }
 
 int run_inproc(TrainOptions const& o) {

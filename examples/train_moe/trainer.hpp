@@ -355,7 +355,7 @@ class Trainer {
         "  folding: {} ranks, attention TP{}·CP{}·PP{}·DP{}, MoE EP{}·ETP{}·EDP{}, {}; global "
         "batch {} × {} tokens in {} microbatches of {}\n",
         params, o_.num_layers, o_.hidden, o_.heads, o_.kv_groups, mlp_description(o_),
-        o_.bf16 ? "; BF16 mixed precision (FP32 accumulation, loss, router, main gradients and "
+        o_.bf16 ? "; BF16 mixed precision (FP32 accumulation, loss, main gradients and "
                   "parameters)"
                 : "",
         data_path_of(o_), corpus_.files(), static_cast<double>(corpus_.size()) / 1e6,
@@ -459,5 +459,23 @@ class Trainer {
   std::int64_t first_step_ = 0;
   bool local_loss_finite_ = true;  ///< this rank's share of the last batch's loss
 };
+
+/// The router's computation type for layers of `T`: `compute_t<T>` (--moe-router-dtype unset or
+/// fp32), or double (fp64).
+template <class T>
+using RouterOf = compute_t<T>;
+template <class>
+using Fp64RouterOf = double;
+
+/// This rank's run in the precision --bf16 picks (bf16 parameters and activations with FP32
+/// main gradients, main parameters and moments; float otherwise), the router computing in
+/// `Router<T>`. Collective over `world`.
+template <template <class> class Router, class Comm>
+void run_in_precision(TrainOptions const& o, Comm& world, Report* report) {
+  if (o.bf16)
+    Trainer<Comm, bf16, Router<bf16>>(o, world, report).run();
+  else
+    Trainer<Comm, float, Router<float>>(o, world, report).run();
+}
 
 }  // namespace moefold::train_demo
